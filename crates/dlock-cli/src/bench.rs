@@ -1,13 +1,934 @@
-//! `dlock bench` (being written).
+//! `dlock bench`: lock+unlock cycles per second and cycle latency of a
+//! backend, next to the raw protocol floor of the same server measured in
+//! the same run.
+//!
+//! Everything runs on one tokio `current_thread` runtime: workers are
+//! tasks, each with its own lock client (its own connection or session),
+//! and the raw floor runs on the same runtime with the same shape, so the
+//! ratio compares like with like. (On a 2-core machine a multi-thread
+//! runtime adds cross-core wake-ups that cost more than a loopback round
+//! trip, to the lock and the floor alike.)
+//!
+//! Scenarios:
+//! - `uncontended`: one worker, one key: `lock` + `release` back to back.
+//!   The lock and the floor run in alternating slices so that background
+//!   load hits both alike.
+//! - `contended`: N workers, each with its own client, on ONE key. Each
+//!   holds the lock for `--hold` (1 ms), releases, and waits `--pause`
+//!   (1 ms) before its next attempt, so the figures measure hand-offs
+//!   rather than a worker re-taking its own lock. A handoff is the time
+//!   from the moment a holder starts its release to the moment a
+//!   *different* worker's `lock` returns (a shared monotonic clock; the
+//!   release round trip is included). An "inside" counter checks mutual
+//!   exclusion on every grant.
+//! - `spread`: N workers on N distinct keys; total cycles/s and its ratio
+//!   to the single-worker rate.
 
+mod floor;
+mod stats;
+
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dlock::{BoxError, LockOptions, Locker};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+
+use floor::{RawClient, RawServer};
+use stats::Samples;
+
+/// The runtime the bench runs everything on, as printed.
+const RUNTIME: &str = "tokio current_thread";
+/// Length of one lock or floor slice in the interleaved scenarios.
+const SLICE: Duration = Duration::from_millis(250);
+/// Unmeasured cycles per client before measuring (connections, script
+/// caches, session setup).
+const WARM_UP_CYCLES: usize = 20;
 
 /// Arguments of `dlock bench`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The lock service, e.g. redis://127.0.0.1:6379, etcd://127.0.0.1:2379/bench.
+    #[arg(long, env = "DLOCK_URL")]
+    url: String,
+    /// Run one scenario (default: all three).
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+    /// Workers of the contended and spread scenarios, each with its own
+    /// client.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
+    /// Measured time of each scenario's lock part (the floor gets as much
+    /// again, interleaved).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// How long a contended worker holds the lock.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    hold: Duration,
+    /// How long a contended worker waits after a release before trying
+    /// again.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    pause: Duration,
+    /// Print one JSON object per scenario (one per line) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Measure only the raw protocol floor and round trip, not the lock
+    /// (e.g. while a backend is not available in this build).
+    #[arg(long)]
+    floor_only: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("bad duration `{text}`: {err}"))
+}
+
+/// A bench scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// One worker, one key.
+    Uncontended,
+    /// N workers, one key, 1 ms hold and 1 ms pause.
+    Contended,
+    /// N workers on N keys.
+    Spread,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Uncontended => "uncontended",
+            Scenario::Contended => "contended",
+            Scenario::Spread => "spread",
+        }
+    }
+}
 
 /// Runs `dlock bench`.
-pub fn main(_args: Args) -> ExitCode {
-    eprintln!("dlock bench: not written yet");
-    ExitCode::from(2)
+pub fn main(args: Args) -> ExitCode {
+    if args.duration < Duration::from_millis(100) {
+        eprintln!("dlock bench: --duration must be at least 100ms");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("dlock bench: cannot start the tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("dlock bench: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One client bound to one key, doing whole acquire + release cycles.
+#[async_trait]
+trait Cycler: Send {
+    async fn cycle(&mut self) -> Result<(), BoxError>;
+}
+
+#[async_trait]
+impl Cycler for Box<dyn RawClient> {
+    async fn cycle(&mut self) -> Result<(), BoxError> {
+        RawClient::cycle(&mut **self).await
+    }
+}
+
+/// `lock` + `release` through dlock, checking exclusion on the way.
+struct LockCycler {
+    locker: Locker,
+    key: String,
+    options: LockOptions,
+    inside: Arc<AtomicUsize>,
+    violations: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl Cycler for LockCycler {
+    async fn cycle(&mut self) -> Result<(), BoxError> {
+        let guard = self.locker.lock(&self.key, &self.options).await?;
+        if self.inside.fetch_add(1, Ordering::SeqCst) != 0 {
+            self.violations.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+        guard.release().await?;
+        Ok(())
+    }
+}
+
+/// What one measured part (lock or floor) produced.
+#[derive(Default)]
+struct Measured {
+    cycles: u64,
+    elapsed: Duration,
+    samples: Samples,
+}
+
+impl Measured {
+    fn cycles_per_sec(&self) -> f64 {
+        if self.elapsed.is_zero() {
+            0.0
+        } else {
+            self.cycles as f64 / self.elapsed.as_secs_f64()
+        }
+    }
+
+    fn add(&mut self, cycles: u64, elapsed: Duration, samples: Samples) {
+        self.cycles += cycles;
+        self.elapsed += elapsed;
+        self.samples.extend(samples);
+    }
+}
+
+/// One scenario's figures; `None` where not measured.
+#[derive(Default)]
+struct Report {
+    scenario: &'static str,
+    workers: usize,
+    lock: Option<Measured>,
+    violations: u64,
+    floor: Measured,
+    rtt_us: Option<f64>,
+    contended: Option<ContendedFigures>,
+    spread: Option<SpreadFigures>,
+}
+
+struct ContendedFigures {
+    handoffs: Samples,
+    regrants: u64,
+    per_worker: Vec<u64>,
+}
+
+struct SpreadFigures {
+    single_lock_cycles_per_sec: Option<f64>,
+    single_floor_cycles_per_sec: f64,
+}
+
+struct Bench {
+    url: String,
+    backend: &'static str,
+    raw: RawServer,
+    options: LockOptions,
+    floor_only: bool,
+    workers: usize,
+    duration: Duration,
+    hold: Duration,
+    pause: Duration,
+    namespace: String,
+    progress: ProgressBar,
+    raw_keys: Mutex<Vec<String>>,
+    /// This run's single-worker rates and floor (cycles/s, p50, p99).
+    single_lock: Option<f64>,
+    single_floor: Option<(f64, f64, f64)>,
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let redacted = dlock::error::redact_url(&args.url);
+    let raw = RawServer::from_url(&args.url).map_err(|err| format!("{redacted}: {err}"))?;
+    let backend = if args.floor_only {
+        backend_of_scheme(&args.url)
+    } else {
+        let locker = dlock::connect(&args.url).await.map_err(|err| {
+            format!("cannot use {redacted}: {err} (--floor-only measures only the raw protocol floor)")
+        })?;
+        locker.backend()
+    };
+    let scenarios = match args.scenario {
+        Some(one) => vec![one],
+        None => vec![Scenario::Uncontended, Scenario::Contended, Scenario::Spread],
+    };
+    let namespace = format!(
+        "dlock-bench/{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    );
+    let progress = progress_bar(&scenarios, args.duration, args.floor_only);
+    let mut bench = Bench {
+        url: args.url.clone(),
+        backend,
+        raw,
+        options: LockOptions::new().ttl(Duration::from_secs(10)),
+        floor_only: args.floor_only,
+        workers: usize::from(args.workers),
+        duration: args.duration,
+        hold: args.hold,
+        pause: args.pause,
+        namespace,
+        progress,
+        raw_keys: Mutex::new(Vec::new()),
+        single_lock: None,
+        single_floor: None,
+    };
+    let started = Instant::now();
+    let ticker = {
+        let progress = bench.progress.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                progress.set_position(started.elapsed().as_millis() as u64);
+            }
+        })
+    };
+
+    let result = bench.run_all(&scenarios, args.json).await;
+    ticker.abort();
+    bench.progress.finish_and_clear();
+    let keys = std::mem::take(&mut *bench.raw_keys.lock().unwrap_or_else(|p| p.into_inner()));
+    bench.raw.cleanup(&keys).await;
+    let values = result?;
+    if !args.json {
+        print_table(&bench, &values);
+    }
+    Ok(())
+}
+
+fn backend_of_scheme(url: &str) -> &'static str {
+    match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("memory") => "memory",
+        Some("file") => "file",
+        Some("redis" | "rediss" | "redlock") => "redis",
+        Some("zk" | "zookeeper") => "zookeeper",
+        Some("etcd") => "etcd",
+        _ => "unknown",
+    }
+}
+
+fn progress_bar(scenarios: &[Scenario], duration: Duration, floor_only: bool) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let parts = if floor_only { 1 } else { 2 };
+    let planned: Duration = scenarios
+        .iter()
+        .map(|scenario| match scenario {
+            Scenario::Uncontended | Scenario::Spread => duration * parts,
+            Scenario::Contended => duration + duration / 4,
+        })
+        .sum::<Duration>()
+        + Duration::from_millis(500);
+    let bar = ProgressBar::new(planned.as_millis() as u64);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg:<32} [{bar:30}] {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+impl Bench {
+    async fn run_all(
+        &mut self,
+        scenarios: &[Scenario],
+        json_lines: bool,
+    ) -> Result<Vec<Value>, String> {
+        self.progress.set_message("round trip");
+        let rtt_us = self.measure_rtt().await?;
+        let mut values = Vec::new();
+        for &scenario in scenarios {
+            let mut report = match scenario {
+                Scenario::Uncontended => self.uncontended().await?,
+                Scenario::Contended => self.contended().await?,
+                Scenario::Spread => self.spread().await?,
+            };
+            report.rtt_us = rtt_us;
+            let value = self.to_json(&mut report);
+            if json_lines {
+                self.progress.suspend(|| println!("{value}"));
+            }
+            values.push(value);
+        }
+        Ok(values)
+    }
+
+    fn raw_key(&self, name: &str) -> String {
+        let key = format!("{}-{name}", self.namespace.replace('/', "-"));
+        self.raw_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key.clone());
+        key
+    }
+
+    async fn raw_client(&self, name: &str) -> Result<Box<dyn RawClient>, String> {
+        let key = self.raw_key(name);
+        self.raw
+            .client(&key)
+            .await
+            .map_err(|err| format!("raw client of {}: {err}", self.redacted()))
+    }
+
+    fn redacted(&self) -> String {
+        dlock::error::redact_url(&self.url)
+    }
+
+    async fn lock_client(&self) -> Result<Locker, String> {
+        dlock::connect(&self.url)
+            .await
+            .map_err(|err| format!("cannot connect to {}: {err}", self.redacted()))
+    }
+
+    /// p50 of one raw round trip (PING and the like), `None` without a
+    /// server.
+    async fn measure_rtt(&self) -> Result<Option<f64>, String> {
+        let mut client = self.raw_client("rtt").await?;
+        let fail = |err: BoxError| format!("raw round trip to {}: {err}", self.redacted());
+        for _ in 0..WARM_UP_CYCLES {
+            if !client.round_trip().await.map_err(fail)? {
+                return Ok(None);
+            }
+        }
+        let mut samples = Samples::default();
+        let end = Instant::now() + (self.duration / 10).min(Duration::from_millis(500));
+        while Instant::now() < end || samples.len() < 100 {
+            let start = Instant::now();
+            client.round_trip().await.map_err(fail)?;
+            samples.push(start.elapsed());
+        }
+        Ok(samples.quantile_us(0.5))
+    }
+
+    /// Runs `workers` lock cyclers and as many raw ones, on `workers`
+    /// distinct keys each, in alternating slices of `total` (each side gets
+    /// `total`). Returns the lock's part (unless `--floor-only`), the
+    /// floor's part and the violations seen.
+    async fn interleaved(
+        &self,
+        name: &str,
+        workers: usize,
+        total: Duration,
+        with_lock: bool,
+    ) -> Result<(Option<Measured>, Measured, u64), String> {
+        let with_lock = with_lock && !self.floor_only;
+        let violations = Arc::new(AtomicU64::new(0));
+        let mut lock_cyclers: Vec<Box<dyn Cycler>> = Vec::new();
+        if with_lock {
+            for worker in 0..workers {
+                lock_cyclers.push(Box::new(LockCycler {
+                    locker: self.lock_client().await?,
+                    key: format!("{}/{name}/{worker}", self.namespace),
+                    options: self.options.clone(),
+                    inside: Arc::new(AtomicUsize::new(0)),
+                    violations: violations.clone(),
+                }));
+            }
+        }
+        let mut floor_cyclers: Vec<Box<dyn Cycler>> = Vec::new();
+        for worker in 0..workers {
+            floor_cyclers.push(Box::new(self.raw_client(&format!("{name}-{worker}")).await?));
+        }
+        for cycler in lock_cyclers.iter_mut().chain(floor_cyclers.iter_mut()) {
+            for _ in 0..WARM_UP_CYCLES {
+                cycler
+                    .cycle()
+                    .await
+                    .map_err(|err| format!("warm-up cycle: {err}"))?;
+            }
+        }
+
+        let slices = (total.as_secs_f64() / SLICE.as_secs_f64()).round().max(1.0) as u32;
+        let slice = total / slices;
+        let mut lock = Measured::default();
+        let mut floor = Measured::default();
+        for index in 0..slices {
+            // ABBA order, so drift in background load cancels out.
+            let lock_first = index % 2 == 1;
+            for part in [lock_first, !lock_first] {
+                if part && with_lock {
+                    self.progress.set_message(format!("{name}: lock"));
+                    let (back, cycles, elapsed, samples) = run_slice(lock_cyclers, slice).await?;
+                    lock_cyclers = back;
+                    lock.add(cycles, elapsed, samples);
+                } else if !part {
+                    self.progress.set_message(format!("{name}: raw floor"));
+                    let (back, cycles, elapsed, samples) = run_slice(floor_cyclers, slice).await?;
+                    floor_cyclers = back;
+                    floor.add(cycles, elapsed, samples);
+                }
+            }
+        }
+        let lock = with_lock.then_some(lock);
+        Ok((lock, floor, violations.load(Ordering::SeqCst)))
+    }
+
+    async fn uncontended(&mut self) -> Result<Report, String> {
+        let (lock, mut floor, violations) =
+            self.interleaved("uncontended", 1, self.duration, true).await?;
+        self.remember_single(lock.as_ref(), &mut floor);
+        Ok(Report {
+            scenario: Scenario::Uncontended.name(),
+            workers: 1,
+            lock,
+            violations,
+            floor,
+            ..Report::default()
+        })
+    }
+
+    fn remember_single(&mut self, lock: Option<&Measured>, floor: &mut Measured) {
+        if let Some(lock) = lock {
+            self.single_lock = Some(lock.cycles_per_sec());
+        }
+        self.single_floor = Some((
+            floor.cycles_per_sec(),
+            floor.samples.quantile_us(0.5).unwrap_or_default(),
+            floor.samples.quantile_us(0.99).unwrap_or_default(),
+        ));
+    }
+
+    async fn spread(&mut self) -> Result<Report, String> {
+        if self.single_floor.is_none() {
+            let (lock, mut floor, _) = self
+                .interleaved("spread-single", 1, self.duration / 2, true)
+                .await?;
+            self.remember_single(lock.as_ref(), &mut floor);
+        }
+        let (lock, floor, violations) = self
+            .interleaved("spread", self.workers, self.duration, true)
+            .await?;
+        Ok(Report {
+            scenario: Scenario::Spread.name(),
+            workers: self.workers,
+            lock,
+            violations,
+            floor,
+            spread: Some(SpreadFigures {
+                single_lock_cycles_per_sec: self.single_lock,
+                single_floor_cycles_per_sec: self.single_floor.map_or(0.0, |(rate, ..)| rate),
+            }),
+            ..Report::default()
+        })
+    }
+
+    async fn contended(&mut self) -> Result<Report, String> {
+        // The floor of a contended lock is the raw uncontended cycle (the
+        // raw protocol has no waiting of its own): reuse this run's, or
+        // measure a short one.
+        let mut floor = Measured::default();
+        if self.single_floor.is_none() {
+            let (_, measured, _) = self
+                .interleaved("contended-floor", 1, (self.duration / 4).max(SLICE), false)
+                .await?;
+            floor = measured;
+            self.remember_single(None, &mut floor);
+        }
+        let mut report = Report {
+            scenario: Scenario::Contended.name(),
+            workers: self.workers,
+            floor,
+            ..Report::default()
+        };
+        if self.floor_only {
+            return Ok(report);
+        }
+        self.progress.set_message("contended: lock");
+        let key = format!("{}/contended", self.namespace);
+        let shared = Arc::new(Shared::default());
+        let deadline = Instant::now() + self.duration;
+        let mut tasks = Vec::new();
+        for worker in 0..self.workers {
+            let locker = self.lock_client().await?;
+            let key = key.clone();
+            let options = self.options.clone();
+            let shared = shared.clone();
+            let (hold, pause) = (self.hold, self.pause);
+            tasks.push(tokio::spawn(contended_worker(
+                worker, locker, key, options, shared, deadline, hold, pause,
+            )));
+        }
+        let started = Instant::now();
+        let mut lock = Measured::default();
+        let mut per_worker = Vec::new();
+        for task in tasks {
+            let (acquisitions, samples) = task
+                .await
+                .map_err(|err| format!("contended worker panicked: {err}"))??;
+            per_worker.push(acquisitions);
+            lock.add(acquisitions, Duration::ZERO, samples);
+        }
+        lock.elapsed = started.elapsed().min(self.duration);
+        let events = std::mem::take(&mut *shared.events.lock().unwrap_or_else(|p| p.into_inner()));
+        let (handoffs, regrants) = handoffs(&events);
+        report.violations = shared.violations.load(Ordering::SeqCst);
+        report.lock = Some(lock);
+        report.contended = Some(ContendedFigures {
+            handoffs,
+            regrants,
+            per_worker,
+        });
+        Ok(report)
+    }
+
+    fn to_json(&self, report: &mut Report) -> Value {
+        let mut object = Map::new();
+        let mut put = |key: &str, value: Value| {
+            object.insert(key.to_owned(), value);
+        };
+        let info = self.raw.info();
+        put("backend", json!(self.backend));
+        put("url", json!(self.redacted()));
+        put("scenario", json!(report.scenario));
+        put("workers", json!(report.workers));
+        put("runtime", json!(RUNTIME));
+        put("duration_s", json!(self.duration.as_secs_f64()));
+        put("floor_only", json!(self.floor_only));
+        let (p50, p99) = match &mut report.lock {
+            Some(lock) => (lock.samples.quantile_us(0.5), lock.samples.quantile_us(0.99)),
+            None => (None, None),
+        };
+        put("cycles", json!(report.lock.as_ref().map(|lock| lock.cycles)));
+        put(
+            "cycles_per_sec",
+            json!(report.lock.as_ref().map(|lock| round(lock.cycles_per_sec(), 1))),
+        );
+        put("p50_us", json!(p50.map(|v| round(v, 1))));
+        put("p99_us", json!(p99.map(|v| round(v, 1))));
+        put(
+            "violations",
+            json!((!self.floor_only).then_some(report.violations)),
+        );
+        let (floor_rate, floor_p50, floor_p99) = if report.floor.cycles > 0 {
+            (
+                report.floor.cycles_per_sec(),
+                report.floor.samples.quantile_us(0.5).unwrap_or_default(),
+                report.floor.samples.quantile_us(0.99).unwrap_or_default(),
+            )
+        } else {
+            self.single_floor.unwrap_or_default()
+        };
+        put("floor", json!(info.cycle));
+        put("floor_cycles_per_sec", json!(round(floor_rate, 1)));
+        put("floor_p50_us", json!(round(floor_p50, 1)));
+        put("floor_p99_us", json!(round(floor_p99, 1)));
+        // A contended cycle includes waiting for the others: its ratio to
+        // the floor would say nothing.
+        put(
+            "floor_ratio",
+            json!(p50
+                .filter(|_| floor_p50 > 0.0 && report.contended.is_none())
+                .map(|p50| round(p50 / floor_p50, 2))),
+        );
+        put("rtt_op", json!(info.round_trip));
+        put("rtt_us", json!(report.rtt_us.map(|v| round(v, 1))));
+        if let Some(contended) = &mut report.contended {
+            let handoff_p50 = contended.handoffs.quantile_us(0.5);
+            put("hold_ms", json!(self.hold.as_secs_f64() * 1000.0));
+            put("pause_ms", json!(self.pause.as_secs_f64() * 1000.0));
+            put("handoffs", json!(contended.handoffs.len()));
+            put("handoff_p50_us", json!(handoff_p50.map(|v| round(v, 1))));
+            put(
+                "handoff_p99_us",
+                json!(contended.handoffs.quantile_us(0.99).map(|v| round(v, 1))),
+            );
+            put(
+                "handoff_rtt_ratio",
+                json!(handoff_p50
+                    .zip(report.rtt_us)
+                    .filter(|(_, rtt)| *rtt > 0.0)
+                    .map(|(handoff, rtt)| round(handoff / rtt, 2))),
+            );
+            put("regrants", json!(contended.regrants));
+            let min = contended.per_worker.iter().min().copied().unwrap_or(0);
+            let max = contended.per_worker.iter().max().copied().unwrap_or(0);
+            let mean = contended.per_worker.iter().sum::<u64>() as f64
+                / contended.per_worker.len().max(1) as f64;
+            put("per_worker_min", json!(min));
+            put("per_worker_max", json!(max));
+            put("per_worker_mean", json!(round(mean, 1)));
+            put(
+                "starved_workers",
+                json!(contended
+                    .per_worker
+                    .iter()
+                    .filter(|&&n| (n as f64) < mean / 4.0)
+                    .count()),
+            );
+        }
+        if let Some(spread) = &report.spread {
+            put(
+                "single_worker_cycles_per_sec",
+                json!(spread.single_lock_cycles_per_sec.map(|v| round(v, 1))),
+            );
+            put(
+                "spread_ratio",
+                json!(spread
+                    .single_lock_cycles_per_sec
+                    .zip(report.lock.as_ref())
+                    .filter(|(single, _)| *single > 0.0)
+                    .map(|(single, lock)| round(lock.cycles_per_sec() / single, 2))),
+            );
+            put(
+                "floor_single_worker_cycles_per_sec",
+                json!(round(spread.single_floor_cycles_per_sec, 1)),
+            );
+            put(
+                "floor_spread_ratio",
+                json!((spread.single_floor_cycles_per_sec > 0.0).then(|| round(
+                    report.floor.cycles_per_sec() / spread.single_floor_cycles_per_sec,
+                    2
+                ))),
+            );
+        }
+        Value::Object(object)
+    }
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// Runs every cycler as its own task until `length` has passed; gives the
+/// cyclers back with the cycles, the time it took and the latencies.
+async fn run_slice(
+    cyclers: Vec<Box<dyn Cycler>>,
+    length: Duration,
+) -> Result<(Vec<Box<dyn Cycler>>, u64, Duration, Samples), String> {
+    let started = Instant::now();
+    let end = started + length;
+    let tasks: Vec<_> = cyclers
+        .into_iter()
+        .map(|mut cycler| {
+            tokio::spawn(async move {
+                let mut samples = Samples::default();
+                let mut outcome = Ok(());
+                while Instant::now() < end {
+                    let start = Instant::now();
+                    if let Err(err) = cycler.cycle().await {
+                        outcome = Err(err.to_string());
+                        break;
+                    }
+                    samples.push(start.elapsed());
+                }
+                (cycler, samples, outcome)
+            })
+        })
+        .collect();
+    let mut back = Vec::with_capacity(tasks.len());
+    let mut all = Samples::default();
+    let mut first_error = None;
+    for task in tasks {
+        let (cycler, samples, outcome) = task
+            .await
+            .map_err(|err| format!("bench worker panicked: {err}"))?;
+        back.push(cycler);
+        all.extend(samples);
+        if let Err(err) = outcome {
+            first_error.get_or_insert(err);
+        }
+    }
+    if let Some(err) = first_error {
+        return Err(format!("cycle failed: {err}"));
+    }
+    let cycles = all.len() as u64;
+    Ok((back, cycles, started.elapsed(), all))
+}
+
+/// What the contended workers share: the exclusion check and the event
+/// log (all on one thread, so the log's order is the clock's order).
+#[derive(Default)]
+struct Shared {
+    inside: AtomicUsize,
+    violations: AtomicU64,
+    events: Mutex<Vec<Event>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EventKind {
+    Grant,
+    Release,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    at: Instant,
+    worker: usize,
+    kind: EventKind,
+}
+
+impl Shared {
+    fn record(&self, worker: usize, kind: EventKind) {
+        let event = Event {
+            at: Instant::now(),
+            worker,
+            kind,
+        };
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+    }
+}
+
+/// Handoff latencies (a release by one worker to the next grant, when that
+/// grant went to a different worker) and how many grants went back to the
+/// worker that had just released.
+fn handoffs(events: &[Event]) -> (Samples, u64) {
+    let mut events = events.to_vec();
+    events.sort_by_key(|event| event.at);
+    let mut samples = Samples::default();
+    let mut regrants = 0;
+    let mut last_release: Option<Event> = None;
+    for event in events {
+        match event.kind {
+            EventKind::Release => last_release = Some(event),
+            EventKind::Grant => {
+                if let Some(release) = last_release.take() {
+                    if release.worker == event.worker {
+                        regrants += 1;
+                    } else {
+                        samples.push(event.at - release.at);
+                    }
+                }
+            }
+        }
+    }
+    (samples, regrants)
+}
+
+/// One contended worker: lock, hold, release, pause, until `deadline`.
+/// Returns its acquisitions and the time each cycle spent inside dlock
+/// (waiting in `lock` plus `release`, not the hold or the pause).
+#[allow(clippy::too_many_arguments)]
+async fn contended_worker(
+    worker: usize,
+    locker: Locker,
+    key: String,
+    options: LockOptions,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    hold: Duration,
+    pause: Duration,
+) -> Result<(u64, Samples), String> {
+    let mut acquisitions = 0;
+    let mut samples = Samples::default();
+    loop {
+        let start = Instant::now();
+        if start >= deadline {
+            break;
+        }
+        // Dropping a waiting `lock` at the deadline is cancellation safe
+        // by contract.
+        let guard = tokio::select! {
+            guard = locker.lock(&key, &options) => guard.map_err(|err| format!("contended lock on {key}: {err}"))?,
+            () = tokio::time::sleep_until(deadline) => break,
+        };
+        let granted = Instant::now();
+        if shared.inside.fetch_add(1, Ordering::SeqCst) != 0 {
+            shared.violations.fetch_add(1, Ordering::SeqCst);
+        }
+        shared.record(worker, EventKind::Grant);
+        acquisitions += 1;
+        tokio::time::sleep(hold).await;
+        shared.inside.fetch_sub(1, Ordering::SeqCst);
+        let releasing = Instant::now();
+        shared.record(worker, EventKind::Release);
+        guard
+            .release()
+            .await
+            .map_err(|err| format!("contended release on {key}: {err}"))?;
+        samples.push((granted - start) + releasing.elapsed());
+        tokio::time::sleep(pause).await;
+    }
+    Ok((acquisitions, samples))
+}
+
+fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn print_table(bench: &Bench, values: &[Value]) {
+    let info = bench.raw.info();
+    println!(
+        "dlock bench  {}  backend {}  runtime {} (workers are tasks, one client each)  {:?} per scenario{}",
+        bench.redacted(),
+        bench.backend,
+        RUNTIME,
+        bench.duration,
+        if bench.floor_only { "  FLOOR ONLY" } else { "" }
+    );
+    println!(
+        "{:<12} {:>7} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10}",
+        "scenario",
+        "workers",
+        "cycles",
+        "cycles/s",
+        "p50 µs",
+        "p99 µs",
+        "floor p50",
+        "p50/floor",
+        "rtt µs",
+        "violations"
+    );
+    let mut notes = Vec::new();
+    for value in values {
+        let f = |key: &str| value.get(key).and_then(Value::as_f64);
+        println!(
+            "{:<12} {:>7} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10}",
+            value["scenario"].as_str().unwrap_or_default(),
+            value["workers"].as_u64().unwrap_or_default(),
+            value["cycles"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            fmt_opt(f("cycles_per_sec"), 0),
+            fmt_opt(f("p50_us"), 1),
+            fmt_opt(f("p99_us"), 1),
+            fmt_opt(f("floor_p50_us"), 1),
+            f("floor_ratio").map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x")),
+            fmt_opt(f("rtt_us"), 1),
+            value["violations"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+        );
+        match value["scenario"].as_str() {
+            Some("contended") if value.get("handoffs").is_some() => notes.push(format!(
+                "contended: handoff p50 {} µs ({} x rtt), p99 {} µs over {} handoffs; acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
+                fmt_opt(f("handoff_p50_us"), 1),
+                fmt_opt(f("handoff_rtt_ratio"), 2),
+                fmt_opt(f("handoff_p99_us"), 1),
+                value["handoffs"],
+                value["per_worker_min"],
+                value["per_worker_mean"],
+                value["per_worker_max"],
+                value["starved_workers"],
+                value["regrants"],
+                value["hold_ms"],
+                value["pause_ms"],
+            )),
+            Some("contended") => notes.push(
+                "contended: floor only (the raw protocol has no waiting of its own; its floor is the uncontended raw cycle)".to_owned(),
+            ),
+            Some("spread") => notes.push(format!(
+                "spread: {} cycles/s = {}x the single-worker rate ({}/s); raw floor {}/s = {}x its single-worker rate",
+                fmt_opt(f("cycles_per_sec"), 0),
+                fmt_opt(f("spread_ratio"), 2),
+                fmt_opt(f("single_worker_cycles_per_sec"), 0),
+                fmt_opt(f("floor_cycles_per_sec"), 0),
+                fmt_opt(f("floor_spread_ratio"), 2),
+            )),
+            _ => {}
+        }
+    }
+    for note in notes {
+        println!("{note}");
+    }
+    println!(
+        "cycle = lock + release (contended: time inside lock and release, without the hold); floor = {}{}",
+        info.cycle,
+        info.round_trip
+            .map_or_else(String::new, |op| format!("; rtt = one {op}")),
+    );
 }

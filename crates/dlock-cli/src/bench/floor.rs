@@ -1,0 +1,451 @@
+//! The raw protocol floors: the cheapest acquire + release each service's
+//! own client can do, with no dlock code in the way, and one raw round
+//! trip. `dlock bench` measures them beside the lock, on the same server,
+//! runtime and connection shape (one client per worker).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use dlock::BoxError;
+
+/// One worker's raw client, bound to one key.
+#[async_trait]
+pub trait RawClient: Send {
+    /// One raw acquire + release of this client's key.
+    async fn cycle(&mut self) -> Result<(), BoxError>;
+
+    /// One raw round trip to the server (`Ok(false)` when the backend has
+    /// no server to talk to).
+    async fn round_trip(&mut self) -> Result<bool, BoxError>;
+}
+
+/// What the floor of a backend is made of, for the output.
+pub struct FloorInfo {
+    /// The raw cycle, e.g. `SET NX PX + EVALSHA compare-and-delete`.
+    pub cycle: &'static str,
+    /// The raw round trip, or `None` when there is no server.
+    pub round_trip: Option<&'static str>,
+}
+
+/// The raw side of the service a lock URL names.
+pub enum RawServer {
+    /// `memory://`: an uncontended tokio mutex per key.
+    Memory(Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>),
+    /// `file:///dir`: open + flock + unlock of a file per key.
+    File(std::path::PathBuf),
+    /// `redis://`, `rediss://` (one server) or `redlock://` (each
+    /// instance, in parallel).
+    #[cfg(feature = "redis")]
+    Redis(Vec<String>),
+    /// `zk://hosts/...`: the connect string (hosts only).
+    #[cfg(feature = "zookeeper")]
+    ZooKeeper(String),
+    /// `etcd://hosts/...`: the endpoints.
+    #[cfg(feature = "etcd")]
+    Etcd(Vec<String>),
+}
+
+impl RawServer {
+    /// The raw side of `url`'s service.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| "expected <scheme>://...".to_owned())?;
+        let hosts = || -> Vec<String> {
+            let authority = rest.split(['/', '?']).next().unwrap_or_default();
+            let authority = authority.rsplit('@').next().unwrap_or_default();
+            authority
+                .split(',')
+                .filter(|host| !host.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        match scheme {
+            "memory" => Ok(RawServer::Memory(Default::default())),
+            "file" => {
+                let dir = rest.split('?').next().unwrap_or_default();
+                if dir.is_empty() {
+                    return Err("file:// needs a directory, e.g. file:///tmp/locks".into());
+                }
+                Ok(RawServer::File(dir.into()))
+            }
+            #[cfg(feature = "redis")]
+            "redis" | "rediss" => Ok(RawServer::Redis(vec![url.to_owned()])),
+            #[cfg(feature = "redis")]
+            "redlock" => {
+                let hosts = hosts();
+                if hosts.is_empty() {
+                    return Err("redlock:// needs at least one host".into());
+                }
+                Ok(RawServer::Redis(
+                    hosts
+                        .into_iter()
+                        .map(|host| format!("redis://{host}"))
+                        .collect(),
+                ))
+            }
+            #[cfg(feature = "zookeeper")]
+            "zk" | "zookeeper" => Ok(RawServer::ZooKeeper(hosts().join(","))),
+            #[cfg(feature = "etcd")]
+            "etcd" => Ok(RawServer::Etcd(
+                hosts()
+                    .into_iter()
+                    .map(|host| format!("http://{host}"))
+                    .collect(),
+            )),
+            other => {
+                let _ = hosts;
+                Err(format!(
+                    "no raw floor for scheme `{other}` in this build of dlock"
+                ))
+            }
+        }
+    }
+
+    /// What the floor measures.
+    pub fn info(&self) -> FloorInfo {
+        match self {
+            RawServer::Memory(_) => FloorInfo {
+                cycle: "uncontended tokio::sync::Mutex lock + unlock",
+                round_trip: None,
+            },
+            RawServer::File(_) => FloorInfo {
+                cycle: "open + flock(LOCK_EX|LOCK_NB) + unlock + close",
+                round_trip: None,
+            },
+            #[cfg(feature = "redis")]
+            RawServer::Redis(urls) if urls.len() > 1 => FloorInfo {
+                cycle: "SET NX PX + EVALSHA compare-and-delete, on every instance in parallel",
+                round_trip: Some("PING"),
+            },
+            #[cfg(feature = "redis")]
+            RawServer::Redis(_) => FloorInfo {
+                cycle: "SET NX PX + EVALSHA compare-and-delete",
+                round_trip: Some("PING"),
+            },
+            #[cfg(feature = "zookeeper")]
+            RawServer::ZooKeeper(_) => FloorInfo {
+                cycle: "create ephemeral-sequential + getChildren + delete",
+                round_trip: Some("exists (check_stat)"),
+            },
+            #[cfg(feature = "etcd")]
+            RawServer::Etcd(_) => FloorInfo {
+                cycle: "txn(create_revision == 0 -> put with lease) + delete",
+                round_trip: Some("range (get one key)"),
+            },
+        }
+    }
+
+    /// A new client of its own (own connection or session) for `key`; `key`
+    /// is unique to this run.
+    pub async fn client(&self, key: &str) -> Result<Box<dyn RawClient>, BoxError> {
+        match self {
+            RawServer::Memory(mutexes) => {
+                let mutex = mutexes
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .entry(key.to_owned())
+                    .or_default()
+                    .clone();
+                Ok(Box::new(MemoryRaw(mutex)))
+            }
+            RawServer::File(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Ok(Box::new(FileRaw(file_floor_path(dir, key))))
+            }
+            #[cfg(feature = "redis")]
+            RawServer::Redis(urls) => Ok(Box::new(redis_raw::RedisRaw::connect(urls, key).await?)),
+            #[cfg(feature = "zookeeper")]
+            RawServer::ZooKeeper(hosts) => Ok(Box::new(zk_raw::ZkRaw::connect(hosts, key).await?)),
+            #[cfg(feature = "etcd")]
+            RawServer::Etcd(endpoints) => {
+                Ok(Box::new(etcd_raw::EtcdRaw::connect(endpoints, key).await?))
+            }
+        }
+    }
+
+    /// Removes what the floor left behind (best effort).
+    pub async fn cleanup(&self, keys: &[String]) {
+        match self {
+            RawServer::File(dir) => {
+                for key in keys {
+                    let _ = std::fs::remove_file(file_floor_path(dir, key));
+                }
+            }
+            #[cfg(feature = "zookeeper")]
+            RawServer::ZooKeeper(hosts) => zk_raw::cleanup(hosts, keys).await,
+            _ => {}
+        }
+    }
+}
+
+/// The floor's file for `key` (keys are the bench's own, so a plain
+/// character mapping is unique enough).
+fn file_floor_path(dir: &std::path::Path, key: &str) -> std::path::PathBuf {
+    let name: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    dir.join(format!(".dlock-bench-floor-{name}"))
+}
+
+struct MemoryRaw(Arc<tokio::sync::Mutex<()>>);
+
+#[async_trait]
+impl RawClient for MemoryRaw {
+    async fn cycle(&mut self) -> Result<(), BoxError> {
+        drop(self.0.lock().await);
+        Ok(())
+    }
+
+    async fn round_trip(&mut self) -> Result<bool, BoxError> {
+        Ok(false)
+    }
+}
+
+struct FileRaw(std::path::PathBuf);
+
+#[async_trait]
+impl RawClient for FileRaw {
+    async fn cycle(&mut self) -> Result<(), BoxError> {
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.0)?;
+        file.try_lock()
+            .map_err(|err| format!("flock {}: {err}", self.0.display()))?;
+        file.unlock()?;
+        Ok(())
+    }
+
+    async fn round_trip(&mut self) -> Result<bool, BoxError> {
+        Ok(false)
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis_raw {
+    use super::*;
+
+    /// Deletes the key only if it still holds our token.
+    const COMPARE_AND_DELETE: &str = r#"
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+  return redis.call("DEL", KEYS[1])
+end
+return 0
+"#;
+
+    pub struct RedisRaw {
+        connections: Vec<redis::aio::MultiplexedConnection>,
+        key: String,
+        token: String,
+        script: redis::Script,
+    }
+
+    impl RedisRaw {
+        pub async fn connect(urls: &[String], key: &str) -> Result<Self, BoxError> {
+            let mut connections = Vec::with_capacity(urls.len());
+            for url in urls {
+                let client = redis::Client::open(url.as_str())?;
+                connections.push(client.get_multiplexed_async_connection().await?);
+            }
+            Ok(RedisRaw {
+                connections,
+                key: format!("dlock-bench-floor:{key}"),
+                token: format!("{}-{}", std::process::id(), key),
+                script: redis::Script::new(COMPARE_AND_DELETE),
+            })
+        }
+
+        async fn cycle_on(
+            connection: &mut redis::aio::MultiplexedConnection,
+            key: &str,
+            token: &str,
+            script: &redis::Script,
+        ) -> Result<(), BoxError> {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(10_000)
+                .query_async(connection)
+                .await?;
+            if set.is_none() {
+                return Err(format!("raw SET NX found {key} already set").into());
+            }
+            let deleted: i64 = script
+                .key(key)
+                .arg(token)
+                .invoke_async(connection)
+                .await?;
+            if deleted != 1 {
+                return Err(format!("raw compare-and-delete did not delete {key}").into());
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl RawClient for RedisRaw {
+        async fn cycle(&mut self) -> Result<(), BoxError> {
+            let RedisRaw {
+                connections,
+                key,
+                token,
+                script,
+            } = self;
+            if let [connection] = connections.as_mut_slice() {
+                return Self::cycle_on(connection, key, token, script).await;
+            }
+            let cycles = connections
+                .iter_mut()
+                .map(|connection| Self::cycle_on(connection, key, token, script));
+            for result in futures::future::join_all(cycles).await {
+                result?;
+            }
+            Ok(())
+        }
+
+        async fn round_trip(&mut self) -> Result<bool, BoxError> {
+            let _: String = redis::cmd("PING")
+                .query_async(&mut self.connections[0])
+                .await?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(feature = "zookeeper")]
+mod zk_raw {
+    use super::*;
+    use zookeeper_client as zk;
+
+    const ROOT: &str = "/dlock-bench-floor";
+
+    pub struct ZkRaw {
+        client: zk::Client,
+        parent: String,
+        prefix: String,
+    }
+
+    fn parent_of(key: &str) -> String {
+        let name: String = key
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        format!("{ROOT}/{name}")
+    }
+
+    async fn create_persistent(client: &zk::Client, path: &str) -> Result<(), BoxError> {
+        let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        match client.create(path, b"", &options).await {
+            Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
+            Err(err) => Err(format!("create {path}: {err}").into()),
+        }
+    }
+
+    impl ZkRaw {
+        pub async fn connect(hosts: &str, key: &str) -> Result<Self, BoxError> {
+            let client = zk::Client::connect(hosts).await?;
+            let parent = parent_of(key);
+            create_persistent(&client, ROOT).await?;
+            create_persistent(&client, &parent).await?;
+            let prefix = format!("{parent}/n-");
+            Ok(ZkRaw {
+                client,
+                parent,
+                prefix,
+            })
+        }
+    }
+
+    #[async_trait]
+    impl RawClient for ZkRaw {
+        async fn cycle(&mut self) -> Result<(), BoxError> {
+            let options = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+            let (_, sequence) = self.client.create(&self.prefix, b"", &options).await?;
+            let path = format!("{}{sequence}", self.prefix);
+            // A lock recipe reads the children to see whether its node is
+            // the first; the floor does the same read.
+            let (children, _) = self.client.get_children(&self.parent).await?;
+            if children.len() != 1 {
+                return Err(format!("raw floor found {} nodes under {}", children.len(), self.parent).into());
+            }
+            self.client.delete(&path, None).await?;
+            Ok(())
+        }
+
+        async fn round_trip(&mut self) -> Result<bool, BoxError> {
+            self.client.check_stat(&self.parent).await?;
+            Ok(true)
+        }
+    }
+
+    /// Deletes the per-key parents (they are empty once their sessions'
+    /// ephemeral nodes are gone).
+    pub async fn cleanup(hosts: &str, keys: &[String]) {
+        let Ok(client) = zk::Client::connect(hosts).await else {
+            return;
+        };
+        for key in keys {
+            let _ = client.delete(&parent_of(key), None).await;
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+mod etcd_raw {
+    use super::*;
+    use etcd_client as etcd;
+
+    pub struct EtcdRaw {
+        client: etcd::Client,
+        key: String,
+        lease: i64,
+    }
+
+    impl EtcdRaw {
+        pub async fn connect(endpoints: &[String], key: &str) -> Result<Self, BoxError> {
+            let mut client = etcd::Client::connect(endpoints, None).await?;
+            // One lease per client, granted once and reused by every
+            // cycle, as a lock client's session lease is.
+            let lease = client.lease_grant(30, None).await?.id();
+            Ok(EtcdRaw {
+                client,
+                key: format!("dlock-bench-floor/{key}"),
+                lease,
+            })
+        }
+    }
+
+    #[async_trait]
+    impl RawClient for EtcdRaw {
+        async fn cycle(&mut self) -> Result<(), BoxError> {
+            let put_if_absent = etcd::Txn::new()
+                .when([etcd::Compare::create_revision(
+                    self.key.as_str(),
+                    etcd::CompareOp::Equal,
+                    0,
+                )])
+                .and_then([etcd::TxnOp::put(
+                    self.key.as_str(),
+                    "held",
+                    Some(etcd::PutOptions::new().with_lease(self.lease)),
+                )]);
+            let response = self.client.txn(put_if_absent).await?;
+            if !response.succeeded() {
+                return Err(format!("raw txn found {} already present", self.key).into());
+            }
+            self.client.delete(self.key.as_str(), None).await?;
+            Ok(())
+        }
+
+        async fn round_trip(&mut self) -> Result<bool, BoxError> {
+            self.client.get(self.key.as_str(), None).await?;
+            Ok(true)
+        }
+    }
+}
