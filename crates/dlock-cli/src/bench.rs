@@ -236,7 +236,7 @@ struct Bench {
 
 async fn run(args: Args) -> Result<(), String> {
     let redacted = dlock::error::redact_url(&args.url);
-    let raw = RawServer::from_url(&args.url).map_err(|err| format!("{redacted}: {err}"))?;
+    // The lock first: its errors name bad URLs best.
     let backend = if args.floor_only {
         backend_of_scheme(&args.url)
     } else {
@@ -245,6 +245,7 @@ async fn run(args: Args) -> Result<(), String> {
         })?;
         locker.backend()
     };
+    let raw = RawServer::from_url(&args.url).map_err(|err| format!("{redacted}: {err}"))?;
     let scenarios = match args.scenario {
         Some(one) => vec![one],
         None => vec![Scenario::Uncontended, Scenario::Contended, Scenario::Spread],
@@ -895,9 +896,9 @@ fn print_table(bench: &Bench, values: &[Value]) {
         );
         match value["scenario"].as_str() {
             Some("contended") if value.get("handoffs").is_some() => notes.push(format!(
-                "contended: handoff p50 {} µs ({} x rtt), p99 {} µs over {} handoffs; acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
+                "contended: handoff p50 {} µs{}, p99 {} µs over {} handoffs; acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
                 fmt_opt(f("handoff_p50_us"), 1),
-                fmt_opt(f("handoff_rtt_ratio"), 2),
+                f("handoff_rtt_ratio").map_or_else(String::new, |ratio| format!(" ({ratio:.2}x rtt)")),
                 fmt_opt(f("handoff_p99_us"), 1),
                 value["handoffs"],
                 value["per_worker_min"],

@@ -1,0 +1,114 @@
+//! `dlock bench` as a black box on the in-process backend: every scenario
+//! runs, reports its figures as JSON, and sees no mutual-exclusion
+//! violation. (Speed is reported, never asserted.)
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .arg("bench")
+        .args(args)
+        .env_remove("DLOCK_URL")
+        .output()
+        .expect("run dlock bench")
+}
+
+#[test]
+fn every_scenario_reports_json_and_no_violation_on_memory() {
+    let output = bench(&[
+        "--url",
+        "memory://",
+        "--duration",
+        "1s",
+        "--workers",
+        "4",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "dlock bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect();
+    let scenarios: Vec<&str> = lines
+        .iter()
+        .map(|line| line["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(scenarios, ["uncontended", "contended", "spread"]);
+
+    for line in &lines {
+        assert_eq!(line["backend"], "memory", "{line}");
+        assert_eq!(line["runtime"], "tokio current_thread", "{line}");
+        assert_eq!(line["violations"], 0, "{line}");
+        assert!(line["cycles"].as_u64().unwrap() > 0, "{line}");
+        for field in ["cycles_per_sec", "p50_us", "p99_us", "floor_p50_us"] {
+            assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
+        }
+        assert!(
+            line["p50_us"].as_f64() <= line["p99_us"].as_f64(),
+            "{line}"
+        );
+        // No server, so no round trip to measure.
+        assert!(line.get("rtt_us").unwrap().is_null(), "{line}");
+    }
+    let uncontended = &lines[0];
+    assert_eq!(uncontended["workers"], 1);
+    assert!(uncontended["floor_ratio"].as_f64().unwrap() > 0.0);
+
+    let contended = &lines[1];
+    assert_eq!(contended["workers"], 4);
+    let min = contended["per_worker_min"].as_u64().unwrap();
+    let max = contended["per_worker_max"].as_u64().unwrap();
+    assert!(min > 0 && min <= max, "{contended}");
+    // Each worker pauses after its release, so someone else gets the lock
+    // and there are handoffs to measure.
+    assert!(contended["handoffs"].as_u64().unwrap() > 0, "{contended}");
+    let handoff_p50 = contended["handoff_p50_us"].as_f64().unwrap();
+    let handoff_p99 = contended["handoff_p99_us"].as_f64().unwrap();
+    assert!(0.0 < handoff_p50 && handoff_p50 <= handoff_p99, "{contended}");
+
+    let spread = &lines[2];
+    assert_eq!(spread["workers"], 4);
+    assert!(spread["spread_ratio"].as_f64().unwrap() > 0.0, "{spread}");
+}
+
+#[test]
+fn one_scenario_prints_a_table() {
+    let output = bench(&[
+        "--url",
+        "memory://",
+        "--scenario",
+        "contended",
+        "--workers",
+        "3",
+        "--duration",
+        "300ms",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("violations"), "{stdout}");
+    assert!(stdout.contains("contended: handoff p50"), "{stdout}");
+    assert!(
+        !stdout.lines().any(|line| line.starts_with("uncontended")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_one_line_error() {
+    let output = bench(&["--url", "nope://x", "--duration", "1s"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nope"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let output = bench(&["--url", "memory://", "--duration", "soon"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("soon"));
+}
