@@ -74,6 +74,10 @@ pub struct Args {
     /// again.
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     pause: Duration,
+    /// Take locks without automatic renewal (default: renewal on, as
+    /// users get it).
+    #[arg(long)]
+    no_auto_renew: bool,
     /// Print one JSON object per scenario (one per line) instead of a table.
     #[arg(long)]
     json: bool,
@@ -241,7 +245,9 @@ async fn run(args: Args) -> Result<(), String> {
         backend_of_scheme(&args.url)
     } else {
         let locker = dlock::connect(&args.url).await.map_err(|err| {
-            format!("cannot use {redacted}: {err} (--floor-only measures only the raw protocol floor)")
+            format!(
+                "cannot use {redacted}: {err} (--floor-only measures only the raw protocol floor)"
+            )
         })?;
         locker.backend()
     };
@@ -263,7 +269,9 @@ async fn run(args: Args) -> Result<(), String> {
         url: args.url.clone(),
         backend,
         raw,
-        options: LockOptions::new().ttl(Duration::from_secs(10)),
+        options: LockOptions::new()
+            .ttl(Duration::from_secs(10))
+            .auto_renew(!args.no_auto_renew),
         floor_only: args.floor_only,
         workers: usize::from(args.workers),
         duration: args.duration,
@@ -429,7 +437,9 @@ impl Bench {
         }
         let mut floor_cyclers: Vec<Box<dyn Cycler>> = Vec::new();
         for worker in 0..workers {
-            floor_cyclers.push(Box::new(self.raw_client(&format!("{name}-{worker}")).await?));
+            floor_cyclers.push(Box::new(
+                self.raw_client(&format!("{name}-{worker}")).await?,
+            ));
         }
         for cycler in lock_cyclers.iter_mut().chain(floor_cyclers.iter_mut()) {
             for _ in 0..WARM_UP_CYCLES {
@@ -466,8 +476,9 @@ impl Bench {
     }
 
     async fn uncontended(&mut self) -> Result<Report, String> {
-        let (lock, mut floor, violations) =
-            self.interleaved("uncontended", 1, self.duration, true).await?;
+        let (lock, mut floor, violations) = self
+            .interleaved("uncontended", 1, self.duration, true)
+            .await?;
         self.remember_single(lock.as_ref(), &mut floor);
         Ok(Report {
             scenario: Scenario::Uncontended.name(),
@@ -586,14 +597,24 @@ impl Bench {
         put("runtime", json!(RUNTIME));
         put("duration_s", json!(self.duration.as_secs_f64()));
         put("floor_only", json!(self.floor_only));
+        put("auto_renew", json!(self.options.auto_renew));
         let (p50, p99) = match &mut report.lock {
-            Some(lock) => (lock.samples.quantile_us(0.5), lock.samples.quantile_us(0.99)),
+            Some(lock) => (
+                lock.samples.quantile_us(0.5),
+                lock.samples.quantile_us(0.99),
+            ),
             None => (None, None),
         };
-        put("cycles", json!(report.lock.as_ref().map(|lock| lock.cycles)));
+        put(
+            "cycles",
+            json!(report.lock.as_ref().map(|lock| lock.cycles)),
+        );
         put(
             "cycles_per_sec",
-            json!(report.lock.as_ref().map(|lock| round(lock.cycles_per_sec(), 1))),
+            json!(report
+                .lock
+                .as_ref()
+                .map(|lock| round(lock.cycles_per_sec(), 1))),
         );
         put("p50_us", json!(p50.map(|v| round(v, 1))));
         put("p99_us", json!(p99.map(|v| round(v, 1))));
@@ -869,7 +890,7 @@ fn print_table(bench: &Bench, values: &[Value]) {
         "cycles/s",
         "p50 µs",
         "p99 µs",
-        "floor p50",
+        "floor µs",
         "p50/floor",
         "rtt µs",
         "violations"
@@ -912,14 +933,22 @@ fn print_table(bench: &Bench, values: &[Value]) {
             Some("contended") => notes.push(
                 "contended: floor only (the raw protocol has no waiting of its own; its floor is the uncontended raw cycle)".to_owned(),
             ),
-            Some("spread") => notes.push(format!(
-                "spread: {} cycles/s = {}x the single-worker rate ({}/s); raw floor {}/s = {}x its single-worker rate",
-                fmt_opt(f("cycles_per_sec"), 0),
-                fmt_opt(f("spread_ratio"), 2),
-                fmt_opt(f("single_worker_cycles_per_sec"), 0),
-                fmt_opt(f("floor_cycles_per_sec"), 0),
-                fmt_opt(f("floor_spread_ratio"), 2),
-            )),
+            Some("spread") => {
+                let lock = match f("spread_ratio") {
+                    Some(ratio) => format!(
+                        "{} cycles/s = {ratio:.2}x the single-worker rate ({}/s); ",
+                        fmt_opt(f("cycles_per_sec"), 0),
+                        fmt_opt(f("single_worker_cycles_per_sec"), 0),
+                    ),
+                    None => String::new(),
+                };
+                notes.push(format!(
+                    "spread: {lock}raw floor {}/s = {}x its single-worker rate ({}/s)",
+                    fmt_opt(f("floor_cycles_per_sec"), 0),
+                    fmt_opt(f("floor_spread_ratio"), 2),
+                    fmt_opt(f("floor_single_worker_cycles_per_sec"), 0),
+                ));
+            }
             _ => {}
         }
     }

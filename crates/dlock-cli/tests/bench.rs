@@ -50,10 +50,7 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
         for field in ["cycles_per_sec", "p50_us", "p99_us", "floor_p50_us"] {
             assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
         }
-        assert!(
-            line["p50_us"].as_f64() <= line["p99_us"].as_f64(),
-            "{line}"
-        );
+        assert!(line["p50_us"].as_f64() <= line["p99_us"].as_f64(), "{line}");
         // No server, so no round trip to measure.
         assert!(line.get("rtt_us").unwrap().is_null(), "{line}");
     }
@@ -71,7 +68,10 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
     assert!(contended["handoffs"].as_u64().unwrap() > 0, "{contended}");
     let handoff_p50 = contended["handoff_p50_us"].as_f64().unwrap();
     let handoff_p99 = contended["handoff_p99_us"].as_f64().unwrap();
-    assert!(0.0 < handoff_p50 && handoff_p50 <= handoff_p99, "{contended}");
+    assert!(
+        0.0 < handoff_p50 && handoff_p50 <= handoff_p99,
+        "{contended}"
+    );
 
     let spread = &lines[2];
     assert_eq!(spread["workers"], 4);

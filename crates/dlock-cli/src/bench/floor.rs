@@ -276,11 +276,7 @@ return 0
             if set.is_none() {
                 return Err(format!("raw SET NX found {key} already set").into());
             }
-            let deleted: i64 = script
-                .key(key)
-                .arg(token)
-                .invoke_async(connection)
-                .await?;
+            let deleted: i64 = script.key(key).arg(token).invoke_async(connection).await?;
             if deleted != 1 {
                 return Err(format!("raw compare-and-delete did not delete {key}").into());
             }
@@ -334,7 +330,13 @@ mod zk_raw {
     fn parent_of(key: &str) -> String {
         let name: String = key
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         format!("{ROOT}/{name}")
     }
@@ -372,7 +374,12 @@ mod zk_raw {
             // the first; the floor does the same read.
             let (children, _) = self.client.get_children(&self.parent).await?;
             if children.len() != 1 {
-                return Err(format!("raw floor found {} nodes under {}", children.len(), self.parent).into());
+                return Err(format!(
+                    "raw floor found {} nodes under {}",
+                    children.len(),
+                    self.parent
+                )
+                .into());
             }
             self.client.delete(&path, None).await?;
             Ok(())
