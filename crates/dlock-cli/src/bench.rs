@@ -211,6 +211,9 @@ struct Report {
 
 struct ContendedFigures {
     handoffs: Samples,
+    /// Latency of `release` alone: the part of a handoff before the lock
+    /// is free on the server.
+    releases: Samples,
     regrants: u64,
     per_worker: Vec<u64>,
 }
@@ -326,7 +329,13 @@ fn progress_bar(scenarios: &[Scenario], duration: Duration, floor_only: bool) ->
     let planned: Duration = scenarios
         .iter()
         .map(|scenario| match scenario {
-            Scenario::Uncontended | Scenario::Spread => duration * parts,
+            Scenario::Uncontended => duration * parts,
+            // Without `uncontended` first, spread measures a single-worker
+            // baseline of half its length.
+            Scenario::Spread if !scenarios.contains(&Scenario::Uncontended) => {
+                duration * parts * 3 / 2
+            }
+            Scenario::Spread => duration * parts,
             Scenario::Contended => duration + duration / 4,
         })
         .sum::<Duration>()
@@ -564,11 +573,13 @@ impl Bench {
         let started = Instant::now();
         let mut lock = Measured::default();
         let mut per_worker = Vec::new();
+        let mut releases = Samples::default();
         for task in tasks {
-            let (acquisitions, samples) = task
+            let (acquisitions, samples, worker_releases) = task
                 .await
                 .map_err(|err| format!("contended worker panicked: {err}"))??;
             per_worker.push(acquisitions);
+            releases.extend(worker_releases);
             lock.add(acquisitions, Duration::ZERO, samples);
         }
         lock.elapsed = started.elapsed().min(self.duration);
@@ -578,6 +589,7 @@ impl Bench {
         report.lock = Some(lock);
         report.contended = Some(ContendedFigures {
             handoffs,
+            releases,
             regrants,
             per_worker,
         });
@@ -661,6 +673,10 @@ impl Bench {
                     .zip(report.rtt_us)
                     .filter(|(_, rtt)| *rtt > 0.0)
                     .map(|(handoff, rtt)| round(handoff / rtt, 2))),
+            );
+            put(
+                "release_p50_us",
+                json!(contended.releases.quantile_us(0.5).map(|v| round(v, 1))),
             );
             put("regrants", json!(contended.regrants));
             let min = contended.per_worker.iter().min().copied().unwrap_or(0);
@@ -823,7 +839,8 @@ fn handoffs(events: &[Event]) -> (Samples, u64) {
 
 /// One contended worker: lock, hold, release, pause, until `deadline`.
 /// Returns its acquisitions and the time each cycle spent inside dlock
-/// (waiting in `lock` plus `release`, not the hold or the pause).
+/// (waiting in `lock` plus `release`, not the hold or the pause) and the
+/// latency of each `release`.
 #[allow(clippy::too_many_arguments)]
 async fn contended_worker(
     worker: usize,
@@ -834,9 +851,10 @@ async fn contended_worker(
     deadline: Instant,
     hold: Duration,
     pause: Duration,
-) -> Result<(u64, Samples), String> {
+) -> Result<(u64, Samples, Samples), String> {
     let mut acquisitions = 0;
     let mut samples = Samples::default();
+    let mut releases = Samples::default();
     loop {
         let start = Instant::now();
         if start >= deadline {
@@ -862,10 +880,12 @@ async fn contended_worker(
             .release()
             .await
             .map_err(|err| format!("contended release on {key}: {err}"))?;
-        samples.push((granted - start) + releasing.elapsed());
+        let released = releasing.elapsed();
+        releases.push(released);
+        samples.push((granted - start) + released);
         tokio::time::sleep(pause).await;
     }
-    Ok((acquisitions, samples))
+    Ok((acquisitions, samples, releases))
 }
 
 fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
@@ -917,11 +937,13 @@ fn print_table(bench: &Bench, values: &[Value]) {
         );
         match value["scenario"].as_str() {
             Some("contended") if value.get("handoffs").is_some() => notes.push(format!(
-                "contended: handoff p50 {} µs{}, p99 {} µs over {} handoffs; acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
+                "contended: {} acquisitions/s; handoff p50 {} µs{}, p99 {} µs over {} handoffs (from the start of a release, whose own p50 is {} µs, to another worker's grant); acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
+                fmt_opt(f("cycles_per_sec"), 0),
                 fmt_opt(f("handoff_p50_us"), 1),
                 f("handoff_rtt_ratio").map_or_else(String::new, |ratio| format!(" ({ratio:.2}x rtt)")),
                 fmt_opt(f("handoff_p99_us"), 1),
                 value["handoffs"],
+                fmt_opt(f("release_p50_us"), 1),
                 value["per_worker_min"],
                 value["per_worker_mean"],
                 value["per_worker_max"],

@@ -93,7 +93,7 @@ fn one_scenario_prints_a_table() {
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("violations"), "{stdout}");
-    assert!(stdout.contains("contended: handoff p50"), "{stdout}");
+    assert!(stdout.contains("handoff p50"), "{stdout}");
     assert!(
         !stdout.lines().any(|line| line.starts_with("uncontended")),
         "{stdout}"
