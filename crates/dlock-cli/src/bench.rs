@@ -2,7 +2,8 @@
 //! backend, next to the raw protocol floor of the same server measured in
 //! the same run.
 //!
-//! Everything runs on one tokio `current_thread` runtime: workers are
+//! Everything runs on one tokio `current_thread` runtime (`--runtime
+//! multi-thread` to compare): workers are
 //! tasks, each with its own lock client (its own connection or session),
 //! and the raw floor runs on the same runtime with the same shape, so the
 //! ratio compares like with like. (On a 2-core machine a multi-thread
@@ -63,8 +64,6 @@ use tokio::time::Instant;
 use floor::{RawClient, RawServer};
 use stats::Samples;
 
-/// The runtime the bench runs everything on, as printed.
-const RUNTIME: &str = "tokio current_thread";
 /// Length of one lock or floor slice in the interleaved scenarios.
 const SLICE: Duration = Duration::from_millis(250);
 /// Unmeasured cycles per client before measuring (connections, script
@@ -99,6 +98,9 @@ pub struct Args {
     /// users get it).
     #[arg(long)]
     no_auto_renew: bool,
+    /// The tokio runtime flavour of the whole run, lock and floor alike.
+    #[arg(long, value_enum, default_value = "current-thread")]
+    runtime: Runtime,
     /// Print one JSON object per scenario (one per line) instead of a table.
     #[arg(long)]
     json: bool,
@@ -110,6 +112,24 @@ pub struct Args {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|err| format!("bad duration `{text}`: {err}"))
+}
+
+/// The tokio runtime flavour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Runtime {
+    /// One thread: workers are tasks, no cross-core wake-ups.
+    CurrentThread,
+    /// tokio's work-stealing pool, one thread per core.
+    MultiThread,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::CurrentThread => "tokio current_thread",
+            Runtime::MultiThread => "tokio multi_thread",
+        }
+    }
 }
 
 /// A bench scenario.
@@ -139,10 +159,11 @@ pub fn main(args: Args) -> ExitCode {
         eprintln!("dlock bench: --duration must be at least 100ms");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match args.runtime {
+        Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("dlock bench: cannot start the tokio runtime: {err}");
@@ -254,6 +275,7 @@ struct Bench {
     duration: Duration,
     hold: Duration,
     pause: Duration,
+    runtime: Runtime,
     namespace: String,
     progress: ProgressBar,
     raw_keys: Mutex<Vec<String>>,
@@ -301,6 +323,7 @@ async fn run(args: Args) -> Result<(), String> {
         duration: args.duration,
         hold: args.hold,
         pause: args.pause,
+        runtime: args.runtime,
         namespace,
         progress,
         raw_keys: Mutex::new(Vec::new()),
@@ -631,7 +654,7 @@ impl Bench {
         put("url", json!(self.redacted()));
         put("scenario", json!(report.scenario));
         put("workers", json!(report.workers));
-        put("runtime", json!(RUNTIME));
+        put("runtime", json!(self.runtime.name()));
         put("duration_s", json!(self.duration.as_secs_f64()));
         put("floor_only", json!(self.floor_only));
         put("auto_renew", json!(self.options.auto_renew));
@@ -920,10 +943,10 @@ fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
 fn print_table(bench: &Bench, values: &[Value]) {
     let info = bench.raw.info();
     println!(
-        "dlock bench  {}  backend {}  runtime {} (workers are tasks, one client each)  {:?} per scenario{}",
+        "dlock bench  {}  backend {}  runtime {} (lock and floor alike; workers are tasks, one client each)  {:?} per scenario{}",
         bench.redacted(),
         bench.backend,
-        RUNTIME,
+        bench.runtime.name(),
         bench.duration,
         if bench.floor_only { "  FLOOR ONLY" } else { "" }
     );
