@@ -98,6 +98,11 @@ pub struct Args {
     /// users get it).
     #[arg(long)]
     no_auto_renew: bool,
+    /// Prefix of the lock keys. They are the same in every run (backends
+    /// keep a fencing counter per key), so two benches must not share a
+    /// server and prefix at once.
+    #[arg(long, default_value = "dlock-bench")]
+    key_prefix: String,
     /// The tokio runtime flavour of the whole run, lock and floor alike.
     #[arg(long, value_enum, default_value = "current-thread")]
     runtime: Runtime,
@@ -276,7 +281,11 @@ struct Bench {
     hold: Duration,
     pause: Duration,
     runtime: Runtime,
+    /// Unique to this run: the raw floor's keys.
     namespace: String,
+    /// The lock keys' prefix: stable across runs, because backends keep a
+    /// fencing counter per key forever.
+    key_prefix: String,
     progress: ProgressBar,
     raw_keys: Mutex<Vec<String>>,
     /// This run's single-worker rates and floor (cycles/s, p50, p99).
@@ -302,8 +311,9 @@ async fn run(args: Args) -> Result<(), String> {
         Some(one) => vec![one],
         None => vec![Scenario::Uncontended, Scenario::Contended, Scenario::Spread],
     };
+    // The raw floor's keys are unique to this run and removed after it.
     let namespace = format!(
-        "dlock-bench/{}-{}",
+        "dlock-bench-{}-{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -325,6 +335,7 @@ async fn run(args: Args) -> Result<(), String> {
         pause: args.pause,
         runtime: args.runtime,
         namespace,
+        key_prefix: args.key_prefix.clone(),
         progress,
         raw_keys: Mutex::new(Vec::new()),
         single_lock: None,
@@ -421,7 +432,7 @@ impl Bench {
     }
 
     fn raw_key(&self, name: &str) -> String {
-        let key = format!("{}-{name}", self.namespace.replace('/', "-"));
+        let key = format!("{}-{name}", self.namespace);
         self.raw_keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -485,7 +496,7 @@ impl Bench {
             for worker in 0..workers {
                 lock_cyclers.push(Box::new(LockCycler {
                     locker: self.lock_client().await?,
-                    key: format!("{}/{name}/{worker}", self.namespace),
+                    key: format!("{}/{name}/{worker}", self.key_prefix),
                     options: self.options.clone(),
                     inside: Arc::new(AtomicUsize::new(0)),
                     violations: violations.clone(),
@@ -604,7 +615,7 @@ impl Bench {
             return Ok(report);
         }
         self.progress.set_message("contended: lock");
-        let key = format!("{}/contended", self.namespace);
+        let key = format!("{}/contended", self.key_prefix);
         let shared = Arc::new(Shared::default());
         let deadline = Instant::now() + self.duration;
         let mut tasks = Vec::new();
