@@ -185,26 +185,44 @@ impl ZooKeeperLock {
     }
 
     /// Ends the current session on the server, as an expiry would: it
-    /// attaches a second connection to the session and closes it there.
-    /// Every lock held through it is lost (`lost()` fires once the client
-    /// hears of it); the next acquisition opens a new session. For fault
-    /// injection in tests and drills.
+    /// attaches a second connection to the session and closes the session
+    /// there. Returns once this client has seen its session end (every lock
+    /// held through it has then fired `lost()`); the next acquisition opens
+    /// a new session. For fault injection in tests and drills.
     pub async fn kill_session(&self) -> Result<()> {
         let session = self.current();
+        let mut states = session.client.state_watcher();
         let thief = zk::Client::connector()
             .with_session(session.client.session().clone())
             .with_session_timeout(session.timeout)
-            .with_fail_eagerly()
+            // No fail-fast: our own client's reconnection can bump the
+            // thief's first connection; it retries until attached.
             .connect(&session.endpoint)
             .await
             .map_err(|err| dlock_core::Error::connection(BACKEND, session.endpoint.clone(), err))?;
-        // Dropping the last handle sends closeSession and waits for nothing;
-        // a round trip first makes sure the session was attached.
-        thief.sync("/").await.map_err(|err| {
-            dlock_core::Error::backend(BACKEND, session.endpoint.clone(), "kill_session", "", err)
-        })?;
+        // Dropping the only handle sends closeSession from the thief's
+        // connection.
         drop(thief);
-        Ok(())
+        let ended = async {
+            let mut state = states.state();
+            while !state.is_terminated() {
+                state = states.changed().await;
+            }
+            // The watcher task does the same; doing it here too means every
+            // lease is marked by the time we return.
+            session.on_state(state);
+        };
+        tokio::time::timeout(session.timeout * 2, ended)
+            .await
+            .map_err(|_| {
+                dlock_core::Error::backend(
+                    BACKEND,
+                    session.endpoint.clone(),
+                    "kill_session",
+                    "",
+                    "the session did not end within twice its timeout",
+                )
+            })
     }
 
     fn current(&self) -> Arc<Session> {

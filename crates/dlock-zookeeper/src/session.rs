@@ -133,7 +133,7 @@ impl Session {
         lease
     }
 
-    fn on_state(&self, state: zk::SessionState) {
+    pub(crate) fn on_state(&self, state: zk::SessionState) {
         use zk::SessionState::*;
         let mut registry = self.leases.lock().unwrap();
         match state {
