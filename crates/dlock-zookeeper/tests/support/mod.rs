@@ -217,10 +217,15 @@ impl PrivateZooKeeper {
         self.signal("-CONT");
     }
 
-    /// Kills the server (SIGKILL) and starts it again on the same port
-    /// and data, waiting until it serves.
-    pub async fn restart(&mut self) {
+    /// Kills the server (SIGKILL); its data stays for [`start_again`].
+    pub fn stop(&mut self) {
         self.kill();
+    }
+
+    /// Starts a stopped server again on the same port and data, waiting
+    /// until it serves.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
         self.launch().await;
     }
 
