@@ -69,8 +69,9 @@
 //! [`valid_until`](dlock_core::Lease::valid_until) is `None` (the session
 //! vouches). When the connection is lost the session is *suspended*: the
 //! server may expire it one session timeout after it last heard from us,
-//! so the guard vouches only for 40% of the session timeout from the
-//! disconnect, then reports `lost()`; a reconnection of the same session in
+//! so the guard vouches only for a third of the session timeout from the
+//! disconnect (which the client sees at most ~45% of the timeout after the
+//! last answer), then reports `lost()`; a reconnection of the same session in
 //! time brings it back to `None`. An expired or closed session fires
 //! `lost()` on every guard at once (one watcher task per client drives all
 //! leases). After the session has ended, the next acquisition opens a new

@@ -14,14 +14,15 @@ use crate::BACKEND;
 
 /// Share of the session timeout for which a suspended (disconnected)
 /// session still vouches for its locks, counted from when the disconnect
-/// is seen. The client notices a silent connection after 2/5 of the
-/// session timeout (plus a tick of 1/20) since it last heard from the
-/// server, and the server expires the session no earlier than a whole
-/// session timeout after it last heard from the client: 1 - 2/5 - 1/20 =
-/// 55% is left at worst; we claim 40% to keep a margin for scheduling
-/// delays and clock-rate differences.
-const SUSPENDED_VALIDITY_NUM: u32 = 2;
-const SUSPENDED_VALIDITY_DEN: u32 = 5;
+/// is seen. The client notices a silent connection 2/5 of the session
+/// timeout (plus a tick of 1/20) after it last heard from the server, and
+/// the server expires the session no earlier than a whole session timeout
+/// after it last heard from the client: 1 - 2/5 - 1/20 = 55% is left at
+/// worst. Claiming a third keeps a margin for scheduling delays and
+/// clock-rate differences: a guard stops claiming the lock at most ~78% of
+/// the session timeout after the last contact.
+const SUSPENDED_VALIDITY_NUM: u32 = 1;
+const SUSPENDED_VALIDITY_DEN: u32 = 3;
 
 /// A connected ZooKeeper session and the leases that depend on it.
 pub(crate) struct Session {
