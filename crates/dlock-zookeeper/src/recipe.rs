@@ -1,6 +1,14 @@
 //! The lock recipe: one ephemeral sequential node per contender in the
 //! key's directory; the lowest sequence holds the lock; each waiter
 //! watches only its immediate predecessor.
+//!
+//! Written here rather than wrapping `zookeeper_client::Client::lock`,
+//! which has the same shape and cancellation safety, because the contract
+//! needs what that call does not give: a `try_lock` that never waits; the
+//! node's czxid from the create answer (the fencing token; otherwise a
+//! third request); an owner-checked release that reports `NotHeld`;
+//! container lock directories with their parents made on demand; and a
+//! guard tied to our session watcher instead of a borrowed client.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +33,8 @@ const LOCK_TAG: &str = "lock-";
 pub(crate) struct Created {
     /// Node name within the directory.
     pub(crate) name: String,
+    /// Its protected prefix, `_c_<uuid>-`.
+    pub(crate) protected: String,
     /// The server's sequence number, the queue position.
     pub(crate) sequence: i64,
     /// The zxid that created the node: the fencing token.
@@ -124,6 +134,7 @@ pub(crate) async fn create_node(
             Ok((stat, sequence)) => {
                 return Ok(Created {
                     name: format!("{protected}{LOCK_TAG}{sequence}"),
+                    protected: protected.to_owned(),
                     sequence: sequence.into_i64(),
                     czxid: stat.czxid,
                 })
@@ -189,6 +200,7 @@ async fn find_own(
     match retry_on_loss(|| session.client.check_stat(&path)).await {
         Ok(Some(stat)) if stat.ephemeral_owner == session.id => Ok(Some(Created {
             sequence: sequence_of(&name).unwrap_or(i64::MAX),
+            protected: protected.to_owned(),
             name,
             czxid: stat.czxid,
         })),
@@ -212,6 +224,12 @@ pub(crate) async fn position(
     for name in children {
         if name == own.name {
             present = true;
+            continue;
+        }
+        if name.starts_with(&own.protected) {
+            // A second node of ours: a create we retried after a connection
+            // loss landed after all. It must not queue ahead of us.
+            remove_twin(session, format!("{dir}/{name}"));
             continue;
         }
         let Some(sequence) = sequence_of(&name) else {
@@ -241,6 +259,15 @@ pub(crate) async fn position(
         None => Position::First,
         Some((_, name)) => Position::Behind(name),
     })
+}
+
+/// Deletes a duplicate node of our own in the background.
+fn remove_twin(session: &Session, path: String) {
+    tracing::warn!(%path, "deleting a duplicate lock node left by a retried create");
+    let client = session.client.clone();
+    tokio::spawn(async move {
+        let _ = retry_on_loss(|| client.delete(&path, None)).await;
+    });
 }
 
 /// Waits until `predecessor` is gone: one request to set the watch, then
@@ -402,7 +429,9 @@ impl HeldLock for ZooKeeperHeld {
                 "the session is suspended (disconnected); its locks are vouched for only until the grace period ends",
             ));
         }
-        let budget = (ttl / 2).clamp(Duration::from_millis(50), self.session.timeout);
+        let budget = (ttl / 2)
+            .min(self.session.timeout)
+            .max(Duration::from_millis(50));
         match tokio::time::timeout(budget, self.session.client.check_stat(&self.path)).await {
             Ok(Ok(Some(stat))) if stat.ephemeral_owner == self.session.id => Ok(()),
             Ok(Ok(_)) => Err(Error::not_held(&self.key)),
