@@ -146,7 +146,14 @@ impl Session {
                     );
                 }
                 for lease in live(&registry.leases) {
-                    lease.set_valid_until(None);
+                    match lease.lost_reason() {
+                        // The grace ran out while we were away: the server
+                        // may have handed the lock on meanwhile (to learn
+                        // otherwise needs a request); that stays final even
+                        // though the session came back.
+                        Some(reason) => lease.mark_lost(reason),
+                        None => lease.set_valid_until(None),
+                    }
                 }
             }
             Disconnected | ConnectedReadOnly => {

@@ -209,3 +209,44 @@ async fn empty_directories_are_removed_and_tokens_keep_growing() {
     // The prefix is a plain persistent node and stays.
     assert!(admin.check_stat("/dlock-test").await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
+    if !support::can_start() {
+        return;
+    }
+    let mut server = PrivateZooKeeper::start().await;
+    let a = ZooKeeperLock::connect(&server.url("session_timeout=5s"))
+        .await
+        .unwrap();
+    let session = a.session_id();
+    let guard = a
+        .try_lock("grace-ran-out", &LockOptions::new().auto_renew(false))
+        .await
+        .unwrap()
+        .expect("free");
+    server.stop();
+    eventually(
+        "the guard notices the suspended session",
+        Duration::from_secs(5),
+        || async { guard.lease().valid_until().is_some() },
+    )
+    .await;
+    // Nobody awaits lost(): the passed deadline alone must make it final.
+    let deadline = guard.lease().valid_until().unwrap();
+    tokio::time::sleep_until(deadline + Duration::from_millis(100)).await;
+    server.start_again().await;
+    // The same session is back and serves requests...
+    let other = a
+        .lock(
+            "another-key",
+            &LockOptions::new().wait(Duration::from_secs(10)),
+        )
+        .await
+        .expect("the session reconnects");
+    assert_eq!(a.session_id(), session, "the same session came back");
+    // ...but the guard does not claim the lock again.
+    assert!(!guard.is_held(), "{:?}", guard.lease());
+    assert_eq!(guard.lease().lost_reason(), Some(LostReason::Expired));
+    other.release().await.unwrap();
+}

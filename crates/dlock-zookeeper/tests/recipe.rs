@@ -1,6 +1,7 @@
 //! The recipe's own promises, checked on the shared ZooKeeper
 //! (127.0.0.1:2181) by listing the lock directories: no orphan nodes after
-//! failed or abandoned attempts, protected node names, czxid tokens, and loss of a killed or deleted lock.
+//! failed or abandoned attempts, protected node names, czxid tokens, and
+//! the loss of a lock whose session is killed or whose node is deleted.
 
 mod support;
 
