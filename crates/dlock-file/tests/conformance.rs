@@ -1,0 +1,38 @@
+//! The file backend passes the conformance suite: every client is its own
+//! `FileLock` on one temporary directory per test.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlock_file::FileLock;
+use dlock_testkit::Harness;
+
+/// A fresh directory under the system temp dir. Lock files are deleted on
+/// release; the directory and its counter file stay (a few bytes per test).
+fn temp_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("dlock-file-conformance-{:016x}", fastrand::u64(..)))
+}
+
+async fn harness() -> Option<Harness> {
+    let dir = temp_dir();
+    let fault_dir = dir.clone();
+    Some(
+        Harness::new("file", move || {
+            let dir = dir.clone();
+            async move { Ok(Arc::new(FileLock::open(&dir)?) as _) }
+        })
+        // A fault: someone deletes the holder's lock file. The holder's
+        // ownership check (run by the core's renewal) notices.
+        .with_fault(move |key| {
+            let path = FileLock::open(&fault_dir).expect("open").lock_path(&key);
+            async move {
+                std::fs::remove_file(&path)
+                    .unwrap_or_else(|err| panic!("deleting {}: {err}", path.display()));
+            }
+        })
+        .with_short_ttl(Duration::from_millis(300)),
+    )
+}
+
+dlock_testkit::conformance_tests!(harness());
