@@ -48,7 +48,9 @@ pub struct Args {
     #[arg(long, env = "DLOCK_URL", value_name = "URL")]
     url: Option<String>,
 
-    /// Lease TTL; renewed every TTL/3 while the command runs.
+    /// Lease TTL; renewed every TTL/3 while the command runs. A killed dlock's
+    /// lock is freed after it on TTL backends (file locks: at once; the file
+    /// is then checked every TTL/3).
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = humantime::parse_duration)]
     ttl: Duration,
 
