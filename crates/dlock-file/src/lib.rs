@@ -15,8 +15,13 @@
 //!   (`.fencing_token`), incremented under its own `flock` while the key's
 //!   lock is held: tokens are strictly increasing per key (and across keys)
 //!   and survive the lock files' deletion.
-//! - Waiting polls with the options' backoff: `flock` has no asynchronous
-//!   wait, and a blocking `flock` on a helper thread could not be cancelled.
+//! - Waiting: `flock` has no asynchronous wait (and a blocking `flock` on a
+//!   helper thread could not be cancelled), so a waiter retries when an
+//!   inotify watch on the directory reports the lock file's deletion (a
+//!   release), and otherwise with the options' backoff (a holder that died
+//!   leaves its file behind, unlocked). Not fair: any waiter may win. Like
+//!   the network backends, it needs a tokio runtime with I/O and time
+//!   enabled.
 //! - An OS lock has no TTL: the lock lives as long as the holder's process
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
 //!   `auto_renew`, the core checks every `ttl / 3` that the lock file is
@@ -57,6 +62,7 @@ use dlock_core::{
 };
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 const BACKEND: &str = "file";
 
@@ -295,9 +301,88 @@ impl LockBackend for FileLock {
     }
 
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        // Each attempt is self-contained, so dropping this future between
-        // or during attempts leaves no lock and no waiter record.
-        dlock_core::poll_until_acquired(options, || self.attempt(key, options)).await
+        // Watch for the lock file's deletion (a release) before the first
+        // attempt, so a release between attempt and wait is not missed. A
+        // holder that dies leaves its file: the backoff timer covers that.
+        let name = format!("{}.lock", encode_component(key, MAX_NAME));
+        let mut watch = match DeleteWatch::new(&self.inner.dir, &name) {
+            Ok(watch) => Some(watch),
+            Err(err) => {
+                tracing::debug!(error = %err, "no inotify watch; polling only");
+                None
+            }
+        };
+        let mut delays = options.backoff.delays();
+        // Each attempt is self-contained and the watch is closed on drop,
+        // so dropping this future leaves no lock and no waiter record.
+        loop {
+            if let Some(guard) = self.attempt(key, options).await? {
+                return Ok(guard);
+            }
+            let delay = delays.next().unwrap_or(Duration::from_millis(100));
+            match &mut watch {
+                Some(active) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        deleted = active.deleted() => if let Err(err) = deleted {
+                            tracing::debug!(error = %err, "inotify watch failed; polling only");
+                            watch = None;
+                        }
+                    }
+                }
+                None => tokio::time::sleep(delay).await,
+            }
+        }
+    }
+}
+
+/// Wakes a waiter when a lock file is deleted, i.e. released (Linux
+/// inotify on the directory).
+struct DeleteWatch {
+    fd: tokio::io::unix::AsyncFd<InotifyFd>,
+    name: std::ffi::OsString,
+}
+
+struct InotifyFd(Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl DeleteWatch {
+    fn new(dir: &Path, name: &str) -> std::io::Result<Self> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        inotify.add_watch(dir, AddWatchFlags::IN_DELETE)?;
+        // SAFETY: the `Inotify` owns its descriptor, which stays open and
+        // the same until the `AsyncFd` (and the `Inotify` in it) is dropped.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(InotifyFd(inotify)) }
+            .map_err(|err| std::io::Error::other(err.to_string()))?;
+        Ok(DeleteWatch {
+            fd,
+            name: name.into(),
+        })
+    }
+
+    /// Resolves when our lock file was deleted (or events were dropped).
+    async fn deleted(&mut self) -> std::io::Result<()> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            match ready.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
+                Ok(Ok(events)) => {
+                    if events.iter().any(|event| {
+                        event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+                            || event.name.as_deref() == Some(self.name.as_os_str())
+                    }) {
+                        return Ok(());
+                    }
+                }
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => {}
+            }
+        }
     }
 }
 

@@ -65,3 +65,30 @@ async fn release_leaves_only_the_counter() {
     assert_eq!(counter.trim().parse::<u64>().unwrap(), 1 + 4 * 50);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A waiter wakes on the release (inotify), not on its next poll: with a
+/// 10 s backoff it still gets the lock right after the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_wakes_on_release() {
+    let dir = temp_dir();
+    let (holder, waiter) = (FileLock::open(&dir).unwrap(), FileLock::open(&dir).unwrap());
+    let slow_polls = LockOptions::new().wait(Duration::from_secs(8)).backoff(
+        dlock_core::Backoff::new(Duration::from_secs(10), Duration::from_secs(10)).jitter(0.0),
+    );
+    let held = holder.try_lock("k", &slow_polls).await.unwrap().unwrap();
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.lock("k", &slow_polls).await;
+        (guard, std::time::Instant::now())
+    });
+    // Let the waiter make its first attempt and start waiting; nothing
+    // observable from outside says it has.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let released_at = std::time::Instant::now();
+    held.release().await.unwrap();
+    let (guard, acquired_at) = waiting.await.unwrap();
+    let guard = guard.expect("the waiter got the lock");
+    let handoff = acquired_at - released_at;
+    assert!(handoff < Duration::from_secs(2), "handoff took {handoff:?}");
+    guard.release().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
