@@ -223,11 +223,22 @@ async fn run_holding(args: &Args, guard: LockGuard, signals: &mut Signals) -> u8
     };
     let code = status_code(status);
     if lost_at.is_some() {
-        let _ = guard.release().await;
+        let _ = tokio::time::timeout(args.connect_timeout, guard.release()).await;
         return EXIT_LOST;
     }
     let held_throughout = guard.is_held();
-    match guard.release().await {
+    // Bounded: an unreachable service must not keep dlock from exiting (the
+    // lock then ends with its TTL or session).
+    let release = tokio::time::timeout(args.connect_timeout, guard.release()).await;
+    let Ok(release) = release else {
+        eprintln!(
+            "dlock: warning: releasing lock {:?} got no answer within {}; it ends with its TTL or session",
+            args.key,
+            humantime::format_duration(args.connect_timeout)
+        );
+        return code;
+    };
+    match release {
         Ok(()) if held_throughout => code,
         Ok(()) => fail(
             EXIT_LOST,

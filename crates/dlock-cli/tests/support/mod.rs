@@ -74,8 +74,14 @@ pub fn backend(name: &'static str) -> Option<Backend> {
             });
         }
         "redis" => ("redis://127.0.0.1:6379", "127.0.0.1:6379"),
-        "zookeeper" => ("zk://127.0.0.1:2181/dlock-cli-test", "127.0.0.1:2181"),
-        "etcd" => ("etcd://127.0.0.1:2379/dlock-cli-test", "127.0.0.1:2379"),
+        "zookeeper" => (
+            "zk://127.0.0.1:2181/dlock-cli-test?session_timeout=2s",
+            "127.0.0.1:2181",
+        ),
+        "etcd" => (
+            "etcd://127.0.0.1:2379/dlock-cli-test?session_ttl=2s",
+            "127.0.0.1:2379",
+        ),
         other => panic!("unknown backend {other}"),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
