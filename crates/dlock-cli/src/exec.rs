@@ -66,7 +66,8 @@ pub struct Args {
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = humantime::parse_duration)]
     kill_after: Duration,
 
-    /// Give up connecting to the lock service after this long (status 69).
+    /// Give up connecting to the lock service after this long (status 69);
+    /// also bounds the final release.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
 
