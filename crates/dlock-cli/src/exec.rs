@@ -121,12 +121,19 @@ async fn run(args: Args) -> u8 {
         },
         signal = signals.recv() => return 128 + signal as i32 as u8,
     };
-    let guard = tokio::select! {
-        acquired = acquire(&locks, &args) => match acquired {
-            Ok(guard) => guard,
-            Err(code) => return code,
-        },
-        signal = signals.recv() => return 128 + signal as i32 as u8,
+    let baseline = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let outcome = tokio::select! {
+        acquired = acquire(&locks, &args) => acquired,
+        signal = signals.recv() => Err(128 + signal as i32 as u8),
+    };
+    let guard = match outcome {
+        Ok(guard) => guard,
+        Err(code) => {
+            settle(baseline).await;
+            return code;
+        }
     };
     run_holding(&args, guard, &mut signals).await
 }
@@ -258,6 +265,20 @@ async fn run_holding(args: &Args, guard: LockGuard, signals: &mut Signals) -> u8
             eprintln!("dlock: warning: releasing lock {:?}: {}", args.key, describe(&err));
             code
         }
+    }
+}
+
+/// Lets the background cleanup of an abandoned acquisition finish before
+/// dlock exits: a `lock` dropped by `--wait` or a signal deletes its waiter
+/// record (queue entry, sequential node, key) in a task it spawns, which
+/// exiting at once would cut short, leaving the record until the session or
+/// TTL ends and blocking the next owner meanwhile. Waits until the runtime's
+/// task count is back to what it was before the attempt, for at most 2 s.
+async fn settle(baseline: usize) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while metrics.num_alive_tasks() > baseline && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
