@@ -428,7 +428,7 @@ fn print_legend(rows: &[Row], ttl_expiry: bool, paused: bool, backend: &str) {
                 row.tally.mutations
             ),
             Strategy::Lock => {
-                if row.tally.pause_lost_lock {
+                if row.tally.pause_lost_lock && lost > 0 {
                     format!(
                         "one writer at a time, until the paused worker's lock expired and \
                          another worker took it: the paused worker then wrote a stale value while \
@@ -437,6 +437,11 @@ fn print_legend(rows: &[Row], ttl_expiry: bool, paused: bool, backend: &str) {
                          stop a writer that does not know it lost the lock.",
                         row.tally.late_releases
                     )
+                } else if row.tally.pause_lost_lock {
+                    "one writer at a time; the paused worker's lock expired while it slept and it \
+                     wrote anyway (its release found the lock gone), but this time no other write \
+                     was in flight, so nothing was lost: a race, not a guarantee."
+                        .to_owned()
                 } else {
                     format!(
                         "one writer at a time: {lost} lost updates; the cost is waiting for the lock."
