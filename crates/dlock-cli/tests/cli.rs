@@ -472,3 +472,31 @@ fn demo_fencing_refuses_the_stale_writer() {
     assert!(refused >= 1, "the fencing check refused nothing\n{stdout}");
     assert!(stdout.contains("paused worker's lock expired"), "{stdout}");
 }
+
+/// A command that ignores SIGTERM after the lock is lost gets SIGKILL
+/// after `--kill-after`; dlock still exits 76.
+#[test]
+fn lost_lock_escalates_to_sigkill() {
+    let backend = backend("file").expect("the file backend is always there");
+    let work = TempDir::new("escalate");
+    let key = unique_key("escalate");
+    let ready = work.join("ready");
+    let script = format!(
+        "trap '' TERM; echo $$ > {ready}; while :; do sleep 0.05; done",
+        ready = ready.display()
+    );
+    let mut holder = Running::spawn(&mut exec(
+        &backend,
+        &["--ttl", "600ms", "--kill-after", "300ms"],
+        &key,
+        &script,
+    ));
+    let child_pid: i32 = wait_for_file(&ready, LIMIT).trim().parse().expect("pid");
+    assert!(take_away(&backend, &key));
+    let status = holder.wait_within(LIMIT);
+    assert_eq!(status.code(), Some(76));
+    assert!(
+        process_gone_within(child_pid, Duration::from_secs(5)),
+        "the command survived SIGKILL"
+    );
+}
