@@ -8,19 +8,31 @@ use std::time::Duration;
 use dlock_file::FileLock;
 use dlock_testkit::Harness;
 
-/// A fresh directory under the system temp dir. Lock files are deleted on
-/// release; the directory and its counter file stay (a few bytes per test).
-fn temp_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("dlock-file-conformance-{:016x}", fastrand::u64(..)))
+/// A fresh directory under the system temp dir, removed when the test's
+/// harness (which owns it through its connect closure) is dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        TempDir(
+            std::env::temp_dir().join(format!("dlock-file-conformance-{:016x}", fastrand::u64(..))),
+        )
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn harness() -> Option<Harness> {
-    let dir = temp_dir();
-    let fault_dir = dir.clone();
+    let dir = Arc::new(TempDir::new());
+    let fault_dir = dir.0.clone();
     Some(
         Harness::new("file", move || {
             let dir = dir.clone();
-            async move { Ok(Arc::new(FileLock::open(&dir)?) as _) }
+            async move { Ok(Arc::new(FileLock::open(&dir.0)?) as _) }
         })
         // A fault: someone deletes the holder's lock file. The holder's
         // ownership check (run by the core's renewal) notices.
