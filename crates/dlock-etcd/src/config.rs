@@ -126,7 +126,11 @@ impl EtcdConfig {
                         host.to_owned()
                     }
                     None => format!("{host}:2379"),
-                    _ => return Err(invalid(format!("bad endpoint {host:?} (bracket IPv6 literals)"))),
+                    _ => {
+                        return Err(invalid(format!(
+                            "bad endpoint {host:?} (bracket IPv6 literals)"
+                        )))
+                    }
                 }
             };
             endpoints.push(endpoint);
@@ -143,7 +147,11 @@ impl EtcdConfig {
             user,
             ..EtcdConfig::new(Vec::<String>::new())
         };
-        for pair in query.unwrap_or("").split('&').filter(|pair| !pair.is_empty()) {
+        for pair in query
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+        {
             let (name, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("option {pair:?} has no value")))?;

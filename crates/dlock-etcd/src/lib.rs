@@ -104,8 +104,8 @@ use etcd_client::{
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use config::EtcdConfig;
 use config::lease_seconds;
+pub use config::EtcdConfig;
 use session::{spawn_revoke, OwnLease, Session};
 
 const NAME: &str = "etcd";
@@ -244,9 +244,14 @@ impl EtcdLock {
         .await
         .map_err(|err| fail(err.into()))?;
         let session_secs = lease_seconds(config.session_ttl);
-        let session = grant_session(&client, session_secs, config.connect_timeout, config.timeout)
-            .await
-            .map_err(|err| fail(err.into()))?;
+        let session = grant_session(
+            &client,
+            session_secs,
+            config.connect_timeout,
+            config.timeout,
+        )
+        .await
+        .map_err(|err| fail(err.into()))?;
         tracing::debug!(endpoints = %endpoints, lease_id = session.id, ttl = ?session.ttl, "dlock: etcd session created");
         Ok(EtcdLock {
             inner: Arc::new(Inner {
@@ -357,7 +362,12 @@ impl EtcdLock {
 
     /// One acquisition attempt with a fresh key; waits in the queue when
     /// `wait`, otherwise gives up (removing its key) if the lock is held.
-    async fn attempt(&self, key: &str, options: &LockOptions, wait: bool) -> Result<Outcome, Failure> {
+    async fn attempt(
+        &self,
+        key: &str,
+        options: &LockOptions,
+        wait: bool,
+    ) -> Result<Outcome, Failure> {
         let binding = self.binding(key, options).await?;
         let dir = self.lock_key_prefix(key);
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
@@ -428,7 +438,10 @@ impl EtcdLock {
                 if waited {
                     // Start the lock's TTL now, not at the last keep-alive
                     // of the wait.
-                    match own.refresh(&self.inner.client, self.inner.config.timeout).await {
+                    match own
+                        .refresh(&self.inner.client, self.inner.config.timeout)
+                        .await
+                    {
                         Ok(Some(_)) => {}
                         Ok(None) => {
                             pending.remove_now().await;
@@ -460,7 +473,12 @@ impl EtcdLock {
             lease: lease.clone(),
         });
         tracing::debug!(fencing_token, "dlock: etcd lock granted");
-        Ok(Outcome::Granted(LockGuard::new(NAME, lease, held, core_renewal)))
+        Ok(Outcome::Granted(LockGuard::new(
+            NAME,
+            lease,
+            held,
+            core_renewal,
+        )))
     }
 
     /// The one transaction of an attempt: create our key if absent and
@@ -486,7 +504,10 @@ impl EtcdLock {
                 TxnOp::put(etcd_key, "", Some(PutOptions::new().with_lease(lease_id))),
                 TxnOp::get(dir, Some(newest_two)),
             ])
-            .or_else([TxnOp::get(etcd_key, Some(GetOptions::new().with_keys_only()))]);
+            .or_else([TxnOp::get(
+                etcd_key,
+                Some(GetOptions::new().with_keys_only()),
+            )]);
         let mut kv = self.inner.client.kv_client();
         let handle = pending
             .txn
@@ -530,7 +551,10 @@ impl EtcdLock {
             error: self.error("acquire", key, format!("unexpected txn response: {what}")),
             retry: false,
         };
-        let revision = response.header().map(|header| header.revision()).unwrap_or(0);
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0);
         let ops = response.op_responses();
         if response.succeeded() {
             let Some(TxnOpResponse::Get(range)) = ops.get(1) else {
@@ -632,7 +656,12 @@ impl EtcdLock {
     async fn watch_key(&self, key: &str, watched: &[u8]) -> Result<WatchStream, Failure> {
         let watched = watched.to_vec();
         self.call("wait", key, async {
-            let mut stream = self.inner.client.watch_client().watch(watched, None).await?;
+            let mut stream = self
+                .inner
+                .client
+                .watch_client()
+                .watch(watched, None)
+                .await?;
             match stream.message().await? {
                 Some(response) if response.created() && !response.canceled() => Ok(stream),
                 _ => Err(etcd_client::Error::WatchError(
@@ -673,12 +702,17 @@ async fn binding_lost(client: &EtcdLock, binding: &Binding) {
         Binding::Session(session) => session.lost().await,
         Binding::Own(own) => loop {
             let deadline = own.valid_until();
-            tokio::time::sleep((own.ttl / 3).min(deadline.saturating_duration_since(Instant::now())))
-                .await;
+            tokio::time::sleep(
+                (own.ttl / 3).min(deadline.saturating_duration_since(Instant::now())),
+            )
+            .await;
             let timeout = deadline
                 .saturating_duration_since(Instant::now())
                 .min(client.inner.config.timeout);
-            match own.refresh(&client.inner.client, timeout.max(Duration::from_millis(1))).await {
+            match own
+                .refresh(&client.inner.client, timeout.max(Duration::from_millis(1)))
+                .await
+            {
                 Ok(Some(_)) => {}
                 Ok(None) => return,
                 Err(_) if Instant::now() >= own.valid_until() => return,
@@ -716,7 +750,11 @@ impl LockBackend for EtcdLock {
                 Outcome::Restart => continue,
             }
         }
-        Err(self.error("acquire", key, "the lease was lost during the attempt twice"))
+        Err(self.error(
+            "acquire",
+            key,
+            "the lease was lost during the attempt twice",
+        ))
     }
 
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
@@ -751,7 +789,12 @@ impl HeldLock for EtcdHeld {
         let owner = &self.owner;
         let deleted = owner
             .call("release", &self.key, async {
-                owner.inner.client.kv_client().delete(self.etcd_key.as_str(), None).await
+                owner
+                    .inner
+                    .client
+                    .kv_client()
+                    .delete(self.etcd_key.as_str(), None)
+                    .await
             })
             .await?;
         if let Some(id) = self.binding.own_lease() {
@@ -772,7 +815,12 @@ impl HeldLock for EtcdHeld {
                 let found = owner
                     .call("extend", &self.key, async {
                         let options = GetOptions::new().with_count_only();
-                        owner.inner.client.kv_client().get(self.etcd_key.as_str(), Some(options)).await
+                        owner
+                            .inner
+                            .client
+                            .kv_client()
+                            .get(self.etcd_key.as_str(), Some(options))
+                            .await
                     })
                     .await?;
                 if found.count() == 0 || session.is_lost() {
@@ -783,7 +831,10 @@ impl HeldLock for EtcdHeld {
             // etcd leases keep the TTL they were granted with: a refresh
             // restarts it.
             Binding::Own(own) => {
-                match own.refresh(&owner.inner.client, owner.inner.config.timeout).await {
+                match own
+                    .refresh(&owner.inner.client, owner.inner.config.timeout)
+                    .await
+                {
                     Ok(Some(deadline)) => {
                         self.lease.set_valid_until(Some(deadline));
                         Ok(())
@@ -863,10 +914,17 @@ async fn remove_key(
             }
             other => Err(other),
         }),
-        None => bounded(timeout, async {
-            inner.client.kv_client().delete(etcd_key.as_str(), None).await.map(drop)
-        })
-        .await,
+        None => {
+            bounded(timeout, async {
+                inner
+                    .client
+                    .kv_client()
+                    .delete(etcd_key.as_str(), None)
+                    .await
+                    .map(drop)
+            })
+            .await
+        }
     };
     if let Err(err) = outcome {
         tracing::warn!(key = %etcd_key, error = %err, "dlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
@@ -880,7 +938,10 @@ async fn grant_session(
     request_timeout: Duration,
 ) -> Result<Arc<Session>, etcd_client::Error> {
     let sent_at = Instant::now();
-    let granted = bounded(timeout, async { client.lease_client().grant(secs, None).await }).await?;
+    let granted = bounded(timeout, async {
+        client.lease_client().grant(secs, None).await
+    })
+    .await?;
     let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
     let session = Session::new(granted.id(), ttl, validity_deadline(sent_at, ttl));
     session.start(client.clone(), request_timeout);
@@ -909,9 +970,7 @@ fn timed_out(timeout: Duration) -> etcd_client::Error {
 fn is_retryable(err: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match err {
-        E::IoError(_) | E::TransportError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => {
-            true
-        }
+        E::IoError(_) | E::TransportError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => true,
         E::GRpcStatus(status) => {
             use tonic::Code;
             matches!(
@@ -937,7 +996,10 @@ async fn probe(endpoints: &[String], timeout: Duration) -> std::io::Result<()> {
         probes.spawn(async move {
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&endpoint)).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(err)) => Err(std::io::Error::new(err.kind(), format!("{endpoint}: {err}"))),
+                Ok(Err(err)) => Err(std::io::Error::new(
+                    err.kind(),
+                    format!("{endpoint}: {err}"),
+                )),
                 Err(_) => Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("{endpoint}: no answer within {timeout:?}"),

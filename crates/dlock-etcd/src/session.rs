@@ -55,9 +55,9 @@ impl KeepAlive {
             Some((keeper, stream)) => {
                 keeper.keep_alive().await?;
                 match stream.message().await? {
-                    Some(response) if response.ttl() > 0 => Ok(Refresh::Alive(
-                        Duration::from_secs(response.ttl() as u64),
-                    )),
+                    Some(response) if response.ttl() > 0 => {
+                        Ok(Refresh::Alive(Duration::from_secs(response.ttl() as u64)))
+                    }
                     Some(_) => Ok(Refresh::Gone),
                     None => Err(etcd_client::Error::LeaseKeepAliveError(
                         "the keep-alive stream ended".into(),
@@ -254,7 +254,10 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
                 next = Instant::now() + retry_delay(failures, left);
             }
             Err(_) => {
-                tracing::warn!(lease_id = session.id, "dlock: etcd keep-alive got no answer, retrying");
+                tracing::warn!(
+                    lease_id = session.id,
+                    "dlock: etcd keep-alive got no answer, retrying"
+                );
                 keep_alive.stream = None;
                 failures += 1;
                 next = Instant::now() + retry_delay(failures, left);

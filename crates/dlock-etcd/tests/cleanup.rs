@@ -12,7 +12,10 @@ const URL: &str = "etcd://127.0.0.1:2379/dlock-test";
 
 async fn list(client: &mut etcd_client::Client, prefix: &str) -> Vec<String> {
     let keys = client
-        .get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
         .await
         .expect("list");
     keys.kvs()
@@ -34,8 +37,14 @@ async fn abandoned_attempts_leave_no_key() {
     );
     let key = dlock_testkit::unique_key("etcd-cleanup");
     let prefix = a.lock_key_prefix(&key);
-    let mut raw = etcd_client::Client::connect([ENDPOINT], None).await.unwrap();
-    let holder = a.try_lock(&key, &LockOptions::new()).await.unwrap().unwrap();
+    let mut raw = etcd_client::Client::connect([ENDPOINT], None)
+        .await
+        .unwrap();
+    let holder = a
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
     let held = list(&mut raw, &prefix).await;
     assert_eq!(held.len(), 1, "{held:?}");
 
@@ -56,11 +65,19 @@ async fn abandoned_attempts_leave_no_key() {
     // A `lock` whose task is aborted once it is queued.
     let task = tokio::spawn({
         let (c, key) = (c.clone(), key.clone());
-        async move { c.lock(&key, &LockOptions::new()).await.map(|g| g.fencing_token()) }
+        async move {
+            c.lock(&key, &LockOptions::new())
+                .await
+                .map(|g| g.fencing_token())
+        }
     });
     // `try_lock`s that find the lock busy, on the session lease and on a
     // lease of their own (another TTL).
-    assert!(d.try_lock(&key, &LockOptions::new()).await.unwrap().is_none());
+    assert!(d
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
     let own_ttl = LockOptions::new().ttl(Duration::from_secs(7));
     assert!(d.try_lock(&key, &own_ttl).await.unwrap().is_none());
 
@@ -92,7 +109,14 @@ async fn abandoned_attempts_leave_no_key() {
         list(&mut raw, &prefix).await
     );
     assert_eq!(puts, 4);
-    assert_eq!(list(&mut raw, &prefix).await, held, "only the holder's key is left");
+    assert_eq!(
+        list(&mut raw, &prefix).await,
+        held,
+        "only the holder's key is left"
+    );
     holder.release().await.unwrap();
-    assert!(list(&mut raw, &prefix).await.is_empty(), "release left a key");
+    assert!(
+        list(&mut raw, &prefix).await.is_empty(),
+        "release left a key"
+    );
 }

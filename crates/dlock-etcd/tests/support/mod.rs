@@ -113,7 +113,10 @@ impl PrivateEtcd {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("private etcd on {} did not become healthy", self.client_port);
+        panic!(
+            "private etcd on {} did not become healthy",
+            self.client_port
+        );
     }
 
     pub fn endpoint(&self) -> String {
@@ -171,10 +174,13 @@ impl PrivateEtcd {
         let body = self.http_get("/metrics").await.expect("read /metrics");
         let mut counters = HashMap::new();
         for line in body.lines() {
-            let Some(rest) = ["grpc_server_handled_total", "grpc_server_started_total", "grpc_server_msg_received_total"]
-                .iter()
-                .find_map(|name| line.strip_prefix(name).map(|rest| (*name, rest)))
-            else {
+            let Some(rest) = [
+                "grpc_server_handled_total",
+                "grpc_server_started_total",
+                "grpc_server_msg_received_total",
+            ]
+            .iter()
+            .find_map(|name| line.strip_prefix(name).map(|rest| (*name, rest))) else {
                 continue;
             };
             let (name, rest) = rest;
