@@ -95,7 +95,7 @@ use dlock_core::key::encode_component;
 use dlock_core::lease::validity_deadline;
 use dlock_core::{
     BoxError, Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard,
-    LockOptions, Result,
+    LockOptions, LostReason, Result,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
@@ -382,6 +382,11 @@ impl EtcdLock {
         let (my_revision, mut position) = self
             .enqueue(key, &dir, &etcd_key, binding.lease_id(), &mut pending)
             .await?;
+        if my_revision == 0 {
+            if let Binding::Session(session) = &binding {
+                session.close(&self.inner.client, "etcd says the session lease is gone");
+            }
+        }
         let mut waited = false;
         let mut errors: u32 = 0;
         loop {
@@ -529,6 +534,10 @@ impl EtcdLock {
         };
         let response = match response {
             Ok(response) => response,
+            // The lease vanished before our keep-alive noticed (revoked,
+            // or expired while the server was unreachable): nothing was
+            // written; start over on a new lease.
+            Err(source) if is_lease_not_found(&source) => return Ok((0, Position::Gone)),
             Err(source) => {
                 let retry = is_retryable(&source);
                 return Err(Failure {
@@ -801,7 +810,12 @@ impl HeldLock for EtcdHeld {
             // Nothing else lives on it; free it without waiting.
             spawn_revoke(owner.inner.client.clone(), id);
         }
-        if deleted.deleted() == 0 {
+        // A lock whose lease was lost may have been someone else's in
+        // between, even if its key was still there to delete.
+        // (A dropped guard is marked released before this runs.)
+        let lost =
+            matches!(self.lease.lost_reason(), Some(reason) if reason != LostReason::Released);
+        if deleted.deleted() == 0 || lost {
             return Err(Error::not_held(&self.key));
         }
         Ok(())
@@ -835,11 +849,13 @@ impl HeldLock for EtcdHeld {
                     .refresh(&owner.inner.client, owner.inner.config.timeout)
                     .await
                 {
-                    Ok(Some(deadline)) => {
+                    // A refresh that lands after the local deadline does not
+                    // bring the lock back: it may have been lost in between.
+                    Ok(Some(deadline)) if self.lease.is_held() => {
                         self.lease.set_valid_until(Some(deadline));
                         Ok(())
                     }
-                    Ok(None) => Err(Error::not_held(&self.key)),
+                    Ok(_) => Err(Error::not_held(&self.key)),
                     Err(source) => Err(owner.error("extend", &self.key, source)),
                 }
             }
@@ -963,6 +979,12 @@ fn timed_out(timeout: Duration) -> etcd_client::Error {
         std::io::ErrorKind::TimedOut,
         format!("no answer within {timeout:?}"),
     ))
+}
+
+/// etcd's answer to a write on a lease it does not know.
+fn is_lease_not_found(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::NotFound && status.message().contains("lease not found"))
 }
 
 /// Whether a failed request may succeed later (connection trouble, a

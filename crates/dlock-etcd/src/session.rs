@@ -154,19 +154,24 @@ impl Session {
         Some(lease)
     }
 
-    fn renewed(&self, valid_until: Instant) {
+    /// Records a keep-alive answer. Returns false when it came too late:
+    /// the old deadline had passed, so the locks may have been lost in
+    /// between and are not brought back.
+    fn renewed(&self, valid_until: Instant) -> bool {
         let mut state = self.state.lock().unwrap();
-        if state.lost.is_some() {
-            return;
+        if state.lost.is_some() || Instant::now() >= state.valid_until {
+            return false;
         }
         state.valid_until = valid_until;
         state.leases.retain(|weak| match weak.upgrade() {
-            Some(lease) if lease.lost_reason() != Some(LostReason::Released) => {
+            // `is_held` also checks the lock's own deadline.
+            Some(lease) if lease.is_held() => {
                 lease.set_valid_until(Some(valid_until));
                 true
             }
             _ => false,
         });
+        true
     }
 
     /// Marks the session and every lock on it lost.
@@ -240,8 +245,11 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
         let outcome = tokio::time::timeout(left.min(timeout), refresh).await;
         match outcome {
             Ok(Ok(Refresh::Alive(ttl))) => {
+                if !session.renewed(validity_deadline(sent_at, ttl)) {
+                    session.lose("the keep-alive answered after the lease's deadline");
+                    break;
+                }
                 failures = 0;
-                session.renewed(validity_deadline(sent_at, ttl));
                 next = sent_at + interval;
             }
             Ok(Ok(Refresh::Gone)) => {

@@ -147,3 +147,84 @@ async fn connection_refused_is_a_clear_error_at_once() {
         .to_string();
     assert!(source.to_lowercase().contains("refused"), "{source}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_session_is_revoked_queues_again() {
+    let Some(etcd) = PrivateEtcd::start().await else {
+        return;
+    };
+    let url = etcd.url("session_ttl=3s");
+    let (a, b) = (
+        EtcdLock::connect(&url).await.unwrap(),
+        EtcdLock::connect(&url).await.unwrap(),
+    );
+    let options = LockOptions::new().ttl(Duration::from_secs(3));
+    let guard = a.try_lock("requeue", &options).await.unwrap().unwrap();
+    let waiting = tokio::spawn({
+        let (b, options) = (b.clone(), options.clone());
+        async move {
+            b.lock("requeue", &options.wait(Duration::from_secs(20)))
+                .await
+        }
+    });
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let prefix = a.lock_key_prefix("requeue");
+    let queue = |raw: &mut etcd_client::Client| {
+        let mut raw = raw.clone();
+        let prefix = prefix.clone();
+        async move {
+            let listing = raw
+                .get(
+                    prefix.as_str(),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            listing
+                .kvs()
+                .iter()
+                .map(|kv| kv.lease())
+                .collect::<Vec<_>>()
+        }
+    };
+    // Wait (polling: no outside event) until the waiter is queued.
+    let mut leases = Vec::new();
+    for _ in 0..100 {
+        leases = queue(&mut raw).await;
+        if leases.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(leases.len(), 2, "waiter not queued");
+    let old_session = b.session_lease_id();
+    raw.lease_revoke(old_session).await.unwrap();
+    // The waiter notices at its next keep-alive and queues again on a new
+    // session.
+    let mut requeued = false;
+    for _ in 0..100 {
+        let leases = queue(&mut raw).await;
+        if leases.len() == 2 && !leases.contains(&old_session) {
+            requeued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        requeued,
+        "the waiter did not queue again: queue {:?}, old session {old_session}, session now {}",
+        queue(&mut raw).await,
+        b.session_lease_id()
+    );
+    assert!(!waiting.is_finished());
+    guard.release().await.unwrap();
+    let next = waiting
+        .await
+        .unwrap()
+        .expect("the requeued waiter got the lock");
+    assert!(next.is_held());
+    assert_ne!(b.session_lease_id(), old_session);
+    next.release().await.unwrap();
+}
