@@ -228,3 +228,37 @@ async fn a_waiter_whose_session_is_revoked_queues_again() {
     assert_ne!(b.session_lease_id(), old_session);
     next.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_reach_an_etcd_with_auth_on() {
+    let Some(etcd) = PrivateEtcd::start().await else {
+        return;
+    };
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    raw.user_add("root", "r00t pw", None).await.unwrap();
+    raw.user_grant_role("root", "root").await.unwrap();
+    raw.auth_enable().await.unwrap();
+
+    let url = format!("etcd://root:r00t%20pw@{}/locked", etcd.endpoint());
+    let locks = EtcdLock::connect(&url)
+        .await
+        .expect("connect with credentials");
+    let guard = locks
+        .try_lock("k", &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    guard.release().await.unwrap();
+
+    let wrong = format!("etcd://root:wrong-secret@{}/locked", etcd.endpoint());
+    let err = EtcdLock::connect(&wrong)
+        .await
+        .expect_err("wrong password accepted");
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        !format!("{err} {err:?}").contains("wrong-secret"),
+        "{err:?}"
+    );
+}
