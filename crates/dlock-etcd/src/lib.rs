@@ -384,7 +384,7 @@ impl EtcdLock {
             inner: self.inner.clone(),
             etcd_key: etcd_key.clone(),
             own_lease: binding.own_lease(),
-            txn: None,
+            txns: Vec::new(),
             armed: true,
         };
         let (my_revision, mut position) = self
@@ -521,37 +521,52 @@ impl EtcdLock {
                 etcd_key,
                 Some(GetOptions::new().with_keys_only()),
             )]);
-        let mut kv = self.inner.client.kv_client();
-        let handle = pending
-            .txn
-            .insert(tokio::spawn(async move { kv.txn(txn).await }));
-        let joined = tokio::time::timeout(self.inner.config.timeout, handle).await;
-        let response = match joined {
-            Ok(Ok(outcome)) => {
-                pending.txn = None;
-                outcome
-            }
-            Ok(Err(join)) => {
-                pending.txn = None;
-                return Err(Failure {
-                    error: self.error("acquire", key, join),
-                    retry: false,
-                });
-            }
-            Err(_) => Err(timed_out(self.inner.config.timeout)),
-        };
-        let response = match response {
-            Ok(response) => response,
-            // The lease vanished before our keep-alive noticed (revoked,
-            // or expired while the server was unreachable): nothing was
-            // written; start over on a new lease.
-            Err(source) if is_lease_not_found(&source) => return Ok((0, Position::Gone)),
-            Err(source) => {
-                let retry = is_retryable(&source);
-                return Err(Failure {
-                    error: self.error("acquire", key, source),
-                    retry,
-                });
+        let mut retries: u32 = 0;
+        let response = loop {
+            let mut kv = self.inner.client.kv_client();
+            let txn = txn.clone();
+            pending
+                .txns
+                .push(tokio::spawn(async move { kv.txn(txn).await }));
+            let running = pending.txns.last_mut().expect("just pushed");
+            let outcome = match tokio::time::timeout(self.inner.config.timeout, running).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(join)) => {
+                    return Err(Failure {
+                        error: self.error("acquire", key, join),
+                        retry: false,
+                    })
+                }
+                // Still running: the cleanup waits for it.
+                Err(_) => {
+                    return Err(Failure {
+                        error: self.error("acquire", key, timed_out(self.inner.config.timeout)),
+                        retry: true,
+                    })
+                }
+            };
+            // Finished: nothing to wait for before a cleanup.
+            pending.txns.pop();
+            match outcome {
+                Ok(response) => break response,
+                // The lease vanished before our keep-alive noticed (revoked,
+                // or expired while the server was unreachable): nothing was
+                // written; start over on a new lease.
+                Err(source) if is_lease_not_found(&source) => return Ok((0, Position::Gone)),
+                // The outcome is unknown (the connection broke): the same
+                // transaction again either creates the key or finds it.
+                Err(source) if is_retryable(&source) && retries < 2 => {
+                    tracing::debug!(error = %source, "dlock: etcd acquire txn failed, retrying");
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 << retries)).await;
+                }
+                Err(source) => {
+                    let retry = is_retryable(&source);
+                    return Err(Failure {
+                        error: self.error("acquire", key, source),
+                        retry,
+                    });
+                }
             }
         };
         self.read_enqueued(key, dir, etcd_key, response).await
@@ -588,9 +603,8 @@ impl EtcdLock {
                 });
             Ok((revision, Position::Behind(predecessor)))
         } else {
-            // The key already existed: a retried transaction. Not reached
-            // today (a failed txn is not retried with the same key), kept
-            // so that the recipe stays correct if it is.
+            // The key already existed: a retried transaction whose first
+            // try did apply. Our key's own create revision places us.
             let Some(TxnOpResponse::Get(range)) = ops.first() else {
                 return Err(malformed("no range"));
             };
@@ -879,21 +893,24 @@ struct PendingKey {
     etcd_key: String,
     /// A lock's own lease: revoking it deletes the key too.
     own_lease: Option<i64>,
-    txn: Option<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
+    /// Transactions that may still create the key.
+    txns: Vec<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
     armed: bool,
 }
 
 impl PendingKey {
     /// Removes the key now (awaited), e.g. after a failed `try_lock`.
+    /// Stays armed until done: if this is dropped midway, `Drop` removes
+    /// the key again in the background.
     async fn remove_now(&mut self) {
-        self.armed = false;
         remove_key(
             self.inner.clone(),
             self.etcd_key.clone(),
             self.own_lease,
-            self.txn.take(),
+            std::mem::take(&mut self.txns),
         )
         .await;
+        self.armed = false;
     }
 }
 
@@ -910,7 +927,7 @@ impl Drop for PendingKey {
             self.inner.clone(),
             std::mem::take(&mut self.etcd_key),
             self.own_lease,
-            self.txn.take(),
+            std::mem::take(&mut self.txns),
         ));
     }
 }
@@ -919,10 +936,10 @@ async fn remove_key(
     inner: Arc<Inner>,
     etcd_key: String,
     own_lease: Option<i64>,
-    txn: Option<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
+    txns: Vec<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
 ) {
-    if let Some(txn) = txn {
-        // The key may appear only once the transaction is done.
+    // The key may appear only once the transactions are done.
+    for txn in txns {
         let _ = txn.await;
     }
     let timeout = inner.config.timeout;
