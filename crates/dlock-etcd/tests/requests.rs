@@ -135,3 +135,59 @@ async fn a_waiter_makes_no_requests_while_its_predecessor_holds() {
         "{handoff:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_with_its_own_ttl_costs_one_lease_grant_more() {
+    let Some(etcd) = PrivateEtcd::start().await else {
+        return;
+    };
+    let locks = EtcdLock::connect(&etcd.url("")).await.unwrap();
+    locks
+        .try_lock("warm-up", &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    // 7 s is not the session's 30 s: the lock gets a lease of its own.
+    let options = LockOptions::new().ttl(Duration::from_secs(7));
+
+    let before = etcd.grpc_counters().await;
+    let guard = locks.try_lock("own-ttl", &options).await.unwrap().unwrap();
+    let acquired = etcd.grpc_counters().await;
+    assert_eq!(
+        grown(&before, &acquired),
+        counts(&[
+            ("grpc_server_started_total/LeaseGrant", 1.0),
+            ("grpc_server_handled_total/LeaseGrant", 1.0),
+            ("grpc_server_msg_received_total/LeaseGrant", 1.0),
+            ("grpc_server_started_total/Txn", 1.0),
+            ("grpc_server_handled_total/Txn", 1.0),
+            ("grpc_server_msg_received_total/Txn", 1.0),
+        ]),
+        "a lease grant, then the one txn"
+    );
+    guard.release().await.unwrap();
+    // The release is one delete; the unused lease is revoked in the
+    // background (polled: nothing outside can await it).
+    let mut released = Default::default();
+    for _ in 0..100 {
+        released = grown(&acquired, &etcd.grpc_counters().await);
+        if released.contains_key("grpc_server_handled_total/LeaseRevoke") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        released,
+        counts(&[
+            ("grpc_server_started_total/DeleteRange", 1.0),
+            ("grpc_server_handled_total/DeleteRange", 1.0),
+            ("grpc_server_msg_received_total/DeleteRange", 1.0),
+            ("grpc_server_started_total/LeaseRevoke", 1.0),
+            ("grpc_server_handled_total/LeaseRevoke", 1.0),
+            ("grpc_server_msg_received_total/LeaseRevoke", 1.0),
+        ])
+    );
+}
