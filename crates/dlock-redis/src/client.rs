@@ -44,9 +44,14 @@ pub(crate) struct Shared {
 
 /// What one attempt found.
 pub(crate) enum Outcome {
-    Granted { token: u64, valid_until: Instant },
+    Granted {
+        token: u64,
+        valid_until: Instant,
+    },
     /// Held elsewhere; `retry_in` is the holder's remaining TTL when known.
-    Busy { retry_in: Option<Duration> },
+    Busy {
+        retry_in: Option<Duration>,
+    },
 }
 
 /// Not enough Redlock instances answered.
@@ -112,11 +117,18 @@ impl Shared {
     /// Per-instance bound of a Redlock request: small against the TTL, so a
     /// dead instance does not eat the validity time.
     fn node_timeout(&self, ttl: Duration) -> Duration {
-        (ttl / 10).clamp(Duration::from_millis(50), self.timeout.max(Duration::from_millis(50)))
+        (ttl / 10).clamp(
+            Duration::from_millis(50),
+            self.timeout.max(Duration::from_millis(50)),
+        )
     }
 
     fn op_error(&self, operation: &'static str, key: &str, err: redis::RedisError) -> Error {
-        let endpoint = if self.nodes.len() == 1 { &self.nodes[0].endpoint } else { &self.endpoints };
+        let endpoint = if self.nodes.len() == 1 {
+            &self.nodes[0].endpoint
+        } else {
+            &self.endpoints
+        };
         Error::backend(self.name, endpoint.as_str(), operation, key, err)
     }
 
@@ -135,7 +147,9 @@ impl Shared {
             async move {
                 match tokio::time::timeout(per_node, request).await {
                     Ok(result) => result,
-                    Err(_) => Err(timed_out("no answer within the Redlock per-instance timeout")),
+                    Err(_) => Err(timed_out(
+                        "no answer within the Redlock per-instance timeout",
+                    )),
                 }
             }
         }))
@@ -144,9 +158,20 @@ impl Shared {
 
     /// One acquisition attempt; `waiter` is the queue id of a fair waiter
     /// (empty for `try_lock` and unfair clients).
-    async fn attempt(&self, key: &str, keys: &LockKeys, owner: &str, waiter: &str, ttl: Duration) -> Result<Outcome> {
+    async fn attempt(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        waiter: &str,
+        ttl: Duration,
+    ) -> Result<Outcome> {
         let ttl_ms = ttl.as_millis() as u64;
-        let waiter_ttl_ms = if self.fair { WAITER_TTL.as_millis() as u64 } else { 0 };
+        let waiter_ttl_ms = if self.fair {
+            WAITER_TTL.as_millis() as u64
+        } else {
+            0
+        };
         let fence_ttl_ms = ttl_ms + FENCE_IDLE_TTL.as_millis() as u64;
         let sent_at = Instant::now();
         let results = self
@@ -201,7 +226,11 @@ impl Shared {
             .find(|(holder, _)| holders.iter().filter(|(h, _)| h == holder).count() >= self.quorum)
             .map(|(holder, _)| holder.clone());
         let retry_in = match &majority_holder {
-            Some(holder) => holders.iter().filter(|(h, _)| h == holder).filter_map(|(_, pttl)| *pttl).min(),
+            Some(holder) => holders
+                .iter()
+                .filter(|(h, _)| h == holder)
+                .filter_map(|(_, pttl)| *pttl)
+                .min(),
             None if self.nodes.len() > 1 && granted > 0 => {
                 // A split vote: nobody got a majority; retry after a random delay.
                 Some(Duration::from_millis(fastrand::u64(2..20)))
@@ -225,7 +254,12 @@ impl Shared {
                 self.endpoints.as_str(),
                 "acquire",
                 key,
-                QuorumError { answered, needed: self.quorum, total: self.nodes.len(), first_error: Some(err) },
+                QuorumError {
+                    answered,
+                    needed: self.quorum,
+                    total: self.nodes.len(),
+                    first_error: Some(err),
+                },
             ));
         }
         Ok(Outcome::Busy { retry_in })
@@ -239,7 +273,13 @@ impl Shared {
         let message = message.as_str();
         let _ = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
-                RELEASE.key(&keys.lock).arg(owner).arg(channel).arg(message).invoke_async::<i64>(&mut conn).await
+                RELEASE
+                    .key(&keys.lock)
+                    .arg(owner)
+                    .arg(channel)
+                    .arg(message)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
             })
             .await;
     }
@@ -252,7 +292,13 @@ impl Shared {
     pub async fn release(&self, key: &str, keys: &LockKeys, owner: &str) -> Result<()> {
         let results = self
             .on_all(self.timeout, |mut conn| async move {
-                RELEASE.key(&keys.lock).arg(owner).arg(&keys.channel).arg("").invoke_async::<i64>(&mut conn).await
+                RELEASE
+                    .key(&keys.lock)
+                    .arg(owner)
+                    .arg(&keys.channel)
+                    .arg("")
+                    .invoke_async::<i64>(&mut conn)
+                    .await
             })
             .await;
         let (mut deleted, mut refused, mut first_error) = (0, 0, None);
@@ -274,12 +320,24 @@ impl Shared {
         }
     }
 
-    pub async fn extend(&self, key: &str, keys: &LockKeys, owner: &str, ttl: Duration, lease: &WeakLease) -> Result<()> {
+    pub async fn extend(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        ttl: Duration,
+        lease: &WeakLease,
+    ) -> Result<()> {
         let ttl_ms = ttl.as_millis() as u64;
         let sent_at = Instant::now();
         let results = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
-                EXTEND.key(&keys.lock).arg(owner).arg(ttl_ms).invoke_async::<i64>(&mut conn).await
+                EXTEND
+                    .key(&keys.lock)
+                    .arg(owner)
+                    .arg(ttl_ms)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
             })
             .await;
         let (mut extended, mut refused, mut first_error) = (0, 0, None);
@@ -305,16 +363,31 @@ impl Shared {
         }
     }
 
-    fn quorum_or_node_error(&self, operation: &'static str, key: &str, answered: usize, first_error: Option<redis::RedisError>) -> Error {
+    fn quorum_or_node_error(
+        &self,
+        operation: &'static str,
+        key: &str,
+        answered: usize,
+        first_error: Option<redis::RedisError>,
+    ) -> Error {
         if self.nodes.len() == 1 {
-            return self.op_error(operation, key, first_error.unwrap_or_else(|| timed_out("no answer")));
+            return self.op_error(
+                operation,
+                key,
+                first_error.unwrap_or_else(|| timed_out("no answer")),
+            );
         }
         Error::backend(
             self.name,
             self.endpoints.as_str(),
             operation,
             key,
-            QuorumError { answered, needed: self.quorum, total: self.nodes.len(), first_error },
+            QuorumError {
+                answered,
+                needed: self.quorum,
+                total: self.nodes.len(),
+                first_error,
+            },
         )
     }
 
@@ -340,11 +413,25 @@ impl Shared {
         }
     }
 
-    fn make_guard(self: &Arc<Self>, key: &str, keys: LockKeys, owner: String, token: u64, valid_until: Instant, options: &LockOptions) -> LockGuard {
+    fn make_guard(
+        self: &Arc<Self>,
+        key: &str,
+        keys: LockKeys,
+        owner: String,
+        token: u64,
+        valid_until: Instant,
+        options: &LockOptions,
+    ) -> LockGuard {
         let lease = Lease::new(key, token, options.ttl, Some(valid_until));
-        let renewal_id = options
-            .auto_renew
-            .then(|| Renewals::register(&self.renewals, self, &lease, keys.lock.clone(), owner.clone()));
+        let renewal_id = options.auto_renew.then(|| {
+            Renewals::register(
+                &self.renewals,
+                self,
+                &lease,
+                keys.lock.clone(),
+                owner.clone(),
+            )
+        });
         let held = Arc::new(RedisHeld {
             shared: self.clone(),
             key: key.to_owned(),
@@ -356,7 +443,11 @@ impl Shared {
         LockGuard::new(self.name, lease, held, false)
     }
 
-    pub async fn try_acquire(self: &Arc<Self>, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+    pub async fn try_acquire(
+        self: &Arc<Self>,
+        key: &str,
+        options: &LockOptions,
+    ) -> Result<Option<LockGuard>> {
         let keys = LockKeys::new(&self.prefix, key);
         let owner = self.new_owner();
         let mut abandon = Abandon::new(self, &keys, &owner, "");
@@ -364,7 +455,14 @@ impl Shared {
             Outcome::Granted { token, valid_until } => {
                 abandon.disarm();
                 drop(abandon);
-                Ok(Some(self.make_guard(key, keys, owner, token, valid_until, options)))
+                Ok(Some(self.make_guard(
+                    key,
+                    keys,
+                    owner,
+                    token,
+                    valid_until,
+                    options,
+                )))
             }
             Outcome::Busy { .. } => {
                 abandon.disarm();
@@ -385,7 +483,10 @@ impl Shared {
             for subscription in &mut subscriptions {
                 subscription.mark_seen();
             }
-            let retry_in = match self.attempt(key, &keys, &owner, waiter, options.ttl).await? {
+            let retry_in = match self
+                .attempt(key, &keys, &owner, waiter, options.ttl)
+                .await?
+            {
                 Outcome::Granted { token, valid_until } => {
                     abandon.disarm();
                     drop(abandon);
@@ -405,7 +506,11 @@ impl Shared {
             let mut delay = match retry_in {
                 // Expiry publishes nothing: retry when the holder's TTL runs
                 // out, a little later and spread out.
-                Some(pttl) => pttl + Duration::from_millis(1 + fastrand::u64(..=pttl.as_millis().min(200) as u64 / 10)),
+                Some(pttl) => {
+                    pttl + Duration::from_millis(
+                        1 + fastrand::u64(..=pttl.as_millis().min(200) as u64 / 10),
+                    )
+                }
                 None => WAITER_REFRESH,
             };
             if self.fair {
@@ -467,7 +572,13 @@ struct Abandon<'a> {
 
 impl<'a> Abandon<'a> {
     fn new(shared: &'a Arc<Shared>, keys: &'a LockKeys, owner: &'a str, waiter: &'a str) -> Self {
-        Abandon { shared, keys, owner, waiter, armed: true }
+        Abandon {
+            shared,
+            keys,
+            owner,
+            waiter,
+            armed: true,
+        }
     }
 
     fn disarm(&mut self) {
@@ -480,7 +591,9 @@ impl Drop for Abandon<'_> {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let (shared, keys, owner, waiter) = (
             self.shared.clone(),
             self.keys.clone(),
@@ -507,10 +620,14 @@ impl HeldLock for RedisHeld {
         if let Some(id) = self.renewal_id {
             self.shared.renewals.remove(id);
         }
-        self.shared.release(&self.key, &self.keys, &self.owner).await
+        self.shared
+            .release(&self.key, &self.keys, &self.owner)
+            .await
     }
 
     async fn extend(&self, ttl: Duration) -> Result<()> {
-        self.shared.extend(&self.key, &self.keys, &self.owner, ttl, &self.lease).await
+        self.shared
+            .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
+            .await
     }
 }

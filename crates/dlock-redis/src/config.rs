@@ -55,8 +55,13 @@ impl RedisConfig {
             let value = percent_decode(value).ok_or_else(|| bad("bad percent-encoding"))?;
             match name {
                 "prefix" => config.prefix = value,
-                "fair" => config.fair = parse_bool(&value).ok_or_else(|| bad("fair must be true or false"))?,
-                "tls" => tls = parse_bool(&value).ok_or_else(|| bad("tls must be true or false"))?,
+                "fair" => {
+                    config.fair =
+                        parse_bool(&value).ok_or_else(|| bad("fair must be true or false"))?
+                }
+                "tls" => {
+                    tls = parse_bool(&value).ok_or_else(|| bad("tls must be true or false"))?
+                }
                 "timeout_ms" => {
                     let ms: u64 = value
                         .parse()
@@ -87,7 +92,9 @@ impl RedisConfig {
         let node_scheme = match scheme {
             "redis" | "rediss" => {
                 if hosts.contains(',') {
-                    return Err(bad("one host for redis://; use redlock://h1:p1,h2:p2,h3:p3 for a quorum"));
+                    return Err(bad(
+                        "one host for redis://; use redlock://h1:p1,h2:p2,h3:p3 for a quorum",
+                    ));
                 }
                 scheme
             }
@@ -104,14 +111,20 @@ impl RedisConfig {
             _ => return Err(bad("unknown scheme; expected redis, rediss or redlock")),
         };
         if tls && !config.redlock {
-            return Err(bad("tls=true is for redlock://; use rediss:// for one server"));
+            return Err(bad(
+                "tls=true is for redlock://; use rediss:// for one server",
+            ));
         }
         for host in hosts.split(',') {
             if host.is_empty() {
                 return Err(bad("missing host"));
             }
             let endpoint = if host.starts_with('[') {
-                if host.contains("]:") { host.to_owned() } else { format!("{host}:6379") }
+                if host.contains("]:") {
+                    host.to_owned()
+                } else {
+                    format!("{host}:6379")
+                }
             } else if host.contains(':') {
                 let (_, port) = host.rsplit_once(':').unwrap_or_default();
                 if port.parse::<u16>().is_err() {
@@ -122,7 +135,11 @@ impl RedisConfig {
                 format!("{host}:6379")
             };
             let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-            let db = if path.is_empty() { String::new() } else { format!("/{path}") };
+            let db = if path.is_empty() {
+                String::new()
+            } else {
+                format!("/{path}")
+            };
             config.nodes.push(NodeConfig {
                 url: format!("{node_scheme}://{auth}{endpoint}{db}"),
                 endpoint,
@@ -223,7 +240,10 @@ mod tests {
         assert_eq!(c.endpoints(), ["127.0.0.1:6379"]);
         assert!(c.is_fair() && !c.is_redlock());
         assert_eq!(c.key_prefix(), "dlock");
-        let c = RedisConfig::from_url("rediss://:s3cret@cache.example:6380/2?prefix=myapp&fair=false&timeout_ms=500").unwrap();
+        let c = RedisConfig::from_url(
+            "rediss://:s3cret@cache.example:6380/2?prefix=myapp&fair=false&timeout_ms=500",
+        )
+        .unwrap();
         assert_eq!(c.nodes[0].url, "rediss://:s3cret@cache.example:6380/2");
         assert_eq!(c.endpoints(), ["cache.example:6380"]);
         assert_eq!(c.key_prefix(), "myapp");

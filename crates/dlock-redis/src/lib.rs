@@ -114,7 +114,9 @@ mod subscriber;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use dlock_core::{Capabilities, DistributedLock, Error, LockBackend, LockGuard, LockOptions, Result};
+use dlock_core::{
+    Capabilities, DistributedLock, Error, LockBackend, LockGuard, LockOptions, Result,
+};
 use futures::future::join_all;
 
 pub use config::{RedisConfig, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
@@ -189,7 +191,14 @@ impl RedisLock {
             tracing::warn!(unreachable = %failed.join(","), "dlock: some Redlock instances are unreachable; a majority answers");
         }
         Ok(RedisLock {
-            shared: Arc::new(Shared::new(name, nodes, config.prefix, config.fair, config.timeout, client_id)),
+            shared: Arc::new(Shared::new(
+                name,
+                nodes,
+                config.prefix,
+                config.fair,
+                config.timeout,
+                client_id,
+            )),
         })
     }
 

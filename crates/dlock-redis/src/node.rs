@@ -18,7 +18,11 @@ pub(crate) struct Node {
 impl Node {
     /// Builds the node without waiting for the connection (it is made on
     /// first use and remade after failures).
-    pub fn new(config: &NodeConfig, timeout: Duration, own_message: String) -> redis::RedisResult<Self> {
+    pub fn new(
+        config: &NodeConfig,
+        timeout: Duration,
+        own_message: String,
+    ) -> redis::RedisResult<Self> {
         let client = redis::Client::open(config.url.as_str())?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))

@@ -50,20 +50,32 @@ struct Due {
 impl Renewals {
     /// Adds a lease to the client's renewal; returns its id for
     /// [`remove`](Self::remove).
-    pub fn register(this: &Arc<Self>, shared: &Arc<Shared>, lease: &Lease, lock_key: String, owner: String) -> u64 {
+    pub fn register(
+        this: &Arc<Self>,
+        shared: &Arc<Shared>,
+        lease: &Lease,
+        lock_key: String,
+        owner: String,
+    ) -> u64 {
         let next_due = Instant::now() + lease.ttl() / 3;
         let mut state = this.state.lock().unwrap();
         let id = state.next_id;
         state.next_id += 1;
         state.entries.insert(
             id,
-            Entry { lease: lease.downgrade(), lock_key, owner, next_due, failures: 0 },
+            Entry {
+                lease: lease.downgrade(),
+                lock_key,
+                owner,
+                next_due,
+                failures: 0,
+            },
         );
         if !state.running {
             state.running = true;
             state.target = Some(next_due);
             tokio::spawn(run(this.clone(), Arc::downgrade(shared)));
-        } else if state.target.map_or(true, |target| next_due < target) {
+        } else if !matches!(state.target, Some(target) if target <= next_due) {
             // Only wake the task when this lock is due before its plan.
             state.target = Some(next_due);
             this.wake.notify_one();
@@ -88,11 +100,20 @@ impl Renewals {
                 return false;
             };
             if entry.next_due <= now + lease.ttl() / 6 {
-                due.push(Due { id, lease, lock_key: entry.lock_key.clone(), owner: entry.owner.clone() });
+                due.push(Due {
+                    id,
+                    lease,
+                    lock_key: entry.lock_key.clone(),
+                    owner: entry.owner.clone(),
+                });
             }
             true
         });
-        let target = if due.is_empty() { state.entries.values().map(|e| e.next_due).min() } else { None };
+        let target = if due.is_empty() {
+            state.entries.values().map(|e| e.next_due).min()
+        } else {
+            None
+        };
         state.target = target;
         (due, target)
     }
@@ -102,8 +123,11 @@ async fn run(renewals: Arc<Renewals>, shared: Weak<Shared>) {
     loop {
         let (due, target) = renewals.take_due();
         if !due.is_empty() {
-            let Some(shared) = shared.upgrade() else { return };
-            let span = tracing::debug_span!("dlock.renew", backend = shared.name, locks = due.len());
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let span =
+                tracing::debug_span!("dlock.renew", backend = shared.name, locks = due.len());
             renew(&shared, &renewals, due).instrument(span).await;
             continue;
         }
@@ -125,20 +149,27 @@ async fn run(renewals: Arc<Renewals>, shared: Weak<Shared>) {
 /// One pipeline per server: the script is loaded first (a restarted server
 /// forgot it), then one owner-checked PEXPIRE per lock.
 async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
-    let ttls: Vec<u64> = due.iter().map(|d| d.lease.ttl().as_millis() as u64).collect();
+    let ttls: Vec<u64> = due
+        .iter()
+        .map(|d| d.lease.ttl().as_millis() as u64)
+        .collect();
     let mut pipe = redis::pipe();
     pipe.load_script(&EXTEND).ignore();
     for (d, ttl_ms) in due.iter().zip(&ttls) {
-        pipe.invoke_script(&EXTEND.key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
+        pipe.invoke_script(EXTEND.key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
     }
     let count = due.len();
     let sent_at = Instant::now();
     let results: Vec<redis::RedisResult<Vec<i64>>> = join_all(shared.nodes.iter().map(|node| {
         let (pipe, mut conn) = (&pipe, node.conn.clone());
         async move {
-            match tokio::time::timeout(shared.timeout, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+            match tokio::time::timeout(shared.timeout, pipe.query_async::<Vec<i64>>(&mut conn))
+                .await
+            {
                 Ok(Ok(values)) if values.len() == count => Ok(values),
-                Ok(Ok(_)) => Err(timed_out("renewal pipeline answered the wrong number of replies")),
+                Ok(Ok(_)) => Err(timed_out(
+                    "renewal pipeline answered the wrong number of replies",
+                )),
                 Ok(Err(err)) => Err(err),
                 Err(_) => Err(timed_out("no answer to the renewal pipeline")),
             }

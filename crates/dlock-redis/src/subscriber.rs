@@ -70,11 +70,13 @@ impl Subscriber {
         };
         let (wake, needs_subscribe) = {
             let mut channels = conn.channels.lock().unwrap();
-            let entry = channels.entry(channel.to_owned()).or_insert_with(|| Channel {
-                refs: 0,
-                subscribed: false,
-                wake: watch::channel(0).0,
-            });
+            let entry = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    refs: 0,
+                    subscribed: false,
+                    wake: watch::channel(0).0,
+                });
             entry.refs += 1;
             (entry.wake.subscribe(), !entry.subscribed)
         };
@@ -110,7 +112,8 @@ impl Subscriber {
     }
 
     async fn open(&self) -> redis::RedisResult<Arc<PubSubConn>> {
-        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
+        {
             Ok(result) => result?,
             Err(_) => {
                 return Err(redis::RedisError::from(std::io::Error::new(

@@ -34,7 +34,11 @@ impl Monitor {
     /// Sends a marker and returns every client command seen before it.
     async fn section(&mut self, name: &str) -> Vec<String> {
         let marker = format!("dlock-marker-{name}-{}", fastrand::u64(..));
-        let _: String = redis::cmd("ECHO").arg(&marker).query_async(&mut self.marker_conn).await.unwrap();
+        let _: String = redis::cmd("ECHO")
+            .arg(&marker)
+            .query_async(&mut self.marker_conn)
+            .await
+            .unwrap();
         let mut seen = Vec::new();
         loop {
             let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next())
@@ -52,7 +56,11 @@ impl Monitor {
 }
 
 fn command_name(line: &str) -> String {
-    line.split("] \"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("").to_uppercase()
+    line.split("] \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("")
+        .to_uppercase()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,17 +68,31 @@ async fn uncontended_try_lock_and_release_are_two_round_trips() {
     let server = PrivateRedis::start();
     let mut monitor = Monitor::start(&server).await;
     for fair in ["true", "false"] {
-        let client = RedisLock::connect(&format!("{}?fair={fair}", server.url())).await.unwrap();
+        let client = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
         // Warm up: the first call loads the scripts into the server.
-        let warm = client.try_lock("warm-up", &LockOptions::new()).await.unwrap().unwrap();
+        let warm = client
+            .try_lock("warm-up", &LockOptions::new())
+            .await
+            .unwrap()
+            .unwrap();
         warm.release().await.unwrap();
         monitor.section("after-warm-up").await;
         for round in 0..3 {
-            let guard = client.try_lock("counted", &LockOptions::new()).await.unwrap().expect("free");
+            let guard = client
+                .try_lock("counted", &LockOptions::new())
+                .await
+                .unwrap()
+                .expect("free");
             guard.release().await.unwrap();
             let commands = monitor.section("try-lock-release").await;
             let names: Vec<String> = commands.iter().map(|l| command_name(l)).collect();
-            assert_eq!(names, ["EVALSHA", "EVALSHA"], "fair={fair} round {round}: {commands:#?}");
+            assert_eq!(
+                names,
+                ["EVALSHA", "EVALSHA"],
+                "fair={fair} round {round}: {commands:#?}"
+            );
         }
         // lock() on a free key is one round trip too.
         let guard = client.lock("counted", &LockOptions::new()).await.unwrap();
@@ -85,8 +107,12 @@ async fn a_waiter_does_not_poll_while_nothing_is_released() {
     let server = PrivateRedis::start();
     let mut monitor = Monitor::start(&server).await;
     for fair in ["true", "false"] {
-        let holder = RedisLock::connect(&format!("{}?fair={fair}", server.url())).await.unwrap();
-        let waiter = RedisLock::connect(&format!("{}?fair={fair}", server.url())).await.unwrap();
+        let holder = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
+        let waiter = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
         let guard = holder
             .try_lock("held", &LockOptions::new().ttl(Duration::from_secs(30)))
             .await
@@ -95,12 +121,18 @@ async fn a_waiter_does_not_poll_while_nothing_is_released() {
         monitor.section("held").await;
         let wait = Duration::from_secs(2);
         let options = LockOptions::new().wait(wait);
-        let err = waiter.lock("held", &options).await.expect_err("held for 30s");
+        let err = waiter
+            .lock("held", &options)
+            .await
+            .expect_err("held for 30s");
         assert!(err.is_timeout(), "{err}");
         // Let the dropped waiter's background cleanup reach the server.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let commands = monitor.section("waited").await;
-        let attempts = commands.iter().filter(|l| command_name(l) == "EVALSHA" && l.contains("\"4\"")).count();
+        let attempts = commands
+            .iter()
+            .filter(|l| command_name(l) == "EVALSHA" && l.contains("\"4\""))
+            .count();
         // With the default backoff (5 ms doubling to 500 ms) a polling
         // waiter would have tried about 10 times in 2 s. This one tries,
         // subscribes, tries again, then sleeps until a release or the
@@ -110,7 +142,10 @@ async fn a_waiter_does_not_poll_while_nothing_is_released() {
             (2..=allowed).contains(&attempts),
             "fair={fair}: {attempts} attempts in {wait:?}: {commands:#?}"
         );
-        let subscribes = commands.iter().filter(|l| command_name(l) == "SUBSCRIBE").count();
+        let subscribes = commands
+            .iter()
+            .filter(|l| command_name(l) == "SUBSCRIBE")
+            .count();
         assert_eq!(subscribes, 1, "fair={fair}: {commands:#?}");
         guard.release().await.unwrap();
         monitor.section("released").await;
@@ -125,7 +160,11 @@ async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
     let ttl = Duration::from_millis(900);
     let mut guards = Vec::new();
     for i in 0..LOCKS {
-        let guard = client.try_lock(&format!("renewed/{i}"), &LockOptions::new().ttl(ttl)).await.unwrap().unwrap();
+        let guard = client
+            .try_lock(&format!("renewed/{i}"), &LockOptions::new().ttl(ttl))
+            .await
+            .unwrap()
+            .unwrap();
         guards.push(guard);
     }
     let mut monitor = Monitor::start(&server).await;
@@ -134,9 +173,18 @@ async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
     let watched = Duration::from_millis(1500);
     tokio::time::sleep(watched).await;
     let commands = monitor.section("renewed").await;
-    assert!(guards.iter().all(|g| g.is_held()), "renewal kept every lock");
-    let ticks = commands.iter().filter(|l| command_name(l) == "SCRIPT").count();
-    let extends = commands.iter().filter(|l| command_name(l) == "EVALSHA").count();
+    assert!(
+        guards.iter().all(|g| g.is_held()),
+        "renewal kept every lock"
+    );
+    let ticks = commands
+        .iter()
+        .filter(|l| command_name(l) == "SCRIPT")
+        .count();
+    let extends = commands
+        .iter()
+        .filter(|l| command_name(l) == "EVALSHA")
+        .count();
     // Each tick is one pipeline: SCRIPT LOAD, then one EVALSHA per lock.
     assert!((3..=7).contains(&ticks), "{ticks} ticks in {watched:?}");
     assert_eq!(extends, ticks * LOCKS, "{ticks} ticks, {extends} extends");

@@ -16,14 +16,22 @@ async fn delete_everywhere(client: &RedisLock, endpoints: &[&str], key: &str) {
     for endpoint in endpoints {
         let redis = redis::Client::open(format!("redis://{endpoint}")).unwrap();
         let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
-        let deleted: i64 = redis::cmd("DEL").arg(&name).query_async(&mut conn).await.unwrap();
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         if endpoints.len() == 1 {
             assert_eq!(deleted, 1, "no lock key {name} to take away");
         }
     }
 }
 
-async fn harness(name: &'static str, url: String, endpoints: &'static [&'static str]) -> Option<Harness> {
+async fn harness(
+    name: &'static str,
+    url: String,
+    endpoints: &'static [&'static str],
+) -> Option<Harness> {
     for endpoint in endpoints {
         if !dlock_testkit::service_ready("redis", endpoint).await {
             return None;
@@ -49,7 +57,12 @@ async fn harness(name: &'static str, url: String, endpoints: &'static [&'static 
 mod redis_fair {
     use super::*;
     async fn fair() -> Option<Harness> {
-        harness("redis (fair)", format!("redis://{SINGLE}?prefix=dlock-test"), &[SINGLE]).await
+        harness(
+            "redis (fair)",
+            format!("redis://{SINGLE}?prefix=dlock-test"),
+            &[SINGLE],
+        )
+        .await
     }
     dlock_testkit::conformance_tests!(fair());
 }
@@ -57,7 +70,12 @@ mod redis_fair {
 mod redis_unfair {
     use super::*;
     async fn unfair() -> Option<Harness> {
-        harness("redis (unfair)", format!("redis://{SINGLE}?prefix=dlock-test&fair=false"), &[SINGLE]).await
+        harness(
+            "redis (unfair)",
+            format!("redis://{SINGLE}?prefix=dlock-test&fair=false"),
+            &[SINGLE],
+        )
+        .await
     }
     dlock_testkit::conformance_tests!(unfair());
 }
@@ -65,7 +83,12 @@ mod redis_unfair {
 mod redlock {
     use super::*;
     async fn quorum() -> Option<Harness> {
-        harness("redlock", format!("redlock://{}?prefix=dlock-test", REDLOCK.join(",")), &REDLOCK).await
+        harness(
+            "redlock",
+            format!("redlock://{}?prefix=dlock-test", REDLOCK.join(",")),
+            &REDLOCK,
+        )
+        .await
     }
     dlock_testkit::conformance_tests!(quorum());
 }

@@ -11,7 +11,11 @@ use dlock_redis::RedisLock;
 use support::PrivateRedis;
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Redis without persistence forgets the lock on restart. The guard
@@ -24,25 +28,46 @@ async fn restart_while_held_reports_loss_and_tokens_keep_growing() {
     let url = format!("{}?timeout_ms=500", server.url());
     let holder = RedisLock::connect(&url).await.unwrap();
     let ttl = Duration::from_millis(1500);
-    let guard = holder.try_lock("restarted", &LockOptions::new().ttl(ttl)).await.unwrap().unwrap();
+    let guard = holder
+        .try_lock("restarted", &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
     let old_token = guard.fencing_token();
     server.restart();
-    let reason = tokio::time::timeout(ttl * 3, guard.lost()).await.expect("lost() fired after the restart");
+    let reason = tokio::time::timeout(ttl * 3, guard.lost())
+        .await
+        .expect("lost() fired after the restart");
     assert!(
-        matches!(reason, LostReason::NotHeld | LostReason::RenewalFailed(_) | LostReason::Expired),
+        matches!(
+            reason,
+            LostReason::NotHeld | LostReason::RenewalFailed(_) | LostReason::Expired
+        ),
         "{reason}"
     );
     assert!(!guard.is_held());
     let other = RedisLock::connect(&url).await.unwrap();
     let next = other
-        .lock("restarted", &LockOptions::new().wait(Duration::from_secs(5)))
+        .lock(
+            "restarted",
+            &LockOptions::new().wait(Duration::from_secs(5)),
+        )
         .await
         .expect("free after the restart");
-    assert!(next.fencing_token() > old_token, "{} after {old_token}", next.fencing_token());
-    let err = guard.release().await.expect_err("the old guard no longer holds");
+    assert!(
+        next.fencing_token() > old_token,
+        "{} after {old_token}",
+        next.fencing_token()
+    );
+    let err = guard
+        .release()
+        .await
+        .expect_err("the old guard no longer holds");
     assert!(err.is_not_held(), "{err}");
     assert!(next.is_held());
-    next.release().await.expect("the new holder was not disturbed");
+    next.release()
+        .await
+        .expect("the new holder was not disturbed");
 }
 
 /// Connecting to a port where nothing listens fails fast with a
@@ -52,21 +77,32 @@ async fn connection_refused_is_a_clear_error_without_hanging() {
     let port = free_port();
     for url in [
         format!("redis://127.0.0.1:{port}"),
-        format!("redlock://127.0.0.1:{port},127.0.0.1:{},127.0.0.1:{}", free_port(), free_port()),
+        format!(
+            "redlock://127.0.0.1:{port},127.0.0.1:{},127.0.0.1:{}",
+            free_port(),
+            free_port()
+        ),
     ] {
         let started = Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(10), RedisLock::connect(&url))
             .await
             .expect("connect must not hang");
         let err = result.expect_err("nothing listens there");
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
         match &err {
             Error::Connection { endpoint, .. } => {
                 assert!(endpoint.contains(&format!("127.0.0.1:{port}")), "{err}")
             }
             other => panic!("expected a connection error, got {other}"),
         }
-        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
     }
 }
 
@@ -80,13 +116,26 @@ async fn paused_server_past_the_ttl_loses_the_lock_and_fences_the_old_holder() {
     let url = format!("{}?timeout_ms=300", server.url());
     let holder = RedisLock::connect(&url).await.unwrap();
     let ttl = Duration::from_millis(600);
-    let guard = holder.try_lock("paused", &LockOptions::new().ttl(ttl)).await.unwrap().unwrap();
+    let guard = holder
+        .try_lock("paused", &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap()
+        .unwrap();
     let old_token = guard.fencing_token();
     let paused_at = Instant::now();
     server.pause();
-    let reason = tokio::time::timeout(ttl * 3, guard.lost()).await.expect("lost() fired while paused");
-    assert!(paused_at.elapsed() <= ttl + Duration::from_millis(100), "lost after {:?}", paused_at.elapsed());
-    assert!(matches!(reason, LostReason::Expired | LostReason::RenewalFailed(_)), "{reason}");
+    let reason = tokio::time::timeout(ttl * 3, guard.lost())
+        .await
+        .expect("lost() fired while paused");
+    assert!(
+        paused_at.elapsed() <= ttl + Duration::from_millis(100),
+        "lost after {:?}",
+        paused_at.elapsed()
+    );
+    assert!(
+        matches!(reason, LostReason::Expired | LostReason::RenewalFailed(_)),
+        "{reason}"
+    );
     // Stay paused past the TTL, then come back: the key has expired.
     tokio::time::sleep(ttl).await;
     server.resume();
@@ -112,9 +161,16 @@ async fn stalled_holder_without_renewal_is_fenced() {
         RedisLock::connect(&server.url()).await.unwrap(),
     );
     let ttl = Duration::from_millis(300);
-    let stale = a.try_lock("stalled", &LockOptions::new().ttl(ttl).auto_renew(false)).await.unwrap().unwrap();
+    let stale = a
+        .try_lock("stalled", &LockOptions::new().ttl(ttl).auto_renew(false))
+        .await
+        .unwrap()
+        .unwrap();
     let started = Instant::now();
-    let fresh = b.lock("stalled", &LockOptions::new().wait(Duration::from_secs(3))).await.unwrap();
+    let fresh = b
+        .lock("stalled", &LockOptions::new().wait(Duration::from_secs(3)))
+        .await
+        .unwrap();
     // Woken by the holder's TTL (expiry publishes nothing), not polling.
     assert!(started.elapsed() >= ttl / 2);
     assert!(fresh.fencing_token() > stale.fencing_token());
@@ -131,17 +187,34 @@ fn redlock_url(servers: &[PrivateRedis]) -> String {
 /// clearly (not a hang, not a silent timeout) with two down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
-    let mut servers = [PrivateRedis::start(), PrivateRedis::start(), PrivateRedis::start()];
+    let mut servers = [
+        PrivateRedis::start(),
+        PrivateRedis::start(),
+        PrivateRedis::start(),
+    ];
     let url = redlock_url(&servers);
     let client = RedisLock::connect(&url).await.unwrap();
-    let options = LockOptions::new().ttl(Duration::from_secs(5)).wait(Duration::from_secs(3));
+    let options = LockOptions::new()
+        .ttl(Duration::from_secs(5))
+        .wait(Duration::from_secs(3));
 
     servers[0].kill();
-    let guard = client.lock("quorum", &options).await.expect("granted by 2 of 3");
+    let guard = client
+        .lock("quorum", &options)
+        .await
+        .expect("granted by 2 of 3");
     let first = guard.fencing_token();
-    let other = RedisLock::connect(&url).await.expect("a majority is reachable");
-    assert!(other.try_lock("quorum", &options).await.unwrap().is_none(), "excluded by the 2 live instances");
-    guard.extend(Duration::from_secs(5)).await.expect("extend on 2 of 3");
+    let other = RedisLock::connect(&url)
+        .await
+        .expect("a majority is reachable");
+    assert!(
+        other.try_lock("quorum", &options).await.unwrap().is_none(),
+        "excluded by the 2 live instances"
+    );
+    guard
+        .extend(Duration::from_secs(5))
+        .await
+        .expect("extend on 2 of 3");
     guard.release().await.expect("release on 2 of 3");
     let again = other.lock("quorum", &options).await.expect("granted again");
     assert!(again.fencing_token() > first);
@@ -149,11 +222,22 @@ async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
 
     servers[1].kill();
     let started = Instant::now();
-    let err = client.lock("quorum", &options).await.expect_err("no majority");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    let err = client
+        .lock("quorum", &options)
+        .await
+        .expect_err("no majority");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(matches!(err, Error::Backend { .. }), "{err}");
-    let source = std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default();
+    let source = std::error::Error::source(&err)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
     assert!(source.contains("majority of 2"), "{err}: {source}");
-    let err = RedisLock::connect(&url).await.expect_err("no majority to connect to");
+    let err = RedisLock::connect(&url)
+        .await
+        .expect_err("no majority to connect to");
     assert!(matches!(err, Error::Connection { .. }), "{err}");
 }

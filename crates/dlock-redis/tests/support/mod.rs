@@ -53,7 +53,11 @@ impl PrivateRedis {
                     return;
                 }
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "private redis on {} did not start", self.port);
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "private redis on {} did not start",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -82,7 +86,10 @@ impl PrivateRedis {
 
     fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -98,14 +105,19 @@ impl PrivateRedis {
 
     /// A plain synchronous connection for checks.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 }
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
         }
         self.kill();
     }
