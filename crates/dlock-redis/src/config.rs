@@ -32,7 +32,7 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Parses a `redis://`, `rediss://`, `redlock://` or `redlocks://` URL.
+    /// Parses a `redis://`, `rediss://` or `redlock://` URL.
     pub fn from_url(url: &str) -> Result<Self> {
         let bad = |reason: &str| Error::invalid_url(redact_url(url), reason);
         let (scheme, rest) = url
@@ -98,11 +98,11 @@ impl RedisConfig {
                 }
                 scheme
             }
-            "redlock" | "redlocks" => {
+            "redlock" => {
                 config.redlock = true;
                 // Redlock's queues would disagree between instances.
                 config.fair = false;
-                if scheme == "redlocks" || tls {
+                if tls {
                     "rediss"
                 } else {
                     "redis"

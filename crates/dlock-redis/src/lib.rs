@@ -24,7 +24,7 @@
 //! |---|---|
 //! | `redis://[user:password@]host[:port][/db]` | one server (port 6379, db 0 by default) |
 //! | `rediss://…` | the same over TLS (rustls, system roots) |
-//! | `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]` | Redlock over independent servers (`redlocks://` or `?tls=true` for TLS) |
+//! | `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]` | Redlock over independent servers (`?tls=true` for TLS) |
 //!
 //! Options (query string): `prefix=myapp` (default `dlock`; every key this
 //! backend writes starts with it; no braces), `fair=false` (default `true`
