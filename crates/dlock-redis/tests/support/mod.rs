@@ -9,20 +9,30 @@ use std::time::{Duration, Instant};
 
 pub struct PrivateRedis {
     pub port: u16,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts a server on a free port, without persistence.
     pub fn start() -> Self {
+        Self::start_with(|_, _| Vec::new())
+    }
+
+    /// Starts a server with more arguments, made from its port and data dir
+    /// (`--port 0 --tls-port <port>` among them makes it TLS only).
+    pub fn start_with(extra_args: impl FnOnce(u16, &std::path::Path) -> Vec<String>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let extra_args = extra_args(port, dir.path());
         let mut server = PrivateRedis {
             port,
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
+            extra_args,
             child: None,
         };
         server.launch();
@@ -33,6 +43,7 @@ impl PrivateRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra_args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -43,15 +54,13 @@ impl PrivateRedis {
         self.wait_ready();
     }
 
-    /// Polls until the server answers PING (a new process has no event to await).
+    /// Polls until the server accepts connections (a new process has no
+    /// event to await; Redis listens once it is ready).
     fn wait_ready(&self) {
-        let client = redis::Client::open(self.url()).unwrap();
         let started = Instant::now();
         loop {
-            if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200)) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
