@@ -38,13 +38,9 @@ async fn restart_while_held_reports_loss_and_tokens_keep_growing() {
     let reason = tokio::time::timeout(ttl * 3, guard.lost())
         .await
         .expect("lost() fired after the restart");
-    assert!(
-        matches!(
-            reason,
-            LostReason::NotHeld | LostReason::RenewalFailed(_) | LostReason::Expired
-        ),
-        "{reason}"
-    );
+    // The restart takes milliseconds, far less than the lease: the next
+    // renewal reaches the new process, which has no such key.
+    assert_eq!(reason, LostReason::NotHeld, "{reason}");
     assert!(!guard.is_held());
     let other = RedisLock::connect(&url).await.unwrap();
     let next = other
