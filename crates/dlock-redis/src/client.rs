@@ -523,13 +523,7 @@ impl Shared {
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = wait_any(&mut subscriptions) => {
-                    if self.nodes.len() > 1 {
-                        // Redlock contenders woken together would split the
-                        // votes: spread them out.
-                        tokio::time::sleep(Duration::from_micros(fastrand::u64(0..3000))).await;
-                    }
-                }
+                _ = wait_any(&mut subscriptions) => {}
             }
         }
     }
