@@ -63,6 +63,19 @@
 //!   lost at once; while the server cannot be reached, renewal retries until
 //!   the lease's local deadline, when `lost()` fires.
 //!
+//! # Errors and outages
+//!
+//! `connect` fails with [`Error::Connection`] naming the endpoint(s) when
+//! the server (or a Redlock majority) cannot be reached within about twice
+//! `timeout_ms`; it never hangs. Afterwards the connection reconnects by
+//! itself. `try_lock` and `lock` return [`Error::Backend`] at once when the
+//! server (or a majority) does not answer, rather than waiting out `wait`:
+//! retry at your level if an outage should be ridden out. Held locks keep
+//! renewing through short outages until their local deadline.
+//!
+//! Redis Cluster is not supported as such (point the URL at one primary);
+//! the key layout is already slot-safe.
+//!
 //! # Fencing tokens
 //!
 //! A token is `max(counter + 1, server time in µs)`. On one server tokens
