@@ -1,3 +1,8 @@
+//! Development probe (not the benchmark; use `dlock bench` for figures to
+//! publish): uncontended try_lock + release against the raw floor
+//! (`SET NX PX` + owner-checked delete) on 127.0.0.1:6379 and Redlock on
+//! 6380-6382. Run: `cargo run --release -p dlock-redis --example floor_probe`.
+
 use dlock_core::{DistributedLock, LockOptions};
 use std::time::{Duration, Instant};
 

@@ -1,3 +1,7 @@
+//! Development probe: handoff latency (release to the waiter holding the
+//! lock) and 8-way contention on 127.0.0.1:6379 and Redlock on 6380-6382.
+//! Run: `cargo run --release -p dlock-redis --example handoff_probe`.
+
 use dlock_core::{DistributedLock, LockOptions};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
