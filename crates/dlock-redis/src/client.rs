@@ -42,6 +42,13 @@ pub(crate) struct Shared {
     seq: AtomicU64,
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Lets the idle renewal task see that the client is gone.
+        self.renewals.wake_task();
+    }
+}
+
 /// What one attempt found.
 pub(crate) enum Outcome {
     Granted {

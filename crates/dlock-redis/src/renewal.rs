@@ -83,6 +83,11 @@ impl Renewals {
         id
     }
 
+    /// Wakes the task (it exits when the client is gone).
+    pub fn wake_task(&self) {
+        self.wake.notify_one();
+    }
+
     /// Stops renewing a lock (on release).
     pub fn remove(&self, id: u64) {
         self.state.lock().unwrap().entries.remove(&id);

@@ -26,6 +26,9 @@ struct PubSubConn {
     sink: PubSubSink,
     channels: Mutex<HashMap<String, Channel>>,
     dead: AtomicBool,
+    /// Dropped with the connection: stops the dispatcher, which closes the
+    /// socket (dropping the sink alone would not).
+    _closer: tokio::sync::oneshot::Sender<()>,
 }
 
 struct Channel {
@@ -123,15 +126,24 @@ impl Subscriber {
             }
         };
         let (sink, mut stream) = pubsub.split();
+        let (closer, mut closed) = tokio::sync::oneshot::channel::<()>();
         let conn = Arc::new(PubSubConn {
             sink,
             channels: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            _closer: closer,
         });
         let weak = Arc::downgrade(&conn);
         let own_message = self.own_message.clone();
         tokio::spawn(async move {
-            while let Some(msg) = stream.next().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                    _ = &mut closed => return,
+                };
                 if msg.get_payload_bytes() == own_message.as_bytes() {
                     continue;
                 }

@@ -192,3 +192,42 @@ async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
         guard.release().await.unwrap();
     }
 }
+
+/// A dropped client leaves no connection behind: neither its command
+/// connection nor the pub/sub connection its waiters shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_closes_its_connections() {
+    let server = PrivateRedis::start();
+    let mut check = server.conn();
+    let connected = |check: &mut redis::Connection| -> usize {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(check).unwrap();
+        list.lines().count()
+    };
+    let baseline = connected(&mut check);
+    {
+        let holder = RedisLock::connect(&server.url()).await.unwrap();
+        let waiter = RedisLock::connect(&server.url()).await.unwrap();
+        let guard = holder
+            .try_lock("k", &LockOptions::new())
+            .await
+            .unwrap()
+            .unwrap();
+        let options = LockOptions::new().wait(Duration::from_millis(300));
+        assert!(waiter.lock("k", &options).await.unwrap_err().is_timeout());
+        assert_eq!(
+            connected(&mut check),
+            baseline + 3,
+            "2 command + 1 pub/sub connections"
+        );
+        guard.release().await.unwrap();
+    }
+    // Closing happens in background tasks; no event reaches the test.
+    let started = std::time::Instant::now();
+    while connected(&mut check) > baseline {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "connections left open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
