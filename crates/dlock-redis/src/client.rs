@@ -244,7 +244,9 @@ impl Shared {
             }
             None => holders.iter().filter_map(|(_, pttl)| *pttl).min(),
         };
-        if granted > 0 || first_error.is_some() {
+        // One server: an unanswered attempt is cleaned up by the caller's
+        // drop guard when the error reaches it.
+        if granted > 0 || (first_error.is_some() && self.nodes.len() > 1) {
             // Undo partial grants (and grants whose reply was lost). After a
             // split vote, wake the other contenders (our share may have
             // blocked them), but not this client's own waiters.

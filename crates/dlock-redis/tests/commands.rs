@@ -186,7 +186,7 @@ async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
         .filter(|l| command_name(l) == "EVALSHA")
         .count();
     // Each tick is one pipeline: SCRIPT LOAD, then one EVALSHA per lock.
-    assert!((3..=7).contains(&ticks), "{ticks} ticks in {watched:?}");
+    assert!((2..=8).contains(&ticks), "{ticks} ticks in {watched:?}");
     assert_eq!(extends, ticks * LOCKS, "{ticks} ticks, {extends} extends");
     for guard in guards {
         guard.release().await.unwrap();

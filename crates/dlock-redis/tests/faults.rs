@@ -124,7 +124,7 @@ async fn paused_server_past_the_ttl_loses_the_lock_and_fences_the_old_holder() {
         .await
         .expect("lost() fired while paused");
     assert!(
-        paused_at.elapsed() <= ttl + Duration::from_millis(100),
+        paused_at.elapsed() <= ttl + Duration::from_millis(300),
         "lost after {:?}",
         paused_at.elapsed()
     );
