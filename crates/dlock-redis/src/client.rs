@@ -121,13 +121,12 @@ impl Shared {
         format!("{}:{seq:x}", self.client_id)
     }
 
-    /// Per-instance bound of a Redlock request: small against the TTL, so a
-    /// dead instance does not eat the validity time.
-    fn node_timeout(&self, ttl: Duration) -> Duration {
-        (ttl / 10).clamp(
-            Duration::from_millis(50),
-            self.timeout.max(Duration::from_millis(50)),
-        )
+    /// Per-instance bound of a Redlock request: small against the TTL (1%,
+    /// at least 50 ms), so a dead or paused instance eats little of the
+    /// validity time.
+    pub fn node_timeout(&self, ttl: Duration) -> Duration {
+        let floor = Duration::from_millis(50);
+        (ttl / 100).clamp(floor, self.timeout.max(floor))
     }
 
     fn op_error(&self, operation: &'static str, key: &str, err: redis::RedisError) -> Error {
@@ -507,7 +506,7 @@ impl Shared {
                 // Subscribe, then attempt again: a release published
                 // between the failed attempt and the subscription is not
                 // missed.
-                subscriptions = self.subscribe_all(&keys.channel).await;
+                subscriptions = self.subscribe_all(&keys.channel, options.ttl).await;
                 if !subscriptions.is_empty() {
                     continue;
                 }
@@ -537,9 +536,19 @@ impl Shared {
         }
     }
 
-    async fn subscribe_all(&self, channel: &str) -> Vec<Subscription> {
+    async fn subscribe_all(&self, channel: &str, ttl: Duration) -> Vec<Subscription> {
+        // With Redlock, a paused instance must not hold up waiting on the
+        // others.
+        let bound = if self.nodes.len() > 1 {
+            self.node_timeout(ttl)
+        } else {
+            self.timeout * 2
+        };
         let results = join_all(self.nodes.iter().map(|node| async move {
-            let result = node.subscriber.subscribe(channel).await;
+            let result = match tokio::time::timeout(bound, node.subscriber.subscribe(channel)).await {
+                Ok(result) => result,
+                Err(_) => Err(timed_out("SUBSCRIBE was not confirmed in time")),
+            };
             if let Err(err) = &result {
                 tracing::debug!(endpoint = %node.endpoint, error = %err, "dlock: cannot subscribe; waiting by polling");
             }

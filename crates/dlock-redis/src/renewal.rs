@@ -164,13 +164,19 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
         pipe.invoke_script(EXTEND.key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
     }
     let count = due.len();
+    // One server: its reply timeout. Redlock: the per-instance bound of
+    // the shortest TTL, so a paused instance does not eat the validity.
+    let bound = if shared.nodes.len() > 1 {
+        let shortest = ttls.iter().copied().min().unwrap_or(0);
+        shared.node_timeout(Duration::from_millis(shortest))
+    } else {
+        shared.timeout
+    };
     let sent_at = Instant::now();
     let results: Vec<redis::RedisResult<Vec<i64>>> = join_all(shared.nodes.iter().map(|node| {
         let (pipe, mut conn) = (&pipe, node.conn.clone());
         async move {
-            match tokio::time::timeout(shared.timeout, pipe.query_async::<Vec<i64>>(&mut conn))
-                .await
-            {
+            match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await {
                 Ok(Ok(values)) if values.len() == count => Ok(values),
                 Ok(Ok(_)) => Err(timed_out(
                     "renewal pipeline answered the wrong number of replies",

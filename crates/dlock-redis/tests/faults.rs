@@ -237,3 +237,47 @@ async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
         .expect_err("no majority to connect to");
     assert!(matches!(err, Error::Connection { .. }), "{err}");
 }
+
+/// A paused (SIGSTOP) Redlock instance costs each request only the
+/// per-instance timeout: the two live instances still grant, exclude and
+/// release promptly, and hand the lock to a waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_with_a_paused_instance_still_grants_promptly() {
+    let servers = [
+        PrivateRedis::start(),
+        PrivateRedis::start(),
+        PrivateRedis::start(),
+    ];
+    let url = redlock_url(&servers);
+    let (a, b) = (
+        RedisLock::connect(&url).await.unwrap(),
+        RedisLock::connect(&url).await.unwrap(),
+    );
+    servers[1].pause();
+    let options = LockOptions::new()
+        .ttl(Duration::from_secs(5))
+        .wait(Duration::from_secs(3));
+    let started = Instant::now();
+    let guard = a
+        .lock("paused-one", &options)
+        .await
+        .expect("granted by 2 of 3");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(b.try_lock("paused-one", &options).await.unwrap().is_none());
+    let waiter = tokio::spawn(async move {
+        b.lock("paused-one", &options)
+            .await
+            .map(|g| g.fencing_token())
+    });
+    guard.release().await.expect("released on 2 of 3");
+    let token = waiter
+        .await
+        .unwrap()
+        .expect("the waiter got it after the release");
+    assert!(token > 0);
+    servers[1].resume();
+}
