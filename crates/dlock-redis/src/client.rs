@@ -297,9 +297,17 @@ impl Shared {
         retry_message(&self.client_id)
     }
 
-    pub async fn release(&self, key: &str, keys: &LockKeys, owner: &str) -> Result<()> {
+    /// Owner-checked delete; `ttl` (the lease's) bounds each Redlock
+    /// instance's answer.
+    pub async fn release(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<()> {
         let results = self
-            .on_all(self.timeout, |mut conn| async move {
+            .on_all(self.node_timeout(ttl), |mut conn| async move {
                 RELEASE
                     .key(&keys.lock)
                     .arg(owner)
@@ -632,8 +640,14 @@ impl HeldLock for RedisHeld {
         if let Some(id) = self.renewal_id {
             self.shared.renewals.remove(id);
         }
+        // A finished lease no longer says its TTL: bound by the client's
+        // timeout then.
+        let ttl = self
+            .lease
+            .upgrade()
+            .map_or(self.shared.timeout * 100, |lease| lease.ttl());
         self.shared
-            .release(&self.key, &self.keys, &self.owner)
+            .release(&self.key, &self.keys, &self.owner, ttl)
             .await
     }
 

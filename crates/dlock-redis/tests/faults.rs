@@ -273,7 +273,13 @@ async fn redlock_with_a_paused_instance_still_grants_promptly() {
             .await
             .map(|g| g.fencing_token())
     });
+    let started = Instant::now();
     guard.release().await.expect("released on 2 of 3");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "release took {:?}",
+        started.elapsed()
+    );
     let token = waiter
         .await
         .unwrap()
