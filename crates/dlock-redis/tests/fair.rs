@@ -43,6 +43,11 @@ async fn eight_contenders_take_turns() {
             for _ in 0..ROUNDS {
                 let guard = client.lock(&key, &options).await.expect("lock");
                 grants.lock().unwrap().push(worker);
+                // The work done under the lock. It also gives the previous
+                // holder time to queue again before this release, so that
+                // arrival order (what fairness promises) is one turn each
+                // even when the machine is loaded.
+                tokio::time::sleep(Duration::from_millis(25)).await;
                 guard.release().await.expect("release");
             }
         }));
