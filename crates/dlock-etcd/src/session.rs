@@ -184,8 +184,24 @@ impl Session {
             state.lost = Some(why.to_owned());
             std::mem::take(&mut state.leases)
         };
-        tracing::warn!(lease_id = self.id, why, "dlock: etcd session lost");
-        for lease in leases.iter().filter_map(WeakLease::upgrade) {
+        let held: Vec<_> = leases
+            .iter()
+            .filter_map(WeakLease::upgrade)
+            .filter(|lease| lease.is_held())
+            .collect();
+        // Only a loss that takes held locks with it deserves a warning; a
+        // client closing with nothing held is routine.
+        if held.is_empty() {
+            tracing::debug!(lease_id = self.id, why, "dlock: etcd session ended");
+        } else {
+            tracing::warn!(
+                lease_id = self.id,
+                why,
+                locks = held.len(),
+                "dlock: etcd session lost"
+            );
+        }
+        for lease in held {
             lease.mark_lost(LostReason::SessionLost(why.to_owned()));
         }
         self.lost_tx.send_replace(true);
