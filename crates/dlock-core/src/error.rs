@@ -164,22 +164,6 @@ impl Error {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_carry_context_and_source() {
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let err = Error::connection("redis", "127.0.0.1:1", io);
-        assert_eq!(err.to_string(), "cannot connect to redis at 127.0.0.1:1");
-        let source = std::error::Error::source(&err).expect("source kept");
-        assert_eq!(source.to_string(), "refused");
-        assert!(err.is_transient());
-        assert!(Error::not_held("k").is_not_held());
-    }
-}
-
 /// `url` with any password replaced by `***`, for error messages and logs.
 ///
 /// ```
@@ -202,4 +186,20 @@ pub fn redact_url(url: &str) -> String {
         return url.to_owned();
     }
     format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_context_and_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = Error::connection("redis", "127.0.0.1:1", io);
+        assert_eq!(err.to_string(), "cannot connect to redis at 127.0.0.1:1");
+        let source = std::error::Error::source(&err).expect("source kept");
+        assert_eq!(source.to_string(), "refused");
+        assert!(err.is_transient());
+        assert!(Error::not_held("k").is_not_held());
+    }
 }

@@ -144,15 +144,25 @@ impl Lease {
 
     /// Records a successful renewal (or a session's suspension, with a
     /// deadline, or its recovery, with `None`). Ignored once lost: a lost
-    /// lease never comes back.
+    /// lease never comes back, and a lease whose deadline has already
+    /// passed is lost even if nobody looked at it in time.
     pub fn set_valid_until(&self, valid_until: Option<Instant>) {
+        let now = Instant::now();
+        let mut expired = false;
         self.inner.state.send_if_modified(|state| {
             if state.lost.is_some() || state.valid_until == valid_until {
+                return false;
+            }
+            if state.valid_until.is_some_and(|deadline| deadline <= now) {
+                expired = true;
                 return false;
             }
             state.valid_until = valid_until;
             true
         });
+        if expired {
+            self.mark_lost(LostReason::Expired);
+        }
     }
 
     /// Marks the lease lost. The first reason wins; later calls do nothing.
@@ -272,6 +282,20 @@ mod tests {
         // A late renewal does not resurrect it.
         lease.set_valid_until(Some(Instant::now() + ttl));
         assert!(!lease.is_held());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_deadline_is_final_even_unobserved() {
+        let lease = Lease::new(
+            "k",
+            1,
+            Duration::from_secs(1),
+            Some(Instant::now() + Duration::from_secs(1)),
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Nobody awaited lost(); a session coming back must not revive it.
+        lease.set_valid_until(None);
+        assert_eq!(lease.lost_reason(), Some(LostReason::Expired));
     }
 
     #[tokio::test]

@@ -214,3 +214,8 @@ mod tests {
         assert!(err.to_string().contains("`etcd` cargo feature"), "{err}");
     }
 }
+
+/// The README's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,48 @@
+//! The whole conformance suite against the shared etcd on 127.0.0.1:2379.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlock_etcd::EtcdLock;
+use dlock_testkit::Harness;
+use etcd_client::GetOptions;
+
+const ENDPOINT: &str = "127.0.0.1:2379";
+const URL: &str = "etcd://127.0.0.1:2379/dlock-test";
+
+/// Revokes the lease of every key queued on `key`'s lock: the fault a
+/// server-side lease revocation (or expiry) is.
+async fn revoke_leases_of(key: String) {
+    let locks = EtcdLock::connect(URL).await.expect("connect");
+    let prefix = locks.lock_key_prefix(&key);
+    let mut client = etcd_client::Client::connect([ENDPOINT], None)
+        .await
+        .expect("raw client");
+    let keys = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("list the lock's keys");
+    assert!(!keys.kvs().is_empty(), "nothing queued on {key}");
+    for kv in keys.kvs() {
+        client.lease_revoke(kv.lease()).await.expect("revoke");
+    }
+}
+
+async fn harness() -> Option<Harness> {
+    if !dlock_testkit::service_ready("etcd", ENDPOINT).await {
+        return None;
+    }
+    Some(
+        Harness::new("etcd", || async {
+            Ok(Arc::new(EtcdLock::connect(URL).await?) as _)
+        })
+        .with_fault(revoke_leases_of)
+        // etcd 3.4's minimum lease TTL (1.5 election timeouts, rounded up).
+        .with_short_ttl(Duration::from_secs(2)),
+    )
+}
+
+mod conformance {
+    use super::harness;
+    dlock_testkit::conformance_tests!(harness());
+}

@@ -1,0 +1,659 @@
+//! The client: attempts, waiting, release and extend over one server or a
+//! Redlock quorum (one server is a quorum of one).
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dlock_core::lease::validity_deadline;
+use dlock_core::{Error, HeldLock, Lease, LockGuard, LockOptions, Result, WeakLease};
+use futures::future::join_all;
+use redis::aio::ConnectionManager;
+use tokio::time::Instant;
+
+use crate::keys::LockKeys;
+use crate::node::{timed_out, Node};
+use crate::renewal::Renewals;
+use crate::scripts::{ABANDON, ACQUIRE, EXTEND, RELEASE};
+use crate::subscriber::Subscription;
+
+/// How long a fair waiter's queue entry lives without a refresh: a waiter
+/// that crashed delays the ones behind it by at most this long.
+pub(crate) const WAITER_TTL: Duration = Duration::from_secs(3);
+/// How often a fair waiter refreshes its queue entry while it waits.
+pub(crate) const WAITER_REFRESH: Duration = Duration::from_secs(1);
+/// How long the fence counter outlives the last grant. Tokens stay
+/// increasing after it expires (they are seeded from the server clock).
+const FENCE_IDLE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+pub(crate) struct Shared {
+    pub name: &'static str,
+    pub nodes: Vec<Node>,
+    pub quorum: usize,
+    pub prefix: String,
+    pub fair: bool,
+    pub timeout: Duration,
+    pub endpoints: String,
+    pub renewals: Arc<Renewals>,
+    pub client_id: String,
+    seq: AtomicU64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Lets the idle renewal task see that the client is gone.
+        self.renewals.wake_task();
+    }
+}
+
+/// What one attempt found.
+pub(crate) enum Outcome {
+    Granted {
+        token: u64,
+        valid_until: Instant,
+    },
+    /// Held elsewhere; `retry_in` is the holder's remaining TTL when known.
+    Busy {
+        retry_in: Option<Duration>,
+    },
+}
+
+/// Not enough Redlock instances answered.
+#[derive(Debug)]
+pub(crate) struct QuorumError {
+    pub answered: usize,
+    pub needed: usize,
+    pub total: usize,
+    pub first_error: Option<redis::RedisError>,
+}
+
+impl fmt::Display for QuorumError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "only {} of {} Redis instances answered; a majority of {} is needed",
+            self.answered, self.total, self.needed
+        )?;
+        if let Some(err) = &self.first_error {
+            write!(f, " (first error: {err})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for QuorumError {}
+
+impl Shared {
+    pub fn new(
+        name: &'static str,
+        nodes: Vec<Node>,
+        prefix: String,
+        fair: bool,
+        timeout: Duration,
+        client_id: String,
+    ) -> Self {
+        let quorum = nodes.len() / 2 + 1;
+        let endpoints = nodes
+            .iter()
+            .map(|n| n.endpoint.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        Shared {
+            name,
+            nodes,
+            quorum,
+            prefix,
+            fair,
+            timeout,
+            endpoints,
+            renewals: Arc::new(Renewals::default()),
+            client_id,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    /// A value no other attempt of any client uses.
+    fn new_owner(&self) -> String {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{seq:x}", self.client_id)
+    }
+
+    /// Per-instance bound of a Redlock request: small against the TTL (1%,
+    /// at least 50 ms), so a dead or paused instance eats little of the
+    /// validity time.
+    pub fn node_timeout(&self, ttl: Duration) -> Duration {
+        let floor = Duration::from_millis(50);
+        (ttl / 100).clamp(floor, self.timeout.max(floor))
+    }
+
+    fn op_error(&self, operation: &'static str, key: &str, err: redis::RedisError) -> Error {
+        let endpoint = if self.nodes.len() == 1 {
+            &self.nodes[0].endpoint
+        } else {
+            &self.endpoints
+        };
+        Error::backend(self.name, endpoint.as_str(), operation, key, err)
+    }
+
+    /// Runs `op` on every node at once (one node: directly, bounded by the
+    /// connection's reply timeout).
+    async fn on_all<T, F, Fut>(&self, per_node: Duration, op: F) -> Vec<redis::RedisResult<T>>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.nodes.len() == 1 {
+            return vec![op(self.nodes[0].conn.clone()).await];
+        }
+        join_all(self.nodes.iter().map(|node| {
+            let request = op(node.conn.clone());
+            async move {
+                match tokio::time::timeout(per_node, request).await {
+                    Ok(result) => result,
+                    Err(_) => Err(timed_out(
+                        "no answer within the Redlock per-instance timeout",
+                    )),
+                }
+            }
+        }))
+        .await
+    }
+
+    /// One acquisition attempt; `waiter` is the queue id of a fair waiter
+    /// (empty for `try_lock` and unfair clients).
+    async fn attempt(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        waiter: &str,
+        ttl: Duration,
+    ) -> Result<Outcome> {
+        let ttl_ms = ttl.as_millis() as u64;
+        let waiter_ttl_ms = if self.fair {
+            WAITER_TTL.as_millis() as u64
+        } else {
+            0
+        };
+        let fence_ttl_ms = ttl_ms + FENCE_IDLE_TTL.as_millis() as u64;
+        let sent_at = Instant::now();
+        let results = self
+            .on_all(self.node_timeout(ttl), |mut conn| async move {
+                ACQUIRE
+                    .key(&keys.lock)
+                    .key(&keys.fence)
+                    .key(&keys.queue)
+                    .key(&keys.waiters)
+                    .arg(owner)
+                    .arg(ttl_ms)
+                    .arg(waiter)
+                    .arg(waiter_ttl_ms)
+                    .arg(fence_ttl_ms)
+                    .invoke_async::<(i64, i64, String)>(&mut conn)
+                    .await
+            })
+            .await;
+        let mut token = 0u64;
+        let mut granted = 0usize;
+        let mut answered = 0usize;
+        let mut first_error = None;
+        // Refusals: (holder, its remaining TTL).
+        let mut holders: Vec<(String, Option<Duration>)> = Vec::new();
+        for result in results {
+            match result {
+                Ok((1, value, _)) => {
+                    answered += 1;
+                    granted += 1;
+                    token = token.max(value.max(0) as u64);
+                }
+                Ok((_, pttl, holder)) => {
+                    answered += 1;
+                    let pttl = u64::try_from(pttl).ok().map(Duration::from_millis);
+                    holders.push((holder, pttl));
+                }
+                Err(err) => {
+                    if first_error.is_none() {
+                        first_error = Some(err);
+                    }
+                }
+            }
+        }
+        let valid_until = validity_deadline(sent_at, ttl);
+        if granted >= self.quorum && Instant::now() < valid_until {
+            return Ok(Outcome::Granted { token, valid_until });
+        }
+        // A holder with a majority: wait for its release or expiry.
+        let majority_holder = holders
+            .iter()
+            .filter(|(holder, _)| !holder.is_empty())
+            .find(|(holder, _)| holders.iter().filter(|(h, _)| h == holder).count() >= self.quorum)
+            .map(|(holder, _)| holder.clone());
+        let retry_in = match &majority_holder {
+            Some(holder) => holders
+                .iter()
+                .filter(|(h, _)| h == holder)
+                .filter_map(|(_, pttl)| *pttl)
+                .min(),
+            None if self.nodes.len() > 1 && granted > 0 => {
+                // A split vote: nobody got a majority; retry after a random delay.
+                Some(Duration::from_millis(fastrand::u64(2..20)))
+            }
+            None => holders.iter().filter_map(|(_, pttl)| *pttl).min(),
+        };
+        // One server: an unanswered attempt is cleaned up by the caller's
+        // drop guard when the error reaches it.
+        if granted > 0 || (first_error.is_some() && self.nodes.len() > 1) {
+            // Undo partial grants (and grants whose reply was lost). After a
+            // split vote, wake the other contenders (our share may have
+            // blocked them), but not this client's own waiters.
+            let wake = majority_holder.is_none() && granted > 0;
+            self.release_all(keys, owner, ttl, wake).await;
+        }
+        if answered < self.quorum {
+            let err = first_error.unwrap_or_else(|| timed_out("no answer"));
+            if self.nodes.len() == 1 {
+                return Err(self.op_error("acquire", key, err));
+            }
+            return Err(Error::backend(
+                self.name,
+                self.endpoints.as_str(),
+                "acquire",
+                key,
+                QuorumError {
+                    answered,
+                    needed: self.quorum,
+                    total: self.nodes.len(),
+                    first_error: Some(err),
+                },
+            ));
+        }
+        Ok(Outcome::Busy { retry_in })
+    }
+
+    /// Owner-checked delete on every node, ignoring errors; `wake`
+    /// publishes a retry hint the releasing client itself ignores.
+    async fn release_all(&self, keys: &LockKeys, owner: &str, ttl: Duration, wake: bool) {
+        let channel = if wake { keys.channel.as_str() } else { "" };
+        let message = self.retry_message();
+        let message = message.as_str();
+        let _ = self
+            .on_all(self.node_timeout(ttl), |mut conn| async move {
+                RELEASE
+                    .key(&keys.lock)
+                    .arg(owner)
+                    .arg(channel)
+                    .arg(message)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+    }
+
+    /// The message of this client's split-vote releases.
+    pub fn retry_message(&self) -> String {
+        retry_message(&self.client_id)
+    }
+
+    /// Owner-checked delete; `ttl` (the lease's) bounds each Redlock
+    /// instance's answer.
+    pub async fn release(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<()> {
+        let results = self
+            .on_all(self.node_timeout(ttl), |mut conn| async move {
+                RELEASE
+                    .key(&keys.lock)
+                    .arg(owner)
+                    .arg(&keys.channel)
+                    .arg("")
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        let (mut deleted, mut refused, mut first_error) = (0, 0, None);
+        for result in results {
+            match result {
+                Ok(1) => deleted += 1,
+                Ok(_) => refused += 1,
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        if deleted >= self.quorum {
+            Ok(())
+        } else if refused > self.nodes.len() - self.quorum {
+            Err(Error::not_held(key))
+        } else {
+            Err(self.quorum_or_node_error("release", key, deleted + refused, first_error))
+        }
+    }
+
+    pub async fn extend(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        ttl: Duration,
+        lease: &WeakLease,
+    ) -> Result<()> {
+        let ttl_ms = ttl.as_millis() as u64;
+        let sent_at = Instant::now();
+        let results = self
+            .on_all(self.node_timeout(ttl), |mut conn| async move {
+                EXTEND
+                    .key(&keys.lock)
+                    .arg(owner)
+                    .arg(ttl_ms)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        let (mut extended, mut refused, mut first_error) = (0, 0, None);
+        for result in results {
+            match result {
+                Ok(1) => extended += 1,
+                Ok(_) => refused += 1,
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        let deadline = validity_deadline(sent_at, ttl);
+        if extended >= self.quorum && Instant::now() < deadline {
+            if let Some(lease) = lease.upgrade() {
+                lease.set_valid_until(Some(deadline));
+            }
+            Ok(())
+        } else if refused > self.nodes.len() - self.quorum {
+            Err(Error::not_held(key))
+        } else {
+            Err(self.quorum_or_node_error("extend", key, extended + refused, first_error))
+        }
+    }
+
+    fn quorum_or_node_error(
+        &self,
+        operation: &'static str,
+        key: &str,
+        answered: usize,
+        first_error: Option<redis::RedisError>,
+    ) -> Error {
+        if self.nodes.len() == 1 {
+            return self.op_error(
+                operation,
+                key,
+                first_error.unwrap_or_else(|| timed_out("no answer")),
+            );
+        }
+        Error::backend(
+            self.name,
+            self.endpoints.as_str(),
+            operation,
+            key,
+            QuorumError {
+                answered,
+                needed: self.quorum,
+                total: self.nodes.len(),
+                first_error,
+            },
+        )
+    }
+
+    /// Cleanup of an attempt whose outcome is unknown or unwanted.
+    async fn abandon(&self, keys: &LockKeys, owner: &str, waiter: &str) {
+        let results = self
+            .on_all(self.timeout, |mut conn| async move {
+                ABANDON
+                    .key(&keys.lock)
+                    .key(&keys.queue)
+                    .key(&keys.waiters)
+                    .arg(owner)
+                    .arg(waiter)
+                    .arg(&keys.channel)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        for result in results {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "dlock: cleanup of an abandoned attempt failed; its TTL will end it");
+            }
+        }
+    }
+
+    fn make_guard(
+        self: &Arc<Self>,
+        key: &str,
+        keys: LockKeys,
+        owner: String,
+        token: u64,
+        valid_until: Instant,
+        options: &LockOptions,
+    ) -> LockGuard {
+        let lease = Lease::new(key, token, options.ttl, Some(valid_until));
+        let renewal_id = options.auto_renew.then(|| {
+            Renewals::register(
+                &self.renewals,
+                self,
+                &lease,
+                keys.lock.clone(),
+                owner.clone(),
+            )
+        });
+        let held = Arc::new(RedisHeld {
+            shared: self.clone(),
+            key: key.to_owned(),
+            keys,
+            owner,
+            lease: lease.downgrade(),
+            renewal_id,
+        });
+        LockGuard::new(self.name, lease, held, false)
+    }
+
+    pub async fn try_acquire(
+        self: &Arc<Self>,
+        key: &str,
+        options: &LockOptions,
+    ) -> Result<Option<LockGuard>> {
+        let keys = LockKeys::new(&self.prefix, key);
+        let owner = self.new_owner();
+        let mut abandon = Abandon::new(self, &keys, &owner, "");
+        match self.attempt(key, &keys, &owner, "", options.ttl).await? {
+            Outcome::Granted { token, valid_until } => {
+                abandon.disarm();
+                drop(abandon);
+                Ok(Some(self.make_guard(
+                    key,
+                    keys,
+                    owner,
+                    token,
+                    valid_until,
+                    options,
+                )))
+            }
+            Outcome::Busy { .. } => {
+                abandon.disarm();
+                Ok(None)
+            }
+        }
+    }
+
+    pub async fn acquire(self: &Arc<Self>, key: &str, options: &LockOptions) -> Result<LockGuard> {
+        let keys = LockKeys::new(&self.prefix, key);
+        let owner = self.new_owner();
+        // A fair waiter's queue id is its owner value: unique per attempt.
+        let waiter = if self.fair { owner.as_str() } else { "" };
+        let mut abandon = Abandon::new(self, &keys, &owner, waiter);
+        let mut subscriptions: Vec<Subscription> = Vec::new();
+        let mut polls: u32 = 0;
+        loop {
+            for subscription in &mut subscriptions {
+                subscription.mark_seen();
+            }
+            let retry_in = match self
+                .attempt(key, &keys, &owner, waiter, options.ttl)
+                .await?
+            {
+                Outcome::Granted { token, valid_until } => {
+                    abandon.disarm();
+                    drop(abandon);
+                    return Ok(self.make_guard(key, keys, owner, token, valid_until, options));
+                }
+                Outcome::Busy { retry_in } => retry_in,
+            };
+            if subscriptions.iter().all(Subscription::is_dead) {
+                // Subscribe, then attempt again: a release published
+                // between the failed attempt and the subscription is not
+                // missed.
+                subscriptions = self.subscribe_all(&keys.channel, options.ttl).await;
+                if !subscriptions.is_empty() {
+                    continue;
+                }
+            }
+            let mut delay = match retry_in {
+                // Expiry publishes nothing: retry when the holder's TTL runs
+                // out, a little later and spread out.
+                Some(pttl) => {
+                    pttl + Duration::from_millis(
+                        1 + fastrand::u64(..=pttl.as_millis().min(200) as u64 / 10),
+                    )
+                }
+                None => WAITER_REFRESH,
+            };
+            if self.fair {
+                delay = delay.min(WAITER_REFRESH);
+            }
+            if subscriptions.is_empty() {
+                // No notifications: fall back to polling with the backoff.
+                delay = delay.min(options.backoff.delay(polls));
+                polls += 1;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = wait_any(&mut subscriptions) => {}
+            }
+        }
+    }
+
+    async fn subscribe_all(&self, channel: &str, ttl: Duration) -> Vec<Subscription> {
+        // With Redlock, a paused instance must not hold up waiting on the
+        // others.
+        let bound = if self.nodes.len() > 1 {
+            self.node_timeout(ttl)
+        } else {
+            self.timeout * 2
+        };
+        let results = join_all(self.nodes.iter().map(|node| async move {
+            let result = match tokio::time::timeout(bound, node.subscriber.subscribe(channel)).await {
+                Ok(result) => result,
+                Err(_) => Err(timed_out("SUBSCRIBE was not confirmed in time")),
+            };
+            if let Err(err) = &result {
+                tracing::debug!(endpoint = %node.endpoint, error = %err, "dlock: cannot subscribe; waiting by polling");
+            }
+            result
+        }))
+        .await;
+        results.into_iter().filter_map(|r| r.ok()).collect()
+    }
+}
+
+/// What a client publishes when it gives back a split vote.
+pub(crate) fn retry_message(client_id: &str) -> String {
+    format!("retry:{client_id}")
+}
+
+async fn wait_any(subscriptions: &mut [Subscription]) {
+    if subscriptions.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(subscriptions.iter_mut().map(|s| Box::pin(s.woken()))).await;
+}
+
+/// Cleans up an attempt whose future was dropped or failed before a
+/// definite answer: the script may have granted the lock or queued the
+/// waiter on the server.
+struct Abandon<'a> {
+    shared: &'a Arc<Shared>,
+    keys: &'a LockKeys,
+    owner: &'a str,
+    waiter: &'a str,
+    armed: bool,
+}
+
+impl<'a> Abandon<'a> {
+    fn new(shared: &'a Arc<Shared>, keys: &'a LockKeys, owner: &'a str, waiter: &'a str) -> Self {
+        Abandon {
+            shared,
+            keys,
+            owner,
+            waiter,
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, keys, owner, waiter) = (
+            self.shared.clone(),
+            self.keys.clone(),
+            self.owner.to_owned(),
+            self.waiter.to_owned(),
+        );
+        runtime.spawn(async move { shared.abandon(&keys, &owner, &waiter).await });
+    }
+}
+
+/// One granted lock.
+struct RedisHeld {
+    shared: Arc<Shared>,
+    key: String,
+    keys: LockKeys,
+    owner: String,
+    lease: WeakLease,
+    renewal_id: Option<u64>,
+}
+
+#[async_trait]
+impl HeldLock for RedisHeld {
+    async fn release(&self) -> Result<()> {
+        if let Some(id) = self.renewal_id {
+            self.shared.renewals.remove(id);
+        }
+        // A finished lease no longer says its TTL: bound by the client's
+        // timeout then.
+        let ttl = self
+            .lease
+            .upgrade()
+            .map_or(self.shared.timeout * 100, |lease| lease.ttl());
+        self.shared
+            .release(&self.key, &self.keys, &self.owner, ttl)
+            .await
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<()> {
+        self.shared
+            .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
+            .await
+    }
+}

@@ -1,0 +1,55 @@
+//! Where a lock lives in Redis.
+//!
+//! Every name of one lock shares the hash tag `{<encoded key>}`, so the
+//! lock, its fence counter and its wait queue sit in one cluster slot. The
+//! key is encoded with [`dlock_core::key::encode_component`] (injective,
+//! no braces, long keys hashed), so a key holding `{` or `}` cannot move
+//! the tag and distinct keys never share names.
+
+use dlock_core::key::encode_component;
+
+/// Longest encoded key kept verbatim; longer ones are hashed.
+const MAX_ENCODED: usize = 256;
+
+/// The Redis names of one lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LockKeys {
+    /// The lock itself: `SET NX PX`, value = owner.
+    pub lock: String,
+    /// The fencing counter.
+    pub fence: String,
+    /// Fair mode: waiter ids in arrival order (a list).
+    pub queue: String,
+    /// Fair mode: waiter id -> deadline of its queue entry (a hash).
+    pub waiters: String,
+    /// The channel a release publishes on.
+    pub channel: String,
+}
+
+impl LockKeys {
+    pub fn new(prefix: &str, key: &str) -> Self {
+        let tag = encode_component(key, MAX_ENCODED);
+        LockKeys {
+            lock: format!("{prefix}:{{{tag}}}:lock"),
+            fence: format!("{prefix}:{{{tag}}}:fence"),
+            queue: format!("{prefix}:{{{tag}}}:queue"),
+            waiters: format!("{prefix}:{{{tag}}}:waiters"),
+            channel: format!("{prefix}:{{{tag}}}:released"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braces_in_keys_do_not_move_the_hash_tag() {
+        let keys = LockKeys::new("app", "a}{b");
+        assert_eq!(keys.lock, "app:{a%7D%7Bb}:lock");
+        assert_eq!(keys.fence, "app:{a%7D%7Bb}:fence");
+        let long = LockKeys::new("app", &"x".repeat(1000));
+        assert!(long.lock.len() < 100, "{}", long.lock);
+        assert_ne!(LockKeys::new("app", "a/b"), LockKeys::new("app", "a_b"));
+    }
+}

@@ -1,0 +1,240 @@
+//! One pub/sub connection per client and server, shared by all its
+//! waiters: a waiter subscribes to its lock's release channel and wakes
+//! when a release (or an abandoned attempt) publishes on it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::PubSubSink;
+use tokio::sync::watch;
+
+/// Subscriptions of one client to one server.
+pub(crate) struct Subscriber {
+    client: redis::Client,
+    /// Messages this client published itself and must not wake on.
+    own_message: String,
+    timeout: Duration,
+    /// The live connection. Held across SUBSCRIBE/UNSUBSCRIBE so they
+    /// reach the server in the order the reference counts changed.
+    current: tokio::sync::Mutex<Option<Arc<PubSubConn>>>,
+}
+
+struct PubSubConn {
+    sink: PubSubSink,
+    channels: Mutex<HashMap<String, Channel>>,
+    dead: AtomicBool,
+    /// Dropped with the connection: stops the dispatcher, which closes the
+    /// socket (dropping the sink alone would not).
+    _closer: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Channel {
+    /// Waiters holding a [`Subscription`].
+    refs: usize,
+    /// Whether the server confirmed the subscription.
+    subscribed: bool,
+    /// Bumped on every message and when the connection dies.
+    wake: watch::Sender<u64>,
+}
+
+/// A waiter's subscription to one channel; dropping it unsubscribes when
+/// it was the last one (in the background).
+pub(crate) struct Subscription {
+    subscriber: Arc<Subscriber>,
+    conn: Arc<PubSubConn>,
+    channel: String,
+    wake: watch::Receiver<u64>,
+}
+
+impl Subscriber {
+    pub fn new(client: redis::Client, timeout: Duration, own_message: String) -> Arc<Self> {
+        Arc::new(Subscriber {
+            client,
+            own_message,
+            timeout,
+            current: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Subscribes to `channel`; returns once the server confirmed it, so a
+    /// release published after this returns wakes the subscription.
+    pub async fn subscribe(self: &Arc<Self>, channel: &str) -> redis::RedisResult<Subscription> {
+        let mut current = self.current.lock().await;
+        let conn = match current.as_ref().filter(|c| !c.dead.load(Ordering::Acquire)) {
+            Some(conn) => conn.clone(),
+            None => {
+                let conn = self.open().await?;
+                *current = Some(conn.clone());
+                conn
+            }
+        };
+        let (wake, needs_subscribe) = {
+            let mut channels = conn.channels.lock().unwrap();
+            let entry = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    refs: 0,
+                    subscribed: false,
+                    wake: watch::channel(0).0,
+                });
+            entry.refs += 1;
+            (entry.wake.subscribe(), !entry.subscribed)
+        };
+        let subscription = Subscription {
+            subscriber: self.clone(),
+            conn: conn.clone(),
+            channel: channel.to_owned(),
+            wake,
+        };
+        if needs_subscribe {
+            let mut sink = conn.sink.clone();
+            let confirmed = tokio::time::timeout(self.timeout, sink.subscribe(channel)).await;
+            match confirmed {
+                Ok(Ok(())) => {
+                    if let Some(entry) = conn.channels.lock().unwrap().get_mut(channel) {
+                        entry.subscribed = true;
+                    }
+                }
+                Ok(Err(err)) => {
+                    conn.dead.store(true, Ordering::Release);
+                    return Err(err);
+                }
+                Err(_) => {
+                    conn.dead.store(true, Ordering::Release);
+                    return Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "SUBSCRIBE was not confirmed in time",
+                    )));
+                }
+            }
+        }
+        Ok(subscription)
+    }
+
+    async fn open(&self) -> redis::RedisResult<Arc<PubSubConn>> {
+        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
+        {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "pub/sub connection timed out",
+                )))
+            }
+        };
+        let (sink, mut stream) = pubsub.split();
+        let (closer, mut closed) = tokio::sync::oneshot::channel::<()>();
+        let conn = Arc::new(PubSubConn {
+            sink,
+            channels: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            _closer: closer,
+        });
+        let weak = Arc::downgrade(&conn);
+        let own_message = self.own_message.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                    _ = &mut closed => return,
+                };
+                if msg.get_payload_bytes() == own_message.as_bytes() {
+                    continue;
+                }
+                let Some(conn) = weak.upgrade() else { return };
+                let channels = conn.channels.lock().unwrap();
+                if let Some(entry) = channels.get(msg.get_channel_name()) {
+                    entry.wake.send_modify(|n| *n += 1);
+                }
+            }
+            // The connection is gone: wake every waiter so it retries and
+            // subscribes again on a new connection.
+            if let Some(conn) = weak.upgrade() {
+                conn.dead.store(true, Ordering::Release);
+                for entry in conn.channels.lock().unwrap().values() {
+                    entry.wake.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Ok(conn)
+    }
+
+    async fn release(&self, conn: Arc<PubSubConn>, channel: String) {
+        let current = self.current.lock().await;
+        let unsubscribe = {
+            let mut channels = conn.channels.lock().unwrap();
+            match channels.get(&channel) {
+                Some(entry) if entry.refs == 0 => {
+                    let was_subscribed = entry.subscribed;
+                    channels.remove(&channel);
+                    was_subscribed
+                }
+                _ => false,
+            }
+        };
+        let is_current = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn));
+        if unsubscribe && is_current && !conn.dead.load(Ordering::Acquire) {
+            let mut sink = conn.sink.clone();
+            if tokio::time::timeout(self.timeout, sink.unsubscribe(&channel))
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                conn.dead.store(true, Ordering::Release);
+            }
+        }
+        drop(current);
+    }
+}
+
+impl Subscription {
+    /// Marks everything seen so far; [`woken`](Self::woken) then waits for
+    /// the next message.
+    pub fn mark_seen(&mut self) {
+        self.wake.borrow_and_update();
+    }
+
+    /// Resolves at the next message after [`mark_seen`](Self::mark_seen),
+    /// or when the connection dies.
+    pub async fn woken(&mut self) {
+        if self.wake.changed().await.is_err() {
+            // The entry is gone (cannot happen while we hold a ref); do not spin.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether the connection died; subscribe again for notifications.
+    pub fn is_dead(&self) -> bool {
+        self.conn.dead.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let last = {
+            let mut channels = self.conn.channels.lock().unwrap();
+            match channels.get_mut(&self.channel) {
+                Some(entry) => {
+                    entry.refs -= 1;
+                    entry.refs == 0
+                }
+                None => false,
+            }
+        };
+        if last {
+            let (subscriber, conn, channel) = (
+                self.subscriber.clone(),
+                self.conn.clone(),
+                std::mem::take(&mut self.channel),
+            );
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { subscriber.release(conn, channel).await });
+            }
+        }
+    }
+}

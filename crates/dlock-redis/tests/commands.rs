@@ -1,0 +1,233 @@
+//! Counts the commands a private Redis executed (MONITOR) to prove the
+//! round-trip claims: try_lock + release is 2 commands, a waiter does not
+//! poll while nothing happens, renewal is one pipeline per tick.
+
+mod support;
+
+use std::time::Duration;
+
+use dlock_core::{DistributedLock, LockOptions};
+use dlock_redis::RedisLock;
+use futures::StreamExt;
+use support::PrivateRedis;
+
+/// The commands clients sent between two markers, without those scripts
+/// ran themselves (MONITOR shows those as `[0 lua]`).
+struct Monitor {
+    lines: std::pin::Pin<Box<dyn futures::Stream<Item = String> + Send>>,
+    marker_conn: redis::aio::MultiplexedConnection,
+}
+
+impl Monitor {
+    async fn start(server: &PrivateRedis) -> Monitor {
+        let client = redis::Client::open(server.url()).unwrap();
+        let monitor = client.get_async_monitor().await.unwrap();
+        let mut this = Monitor {
+            lines: Box::pin(monitor.into_on_message::<String>()),
+            marker_conn: client.get_multiplexed_async_connection().await.unwrap(),
+        };
+        // MONITOR is live once it shows a command sent after it.
+        this.section("ready").await;
+        this
+    }
+
+    /// Sends a marker and returns every client command seen before it.
+    async fn section(&mut self, name: &str) -> Vec<String> {
+        let marker = format!("dlock-marker-{name}-{}", fastrand::u64(..));
+        let _: String = redis::cmd("ECHO")
+            .arg(&marker)
+            .query_async(&mut self.marker_conn)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next())
+                .await
+                .expect("MONITOR went quiet")
+                .expect("MONITOR ended");
+            if line.contains(&marker) {
+                return seen;
+            }
+            if !line.contains(" lua]") && !line.contains("dlock-marker-") {
+                seen.push(line);
+            }
+        }
+    }
+}
+
+fn command_name(line: &str) -> String {
+    line.split("] \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("")
+        .to_uppercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_try_lock_and_release_are_two_round_trips() {
+    let server = PrivateRedis::start();
+    let mut monitor = Monitor::start(&server).await;
+    for fair in ["true", "false"] {
+        let client = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
+        // Warm up: the first call loads the scripts into the server.
+        let warm = client
+            .try_lock("warm-up", &LockOptions::new())
+            .await
+            .unwrap()
+            .unwrap();
+        warm.release().await.unwrap();
+        monitor.section("after-warm-up").await;
+        for round in 0..3 {
+            let guard = client
+                .try_lock("counted", &LockOptions::new())
+                .await
+                .unwrap()
+                .expect("free");
+            guard.release().await.unwrap();
+            let commands = monitor.section("try-lock-release").await;
+            let names: Vec<String> = commands.iter().map(|l| command_name(l)).collect();
+            assert_eq!(
+                names,
+                ["EVALSHA", "EVALSHA"],
+                "fair={fair} round {round}: {commands:#?}"
+            );
+        }
+        // lock() on a free key is one round trip too.
+        let guard = client.lock("counted", &LockOptions::new()).await.unwrap();
+        guard.release().await.unwrap();
+        let commands = monitor.section("lock-release").await;
+        assert_eq!(commands.len(), 2, "fair={fair}: {commands:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_does_not_poll_while_nothing_is_released() {
+    let server = PrivateRedis::start();
+    let mut monitor = Monitor::start(&server).await;
+    for fair in ["true", "false"] {
+        let holder = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
+        let waiter = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
+        let guard = holder
+            .try_lock("held", &LockOptions::new().ttl(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+        monitor.section("held").await;
+        let wait = Duration::from_secs(2);
+        let options = LockOptions::new().wait(wait);
+        let err = waiter
+            .lock("held", &options)
+            .await
+            .expect_err("held for 30s");
+        assert!(err.is_timeout(), "{err}");
+        // Let the dropped waiter's background cleanup reach the server.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let commands = monitor.section("waited").await;
+        let attempts = commands
+            .iter()
+            .filter(|l| command_name(l) == "EVALSHA" && l.contains("\"4\""))
+            .count();
+        // With the default backoff (5 ms doubling to 500 ms) a polling
+        // waiter would have tried about 10 times in 2 s. This one tries,
+        // subscribes, tries again, then sleeps until a release or the
+        // holder's TTL; a fair waiter refreshes its queue entry each second.
+        let allowed = if fair == "true" { 2 + 2 } else { 2 };
+        assert!(
+            (2..=allowed).contains(&attempts),
+            "fair={fair}: {attempts} attempts in {wait:?}: {commands:#?}"
+        );
+        let subscribes = commands
+            .iter()
+            .filter(|l| command_name(l) == "SUBSCRIBE")
+            .count();
+        assert_eq!(subscribes, 1, "fair={fair}: {commands:#?}");
+        guard.release().await.unwrap();
+        monitor.section("released").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
+    const LOCKS: usize = 40;
+    let server = PrivateRedis::start();
+    let client = RedisLock::connect(&server.url()).await.unwrap();
+    let ttl = Duration::from_millis(900);
+    let mut guards = Vec::new();
+    for i in 0..LOCKS {
+        let guard = client
+            .try_lock(&format!("renewed/{i}"), &LockOptions::new().ttl(ttl))
+            .await
+            .unwrap()
+            .unwrap();
+        guards.push(guard);
+    }
+    let mut monitor = Monitor::start(&server).await;
+    monitor.section("start").await;
+    // Several renewal ticks (ttl / 3 = 300 ms) pass.
+    let watched = Duration::from_millis(1500);
+    tokio::time::sleep(watched).await;
+    let commands = monitor.section("renewed").await;
+    assert!(
+        guards.iter().all(|g| g.is_held()),
+        "renewal kept every lock"
+    );
+    let ticks = commands
+        .iter()
+        .filter(|l| command_name(l) == "SCRIPT")
+        .count();
+    let extends = commands
+        .iter()
+        .filter(|l| command_name(l) == "EVALSHA")
+        .count();
+    // Each tick is one pipeline: SCRIPT LOAD, then one EVALSHA per lock.
+    assert!((2..=8).contains(&ticks), "{ticks} ticks in {watched:?}");
+    assert_eq!(extends, ticks * LOCKS, "{ticks} ticks, {extends} extends");
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+}
+
+/// A dropped client leaves no connection behind: neither its command
+/// connection nor the pub/sub connection its waiters shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_closes_its_connections() {
+    let server = PrivateRedis::start();
+    let mut check = server.conn();
+    let connected = |check: &mut redis::Connection| -> usize {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(check).unwrap();
+        list.lines().count()
+    };
+    let baseline = connected(&mut check);
+    {
+        let holder = RedisLock::connect(&server.url()).await.unwrap();
+        let waiter = RedisLock::connect(&server.url()).await.unwrap();
+        let guard = holder
+            .try_lock("k", &LockOptions::new())
+            .await
+            .unwrap()
+            .unwrap();
+        let options = LockOptions::new().wait(Duration::from_millis(300));
+        assert!(waiter.lock("k", &options).await.unwrap_err().is_timeout());
+        assert_eq!(
+            connected(&mut check),
+            baseline + 3,
+            "2 command + 1 pub/sub connections"
+        );
+        guard.release().await.unwrap();
+    }
+    // Closing happens in background tasks; no event reaches the test.
+    let started = std::time::Instant::now();
+    while connected(&mut check) > baseline {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "connections left open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

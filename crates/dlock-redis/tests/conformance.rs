@@ -1,0 +1,94 @@
+//! The conformance suite against real servers: one Redis (fair and unfair
+//! mode) on 127.0.0.1:6379 and Redlock over 127.0.0.1:6380-6382.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlock_redis::RedisLock;
+use dlock_testkit::Harness;
+
+const SINGLE: &str = "127.0.0.1:6379";
+const REDLOCK: [&str; 3] = ["127.0.0.1:6380", "127.0.0.1:6381", "127.0.0.1:6382"];
+
+/// Deletes the lock's key on every server, as a failover or an operator would.
+async fn delete_everywhere(client: &RedisLock, endpoints: &[&str], key: &str) {
+    let name = client.redis_key(key);
+    for endpoint in endpoints {
+        let redis = redis::Client::open(format!("redis://{endpoint}")).unwrap();
+        let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if endpoints.len() == 1 {
+            assert_eq!(deleted, 1, "no lock key {name} to take away");
+        }
+    }
+}
+
+async fn harness(
+    name: &'static str,
+    url: String,
+    endpoints: &'static [&'static str],
+) -> Option<Harness> {
+    for endpoint in endpoints {
+        if !dlock_testkit::service_ready("redis", endpoint).await {
+            return None;
+        }
+    }
+    let fault_url = url.clone();
+    Some(
+        Harness::new(name, move || {
+            let url = url.clone();
+            async move { Ok(Arc::new(RedisLock::connect(&url).await?) as _) }
+        })
+        .with_fault(move |key| {
+            let url = fault_url.clone();
+            async move {
+                let client = RedisLock::connect(&url).await.unwrap();
+                delete_everywhere(&client, endpoints, &key).await;
+            }
+        })
+        .with_short_ttl(Duration::from_millis(800)),
+    )
+}
+
+mod redis_fair {
+    use super::*;
+    async fn fair() -> Option<Harness> {
+        harness(
+            "redis (fair)",
+            format!("redis://{SINGLE}?prefix=dlock-test"),
+            &[SINGLE],
+        )
+        .await
+    }
+    dlock_testkit::conformance_tests!(fair());
+}
+
+mod redis_unfair {
+    use super::*;
+    async fn unfair() -> Option<Harness> {
+        harness(
+            "redis (unfair)",
+            format!("redis://{SINGLE}?prefix=dlock-test&fair=false"),
+            &[SINGLE],
+        )
+        .await
+    }
+    dlock_testkit::conformance_tests!(unfair());
+}
+
+mod redlock {
+    use super::*;
+    async fn quorum() -> Option<Harness> {
+        harness(
+            "redlock",
+            format!("redlock://{}?prefix=dlock-test", REDLOCK.join(",")),
+            &REDLOCK,
+        )
+        .await
+    }
+    dlock_testkit::conformance_tests!(quorum());
+}

@@ -1,0 +1,157 @@
+//! Fair mode on the shared Redis (127.0.0.1:6379): contenders take turns,
+//! and a dropped waiter leaves no queue entry.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dlock_core::{DistributedLock, LockOptions};
+use dlock_redis::RedisLock;
+
+const URL: &str = "redis://127.0.0.1:6379?prefix=dlock-test";
+
+async fn ready() -> bool {
+    dlock_testkit::service_ready("redis", "127.0.0.1:6379").await
+}
+
+/// 8 contenders loop lock/release on one key: once all are queued, the
+/// lock goes round the queue, so nobody gets it twice in a row (in unfair
+/// mode the releasing worker usually takes it straight back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_contenders_take_turns() {
+    if !ready().await {
+        return;
+    }
+    const WORKERS: usize = 8;
+    const ROUNDS: usize = 10;
+    let key = dlock_testkit::unique_key("fair-turns");
+    let grants = Arc::new(Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for _ in 0..WORKERS {
+        clients.push(RedisLock::connect(URL).await.unwrap());
+    }
+    // Everyone queues behind a first holder before the loop starts.
+    let first = clients[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for (worker, client) in clients.into_iter().enumerate() {
+        let (key, grants) = (key.clone(), grants.clone());
+        tasks.push(tokio::spawn(async move {
+            let options = LockOptions::new().wait(Duration::from_secs(30));
+            for _ in 0..ROUNDS {
+                let guard = client.lock(&key, &options).await.expect("lock");
+                grants.lock().unwrap().push(worker);
+                // The work done under the lock. It also gives the previous
+                // holder time to queue again before this release, so that
+                // arrival order (what fairness promises) is one turn each
+                // even when the machine is loaded.
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                guard.release().await.expect("release");
+            }
+        }));
+    }
+    // Let every worker queue (no event says it has).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.release().await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let grants = grants.lock().unwrap().clone();
+    assert_eq!(grants.len(), WORKERS * ROUNDS);
+    // Until workers finish their rounds, each window of 8 grants is one
+    // turn: every worker exactly once.
+    for (i, turn) in grants.chunks(WORKERS).enumerate() {
+        let mut sorted = turn.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            WORKERS,
+            "turn {i} is not one grant each: {turn:?} (all: {grants:?})"
+        );
+    }
+}
+
+/// A `lock` future dropped while queued leaves the queue in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_waiter_leaves_the_queue() {
+    if !ready().await {
+        return;
+    }
+    let (holder, waiter) = (
+        RedisLock::connect(URL).await.unwrap(),
+        RedisLock::connect(URL).await.unwrap(),
+    );
+    let key = dlock_testkit::unique_key("fair-dropped");
+    let guard = holder
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let queue = holder.redis_key(&key).replace(":lock", ":queue");
+    let waiters = holder.redis_key(&key).replace(":lock", ":waiters");
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pending = tokio::time::timeout(
+        Duration::from_millis(300),
+        waiter.lock(&key, &LockOptions::new()),
+    )
+    .await;
+    assert!(pending.is_err(), "the lock is held");
+    // The cleanup runs in a background task; no event reaches the test.
+    let started = std::time::Instant::now();
+    loop {
+        match queued(&mut conn, &queue, &waiters).await {
+            (0, 0) => break,
+            state => assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "queue left behind: {state:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And the queue was really used while waiting (the test can fail).
+    let task = tokio::spawn({
+        let key = key.clone();
+        async move {
+            waiter
+                .lock(&key, &LockOptions::new())
+                .await
+                .map(|g| g.fencing_token())
+        }
+    });
+    let started = std::time::Instant::now();
+    while queued(&mut conn, &queue, &waiters).await != (1, 1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "waiter never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    guard.release().await.unwrap();
+}
+
+async fn queued(
+    conn: &mut redis::aio::MultiplexedConnection,
+    queue: &str,
+    waiters: &str,
+) -> (i64, i64) {
+    let len: i64 = redis::cmd("LLEN")
+        .arg(queue)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let hash: i64 = redis::cmd("HLEN")
+        .arg(waiters)
+        .query_async(conn)
+        .await
+        .unwrap();
+    (len, hash)
+}

@@ -1,0 +1,275 @@
+//! The recipe's own promises, checked on the shared ZooKeeper
+//! (127.0.0.1:2181) by listing the lock directories: no orphan nodes after
+//! failed or abandoned attempts, protected node names, czxid tokens, and
+//! the loss of a lock whose session is killed or whose node is deleted.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlock_core::{DistributedLock, Error, LockOptions, LostReason};
+use dlock_zookeeper::ZooKeeperLock;
+use support::eventually;
+use zookeeper_client as zk;
+
+const URL: &str = "zk://127.0.0.1:2181/dlock-recipe-tests?session_timeout=10s";
+
+async fn clients(n: usize) -> Option<(Vec<ZooKeeperLock>, zk::Client)> {
+    if !dlock_testkit::service_ready("zookeeper", "127.0.0.1:2181").await {
+        return None;
+    }
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(ZooKeeperLock::connect(URL).await.expect("connect"));
+    }
+    let admin = zk::Client::connect("127.0.0.1:2181")
+        .await
+        .expect("admin client");
+    Some((clients, admin))
+}
+
+async fn children(admin: &zk::Client, dir: &str) -> Vec<String> {
+    match admin.list_children(dir).await {
+        Ok(children) => children,
+        Err(zk::Error::NoNode) => Vec::new(),
+        Err(err) => panic!("list {dir}: {err}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_try_lock_and_timed_out_lock_leave_no_node() {
+    let Some((c, admin)) = clients(2).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("orphans");
+    let dir = c[0].lock_directory(&key);
+    let guard = c[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("free");
+    assert_eq!(children(&admin, &dir).await.len(), 1);
+
+    // A failed try_lock deletes its node before it returns.
+    assert!(c[1]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        children(&admin, &dir).await.len(),
+        1,
+        "try_lock left a node"
+    );
+
+    // A lock that times out is dropped by the core; its node goes in the
+    // background.
+    let err = c[1]
+        .lock(&key, &LockOptions::new().wait(Duration::from_millis(200)))
+        .await
+        .expect_err("held");
+    assert!(err.is_timeout(), "{err}");
+    eventually(
+        "the timed-out waiter's node is deleted",
+        Duration::from_secs(5),
+        || async { children(&admin, &dir).await.len() == 1 },
+    )
+    .await;
+    guard.release().await.unwrap();
+    assert!(children(&admin, &dir).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_waiters_leave_no_node_even_mid_create() {
+    let Some((c, admin)) = clients(3).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("aborted");
+    let dir = c[0].lock_directory(&key);
+    let guard = c[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("free");
+
+    // A waiter that queued and then was aborted.
+    let task = tokio::spawn({
+        let (client, key) = (c[1].clone(), key.clone());
+        async move { client.lock(&key, &LockOptions::new()).await.map(drop) }
+    });
+    eventually("the waiter queued", Duration::from_secs(5), || async {
+        children(&admin, &dir).await.len() == 2
+    })
+    .await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    eventually(
+        "the aborted waiter's node is deleted",
+        Duration::from_secs(5),
+        || async { children(&admin, &dir).await.len() == 1 },
+    )
+    .await;
+
+    // A lock future dropped after one poll: its create was sent but not
+    // answered, so the cleanup has to find the node by its protected name.
+    {
+        let options = LockOptions::new();
+        let mut pending = std::pin::pin!(c[2].lock(&key, &options));
+        assert!(futures::poll!(pending.as_mut()).is_pending());
+    }
+    // Give the create time to land; the cleanup must still remove it.
+    let other = c[2].try_lock(&key, &LockOptions::new()).await.unwrap();
+    assert!(other.is_none());
+    eventually(
+        "the node of a future dropped mid-create is deleted",
+        Duration::from_secs(5),
+        || async { children(&admin, &dir).await.len() == 1 },
+    )
+    .await;
+    guard.release().await.unwrap();
+    let next = c[1]
+        .lock(&key, &LockOptions::new().wait(Duration::from_secs(3)))
+        .await
+        .expect("no ghost waiter blocks the next owner");
+    next.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_protected_and_tokens_are_czxids() {
+    let Some((c, admin)) = clients(1).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("layout/with slash");
+    let dir = c[0].lock_directory(&key);
+    assert!(
+        dir.starts_with("/dlock-recipe-tests/dlock-test%2F"),
+        "{dir}"
+    );
+    let guard = c[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("free");
+    let names = children(&admin, &dir).await;
+    assert_eq!(names.len(), 1);
+    let name = &names[0];
+    // _c_<36-char uuid>-lock-<10 digits>
+    assert!(
+        name.starts_with("_c_") && name.len() == 3 + 36 + 1 + 5 + 10,
+        "{name}"
+    );
+    assert_eq!(&name[40..45], "lock-", "{name}");
+    let (_, stat) = admin.get_data(&format!("{dir}/{name}")).await.unwrap();
+    assert_eq!(stat.czxid as u64, guard.fencing_token());
+    assert_eq!(stat.ephemeral_owner, c[0].session_id());
+    // (That the directory is a container node, which the server removes
+    // when empty, is shown in tests/faults.rs: clients cannot see a node's
+    // type in its stat.)
+    assert_eq!(guard.lease().valid_until(), None, "a live session vouches");
+    guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_session_fires_lost_and_the_waiter_takes_over() {
+    let Some((c, _admin)) = clients(2).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("killed");
+    let held = c[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("free");
+    let other = c[0]
+        .try_lock(
+            &dlock_testkit::unique_key("killed-other"),
+            &LockOptions::new(),
+        )
+        .await
+        .unwrap()
+        .expect("free");
+    let waiter = tokio::spawn({
+        let (client, key) = (c[1].clone(), key.clone());
+        async move {
+            client
+                .lock(&key, &LockOptions::new().wait(Duration::from_secs(20)))
+                .await
+        }
+    });
+    let old_session = c[0].session_id();
+    c[0].kill_session().await.expect("kill the session");
+    // Every lock of the session is lost at once.
+    for guard in [&held, &other] {
+        let reason = tokio::time::timeout(Duration::from_secs(1), guard.lost())
+            .await
+            .expect("lost() fired");
+        assert!(matches!(reason, LostReason::SessionLost(_)), "{reason}");
+        assert!(!guard.is_held());
+    }
+    let next = waiter.await.unwrap().expect("the waiter takes over");
+    assert!(next.fencing_token() > held.fencing_token());
+    assert!(held
+        .extend(Duration::from_secs(1))
+        .await
+        .unwrap_err()
+        .is_not_held());
+    assert!(matches!(held.release().await, Err(Error::NotHeld { .. })));
+    assert!(other.release().await.unwrap_err().is_not_held());
+
+    // The client opens a new session for its next lock.
+    assert!(c[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
+    assert_ne!(c[0].session_id(), old_session);
+    next.release().await.unwrap();
+    let again = c[0]
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .expect("free again");
+    again.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_node_is_noticed_by_the_ownership_check() {
+    let Some((c, admin)) = clients(1).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("deleted");
+    let dir = c[0].lock_directory(&key);
+    let ttl = Duration::from_millis(300);
+    let guard = c[0]
+        .try_lock(&key, &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap()
+        .expect("free");
+    let name = children(&admin, &dir).await.pop().unwrap();
+    // An operator deletes the lock node.
+    admin.delete(&format!("{dir}/{name}"), None).await.unwrap();
+    let reason = tokio::time::timeout(ttl * 3, guard.lost())
+        .await
+        .expect("the renewal's ownership check noticed the deletion");
+    assert_eq!(reason, LostReason::NotHeld);
+    assert!(guard.release().await.unwrap_err().is_not_held());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_facade_entry_point_connects_and_refuses_bad_urls() {
+    if !dlock_testkit::service_ready("zookeeper", "127.0.0.1:2181").await {
+        return;
+    }
+    let locks: Arc<dyn DistributedLock> =
+        dlock_zookeeper::connect("zookeeper://127.0.0.1:2181/dlock-recipe-tests")
+            .await
+            .expect("connect");
+    assert_eq!(locks.backend(), "zookeeper");
+    let caps = locks.capabilities();
+    assert!(caps.fair && caps.session_based && caps.strict_fencing && !caps.ttl_expiry);
+    assert!(matches!(
+        dlock_zookeeper::connect("zk://127.0.0.1:2181?session_timeout=forever").await,
+        Err(Error::InvalidUrl { .. })
+    ));
+}
