@@ -61,6 +61,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
+use crate::{describe, exit_code_for, resolve_url, EXIT_USAGE};
 use floor::{RawClient, RawServer};
 use stats::Samples;
 
@@ -73,9 +74,11 @@ const WARM_UP_CYCLES: usize = 20;
 /// Arguments of `dlock bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The lock service, e.g. redis://127.0.0.1:6379, etcd://127.0.0.1:2379/bench.
-    #[arg(long, env = "DLOCK_URL")]
-    url: String,
+    /// The lock service, e.g. redis://127.0.0.1:6379 or
+    /// etcd://127.0.0.1:2379/bench [default: $DLOCK_URL, else the local-file
+    /// default].
+    #[arg(long, env = "DLOCK_URL", hide_env_values = true)]
+    url: Option<String>,
     /// Run one scenario (default: all three).
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
@@ -162,7 +165,7 @@ impl Scenario {
 pub fn main(args: Args) -> ExitCode {
     if args.duration < Duration::from_millis(100) {
         eprintln!("dlock bench: --duration must be at least 100ms");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     }
     let mut builder = match args.runtime {
         Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread(),
@@ -172,14 +175,36 @@ pub fn main(args: Args) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("dlock bench: cannot start the tokio runtime: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_SOFTWARE);
         }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure { code, message }) => {
             eprintln!("dlock bench: {message}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Exit status of a failing service (sysexits EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit status of an internal failure (sysexits EX_SOFTWARE).
+const EXIT_SOFTWARE: u8 = 70;
+
+/// Why the bench stopped, and its exit status.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+/// Failures inside a run are the service's (a cycle or a raw client
+/// failed).
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            code: EXIT_UNAVAILABLE,
+            message,
         }
     }
 }
@@ -293,20 +318,31 @@ struct Bench {
     single_floor: Option<(f64, f64, f64)>,
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let redacted = dlock::error::redact_url(&args.url);
+async fn run(mut args: Args) -> Result<(), Failure> {
+    let url = resolve_url(args.url.take());
+    let redacted = dlock::error::redact_url(&url);
     // The lock first: its errors name bad URLs best.
     let backend = if args.floor_only {
-        backend_of_scheme(&args.url)
+        backend_of_scheme(&url)
     } else {
-        let locker = dlock::connect(&args.url).await.map_err(|err| {
-            format!(
-                "cannot use {redacted}: {err} (--floor-only measures only the raw protocol floor)"
-            )
+        let locker = dlock::connect(&url).await.map_err(|err| Failure {
+            code: exit_code_for(&err),
+            message: format!(
+                "cannot use {redacted}: {}{}",
+                describe(&err),
+                if matches!(err, dlock::Error::Unsupported { .. }) {
+                    " (--floor-only measures only the raw protocol floor)"
+                } else {
+                    ""
+                }
+            ),
         })?;
         locker.backend()
     };
-    let raw = RawServer::from_url(&args.url).map_err(|err| format!("{redacted}: {err}"))?;
+    let raw = RawServer::from_url(&url).map_err(|err| Failure {
+        code: EXIT_USAGE,
+        message: format!("{redacted}: {err}"),
+    })?;
     let scenarios = match args.scenario {
         Some(one) => vec![one],
         None => vec![Scenario::Uncontended, Scenario::Contended, Scenario::Spread],
@@ -322,7 +358,7 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let progress = progress_bar(&scenarios, args.duration, args.floor_only);
     let mut bench = Bench {
-        url: args.url.clone(),
+        url,
         backend,
         raw,
         options: LockOptions::new()
@@ -373,7 +409,8 @@ fn backend_of_scheme(url: &str) -> &'static str {
     match url.split_once("://").map(|(scheme, _)| scheme) {
         Some("memory") => "memory",
         Some("file") => "file",
-        Some("redis" | "rediss" | "redlock") => "redis",
+        Some("redis" | "rediss") => "redis",
+        Some("redlock") => "redlock",
         Some("zk" | "zookeeper") => "zookeeper",
         Some("etcd") => "etcd",
         _ => "unknown",

@@ -103,12 +103,12 @@ fn one_scenario_prints_a_table() {
 #[test]
 fn bad_input_is_a_one_line_error() {
     let output = bench(&["--url", "nope://x", "--duration", "1s"]);
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("nope"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
     let output = bench(&["--url", "memory://", "--duration", "soon"]);
-    assert!(!output.status.success());
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("soon"));
 }
