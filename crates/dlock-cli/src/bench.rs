@@ -361,9 +361,9 @@ async fn run(mut args: Args) -> Result<(), Failure> {
         url,
         backend,
         raw,
-        options: LockOptions::new()
-            .ttl(Duration::from_secs(10))
-            .auto_renew(!args.no_auto_renew),
+        // The default options (30 s TTL), as most users run them: on etcd
+        // this TTL matches the session lease, so no lease is granted per lock.
+        options: LockOptions::new().auto_renew(!args.no_auto_renew),
         floor_only: args.floor_only,
         workers: usize::from(args.workers),
         duration: args.duration,
