@@ -52,14 +52,7 @@ pub struct Args {
 
 /// Runs `dlock demo`.
 pub fn main(args: Args) -> ExitCode {
-    let runtime = match crate::current_thread_runtime() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("dlock: cannot start the async runtime: {err}");
-            return ExitCode::from(70);
-        }
-    };
-    ExitCode::from(runtime.block_on(run(args)))
+    crate::run_on_current_thread(run(args))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

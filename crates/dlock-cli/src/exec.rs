@@ -82,14 +82,7 @@ pub struct Args {
 
 /// Runs `dlock exec`.
 pub fn main(args: Args) -> ExitCode {
-    let runtime = match crate::current_thread_runtime() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("dlock: cannot start the async runtime: {err}");
-            return ExitCode::from(70);
-        }
-    };
-    ExitCode::from(runtime.block_on(run(args)))
+    crate::run_on_current_thread(run(args))
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> u8 {

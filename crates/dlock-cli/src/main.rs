@@ -85,12 +85,20 @@ fn init_tracing() {
         .try_init();
 }
 
-/// A single-threaded tokio runtime: enough for one lock and one child, and
-/// it keeps wake-ups on one core.
-pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs a subcommand on a single-threaded tokio runtime (enough for one
+/// lock and one child, and it keeps wake-ups on one core); the future's
+/// output is the exit status.
+pub fn run_on_current_thread(subcommand: impl std::future::Future<Output = u8>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
+        .build();
+    match runtime {
+        Ok(runtime) => ExitCode::from(runtime.block_on(subcommand)),
+        Err(err) => {
+            eprintln!("dlock: cannot start the async runtime: {err}");
+            ExitCode::from(70)
+        }
+    }
 }
 
 /// The lock URL to use: `--url`, else `$DLOCK_URL` (clap reads it into
