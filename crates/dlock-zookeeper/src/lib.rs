@@ -254,6 +254,7 @@ impl ZooKeeperLock {
         dir: &str,
         created: &recipe::Created,
         options: &LockOptions,
+        own_watch: Option<recipe::OwnWatch>,
     ) -> LockGuard {
         // czxid is a positive zxid: (epoch << 32) | counter.
         let fencing_token = created.czxid as u64;
@@ -262,6 +263,7 @@ impl ZooKeeperLock {
             path: format!("{dir}/{}", created.name),
             key: key.to_owned(),
             session,
+            _own_watch: own_watch,
         });
         tracing::debug!(fencing_token, node = %held.path, "acquired");
         LockGuard::new(BACKEND, lease, held, options.auto_renew)
@@ -294,9 +296,9 @@ impl LockBackend for ZooKeeperLock {
         match recipe::position(&session, &dir, &created, key).await? {
             Position::First => {
                 pending.disarm();
-                Ok(Some(self.grant(session, key, &dir, &created, options)))
+                Ok(Some(self.grant(session, key, &dir, &created, options, None)))
             }
-            Position::Behind(_) => {
+            Position::Behind { .. } => {
                 let path = format!("{dir}/{}", created.name);
                 match recipe::retry_on_loss(|| session.client.delete(&path, None)).await {
                     Ok(()) | Err(zk::Error::NoNode) => pending.disarm(),
@@ -316,17 +318,10 @@ impl LockBackend for ZooKeeperLock {
         let mut pending = PendingNode::new(session.clone(), dir.clone(), protected.clone());
         let created = recipe::create_node(&session, &dir, &protected, key).await?;
         pending.created(&created.name);
-        loop {
-            match recipe::position(&session, &dir, &created, key).await? {
-                Position::First => {
-                    pending.disarm();
-                    return Ok(self.grant(session, key, &dir, &created, options));
-                }
-                Position::Behind(predecessor) => {
-                    tracing::trace!(%predecessor, "waiting for the predecessor");
-                    recipe::wait_for_deletion(&session, &dir, &predecessor, key).await?;
-                }
-            }
-        }
+        let own_watch = recipe::wait_turn(&session, &dir, &created, key).await?;
+        // No await between here and the grant: a drop of this future
+        // either deletes our node (the pending guard) or hands it over.
+        pending.disarm();
+        Ok(self.grant(session, key, &dir, &created, options, own_watch))
     }
 }
