@@ -296,7 +296,9 @@ impl LockBackend for ZooKeeperLock {
         match recipe::position(&session, &dir, &created, key).await? {
             Position::First => {
                 pending.disarm();
-                Ok(Some(self.grant(session, key, &dir, &created, options, None)))
+                Ok(Some(
+                    self.grant(session, key, &dir, &created, options, None),
+                ))
             }
             Position::Behind { .. } => {
                 let path = format!("{dir}/{}", created.name);

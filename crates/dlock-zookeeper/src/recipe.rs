@@ -247,7 +247,8 @@ pub(crate) async fn position(
         if sequence >= own.sequence {
             continue;
         }
-        let closer = |slot: &Option<(i64, String)>| slot.as_ref().is_none_or(|(s, _)| sequence > *s);
+        let closer =
+            |slot: &Option<(i64, String)>| slot.as_ref().is_none_or(|(s, _)| sequence > *s);
         if closer(&ahead[0]) {
             ahead[1] = ahead[0].replace((sequence, name));
         } else if closer(&ahead[1]) {
@@ -432,7 +433,11 @@ pub(crate) async fn wait_turn(
             }
         }
         for (request, slot, name) in [
-            (watch_predecessor, &mut predecessor_watch, Some(&predecessor)),
+            (
+                watch_predecessor,
+                &mut predecessor_watch,
+                Some(&predecessor),
+            ),
             (watch_second, &mut second_watch, second.as_ref()),
         ] {
             let (Some(request), Some(name)) = (request, name) else {
@@ -453,16 +458,27 @@ pub(crate) async fn wait_turn(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let (Some(ahead), mut two_ahead) = (predecessor_watch.as_mut(), second_watch.as_mut()) else {
+        let Some(ahead) = predecessor_watch.as_mut() else {
             continue;
         };
+        let (mut two_ahead, mut ours) = (second_watch.as_mut(), own_watch.as_mut());
         let predecessor_event = std::future::poll_fn(|cx| {
             if let Poll::Ready(event) = ahead.poll_fired(cx) {
                 return Poll::Ready(Some(event));
             }
-            match two_ahead {
-                Some(ref mut watch) => watch.poll_fired(cx).map(|_| None),
-                None => Poll::Pending,
+            // The node two ahead went (it is watched afresh after each
+            // listing), or our own node was deleted or touched (that
+            // watch is never set again: it wakes us once): list again.
+            if let Some(watch) = two_ahead.as_deref_mut() {
+                if watch.poll_fired(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            match ours.as_deref_mut() {
+                Some(watch) if matches!(watch.state, WatchState::Pending(_)) => {
+                    watch.poll_fired(cx).map(|_| None)
+                }
+                _ => Poll::Pending,
             }
         })
         .await;
@@ -471,7 +487,9 @@ pub(crate) async fn wait_turn(
         if state_changed(&mut states) {
             calm = false;
         }
-        let own_intact = own_watch.as_mut().is_some_and(|watch| watch.fired().is_none());
+        let own_intact = own_watch
+            .as_mut()
+            .is_some_and(|watch| watch.fired().is_none());
         if holder_gone && calm && own_intact {
             tracing::trace!(%predecessor, "the holder's node is gone: our turn");
             return Ok(own_watch.map(|w| OwnWatch(std::sync::Mutex::new(w))));

@@ -100,7 +100,11 @@ async fn acquire_release_and_handoff_cost_what_the_recipe_promises() {
     // (no request to remove it).
     let before = server.mntr("zk_packets_received").await;
     next.release().await.unwrap();
-    assert_eq!(requests_since(&server, before).await, 1, "release after a wait");
+    assert_eq!(
+        requests_since(&server, before).await,
+        1,
+        "release after a wait"
+    );
     assert_eq!(server.watch_count().await, watches, "no watch left behind");
 }
 
@@ -181,4 +185,69 @@ async fn in_a_deeper_queue_each_waiter_lists_again_while_its_predecessor_holds()
     assert!(third.fencing_token() > second_token);
     assert_eq!(requests_since(&server, before).await, 1, "handoff b -> c");
     third.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_change_on_the_holders_node_is_not_taken_for_its_deletion() {
+    if !support::can_start() {
+        return;
+    }
+    let server = PrivateZooKeeper::start().await;
+    let url = server.url("session_timeout=60s");
+    let a = ZooKeeperLock::connect(&url).await.expect("client a");
+    let b = ZooKeeperLock::connect(&url).await.expect("client b");
+    let admin = zookeeper_client::Client::connect(&server.address())
+        .await
+        .expect("admin client");
+    let key = "data-change";
+    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let held = a.lock(key, &options).await.unwrap();
+    let dir = a.lock_directory(key);
+    let holder_node = format!(
+        "{dir}/{}",
+        admin.list_children(&dir).await.unwrap().pop().unwrap()
+    );
+
+    let watches = server.watch_count().await;
+    let mut waiter = tokio::spawn({
+        let (b, options) = (b.clone(), options.clone());
+        async move { b.lock(key, &options).await }
+    });
+    watches_set(&server, watches + 2).await;
+
+    // Someone writes to the holder's node: the waiter's watch fires, but
+    // not for a deletion; it lists again (the holder is still there) and
+    // watches the holder again: getChildren + getData.
+    let before = server.mntr("zk_packets_received").await;
+    admin
+        .set_data(&holder_node, b"touched", None)
+        .await
+        .unwrap();
+    let mut polls = 0;
+    support::eventually(
+        "the waiter lists again and re-arms its watch",
+        Duration::from_secs(5),
+        || {
+            polls += 1;
+            let (server, polls) = (&server, polls);
+            // setData + getChildren + getData, and the mntr calls.
+            async move { server.mntr("zk_packets_received").await - before - polls >= 3 }
+        },
+    )
+    .await;
+    assert_eq!(server.watch_count().await, watches + 2, "watching again");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+            .await
+            .is_err(),
+        "the waiter was granted while the holder held"
+    );
+    assert!(held.is_held());
+
+    // Now the real deletion hands over.
+    let token = held.fencing_token();
+    held.release().await.unwrap();
+    let next = waiter.await.unwrap().expect("waiter granted");
+    assert!(next.fencing_token() > token);
+    next.release().await.unwrap();
 }
