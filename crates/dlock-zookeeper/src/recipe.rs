@@ -1,6 +1,8 @@
 //! The lock recipe: one ephemeral sequential node per contender in the
 //! key's directory; the lowest sequence holds the lock; each waiter
-//! watches only its immediate predecessor.
+//! watches its own node, its predecessor and the node ahead of that, and
+//! takes the holder's deletion as its grant without listing again (see
+//! [`wait_turn`]).
 //!
 //! Written here rather than wrapping `zookeeper_client::Client::lock`,
 //! which has the same shape and cancellation safety, because the contract
@@ -8,7 +10,8 @@
 //! node's czxid from the create answer (the fencing token; otherwise a
 //! third request); an owner-checked release that reports `NotHeld`;
 //! container lock directories with their parents made on demand; and a
-//! guard tied to our session watcher instead of a borrowed client.
+//! guard tied to our session watcher instead of a borrowed client; and a
+//! handoff that costs no request after the holder's delete.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -347,8 +350,18 @@ impl Watch {
 
 /// Kept by a granted lock until it is released: the watch on our own node,
 /// which then fires (our delete) instead of being removed by one more
-/// request.
-pub(crate) struct OwnWatch(#[allow(dead_code)] std::sync::Mutex<Watch>);
+/// request. (The mutex only makes it `Sync`; nobody locks it.)
+pub(crate) struct OwnWatch {
+    _watch: std::sync::Mutex<Watch>,
+}
+
+impl OwnWatch {
+    fn new(watch: Watch) -> Self {
+        OwnWatch {
+            _watch: std::sync::Mutex::new(watch),
+        }
+    }
+}
 
 /// True when the session's state changed since `states` was last read: a
 /// disconnection (the server re-sends watch events on reconnection, in no
@@ -393,7 +406,7 @@ pub(crate) async fn wait_turn(
     let mut second_watch: Option<Watch> = None;
     loop {
         let (predecessor, second) = match position(session, dir, own, key).await? {
-            Position::First => return Ok(own_watch.map(|w| OwnWatch(std::sync::Mutex::new(w)))),
+            Position::First => return Ok(own_watch.map(OwnWatch::new)),
             Position::Behind {
                 predecessor,
                 second,
@@ -492,7 +505,7 @@ pub(crate) async fn wait_turn(
             .is_some_and(|watch| watch.fired().is_none());
         if holder_gone && calm && own_intact {
             tracing::trace!(%predecessor, "the holder's node is gone: our turn");
-            return Ok(own_watch.map(|w| OwnWatch(std::sync::Mutex::new(w))));
+            return Ok(own_watch.map(OwnWatch::new));
         }
         // Anything else (the node two ahead went, a waiting predecessor
         // left, a data change, a session event): list again.
