@@ -45,13 +45,34 @@
 //! ephemeral sequential node `_c_<uuid>-lock-<seq>` in it (Curator's
 //! "protected" naming: after a connection loss the client finds its node by
 //! the uuid instead of creating a second one), lists the directory, and
-//! holds the lock if its sequence is the lowest. Otherwise it watches only
-//! its immediate predecessor (no herd effect) and lists again when that
-//! node goes. Waiters are served in arrival order.
+//! holds the lock if its sequence is the lowest. Otherwise it watches its
+//! own node, its immediate predecessor and the node ahead of that (so at
+//! most two waiters watch any node: no herd effect). Waiters are served in
+//! arrival order.
+//!
+//! Once the predecessor is the only node ahead, it is the holder, and no
+//! node can queue ahead of us any more (sequences only grow; every lower
+//! node existed when we listed): its deletion alone grants the lock, with
+//! no request after the holder's delete. The waiter further back learns
+//! that the node two ahead of it went, and lists again *while* its
+//! predecessor holds, so it is in that position by the next handoff. A
+//! predecessor that was still waiting when we listed may have abandoned,
+//! leaving an earlier holder: its deletion makes us list again, as does a
+//! data change, a reconnection of the session in between (the server then
+//! replays deletions in no guaranteed order) or our own node being touched
+//! or deleted (then the acquisition fails instead of granting a lock
+//! without a node).
 //!
 //! - Uncontended acquisition: 2 requests (create, list) once the directory
 //!   exists; release: 1 (delete); `try_lock` on a held key: 3 (create, list,
-//!   delete); a waiter sends nothing while its predecessor holds.
+//!   delete).
+//! - A waiter: create, list, and one round trip setting its watches (2 or
+//!   3 requests), then nothing while its predecessor holds, except one
+//!   listing (plus a watch) when the node two ahead goes. A handoff costs
+//!   the holder's delete and nothing else on the critical path: its floor
+//!   is the delete's round trip (a quorum write, fsynced), as the server
+//!   notifies the watcher when it applies the delete, just before it
+//!   answers the holder.
 //! - Fencing token: the lock node's `czxid`, the zxid of the transaction
 //!   that created it. Zxids grow across the whole ensemble's history, so
 //!   tokens keep growing even when the directory is removed and made again
@@ -254,6 +275,7 @@ impl ZooKeeperLock {
         dir: &str,
         created: &recipe::Created,
         options: &LockOptions,
+        own_watch: Option<recipe::OwnWatch>,
     ) -> LockGuard {
         // czxid is a positive zxid: (epoch << 32) | counter.
         let fencing_token = created.czxid as u64;
@@ -262,6 +284,7 @@ impl ZooKeeperLock {
             path: format!("{dir}/{}", created.name),
             key: key.to_owned(),
             session,
+            _own_watch: own_watch,
         });
         tracing::debug!(fencing_token, node = %held.path, "acquired");
         LockGuard::new(BACKEND, lease, held, options.auto_renew)
@@ -294,9 +317,11 @@ impl LockBackend for ZooKeeperLock {
         match recipe::position(&session, &dir, &created, key).await? {
             Position::First => {
                 pending.disarm();
-                Ok(Some(self.grant(session, key, &dir, &created, options)))
+                Ok(Some(
+                    self.grant(session, key, &dir, &created, options, None),
+                ))
             }
-            Position::Behind(_) => {
+            Position::Behind { .. } => {
                 let path = format!("{dir}/{}", created.name);
                 match recipe::retry_on_loss(|| session.client.delete(&path, None)).await {
                     Ok(()) | Err(zk::Error::NoNode) => pending.disarm(),
@@ -316,17 +341,10 @@ impl LockBackend for ZooKeeperLock {
         let mut pending = PendingNode::new(session.clone(), dir.clone(), protected.clone());
         let created = recipe::create_node(&session, &dir, &protected, key).await?;
         pending.created(&created.name);
-        loop {
-            match recipe::position(&session, &dir, &created, key).await? {
-                Position::First => {
-                    pending.disarm();
-                    return Ok(self.grant(session, key, &dir, &created, options));
-                }
-                Position::Behind(predecessor) => {
-                    tracing::trace!(%predecessor, "waiting for the predecessor");
-                    recipe::wait_for_deletion(&session, &dir, &predecessor, key).await?;
-                }
-            }
-        }
+        let own_watch = recipe::wait_turn(&session, &dir, &created, key).await?;
+        // No await between here and the grant: a drop of this future
+        // either deletes our node (the pending guard) or hands it over.
+        pending.disarm();
+        Ok(self.grant(session, key, &dir, &created, options, own_watch))
     }
 }

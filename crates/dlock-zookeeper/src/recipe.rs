@@ -1,6 +1,8 @@
 //! The lock recipe: one ephemeral sequential node per contender in the
 //! key's directory; the lowest sequence holds the lock; each waiter
-//! watches only its immediate predecessor.
+//! watches its own node, its predecessor and the node ahead of that, and
+//! takes the holder's deletion as its grant without listing again (see
+//! [`wait_turn`]).
 //!
 //! Written here rather than wrapping `zookeeper_client::Client::lock`,
 //! which has the same shape and cancellation safety, because the contract
@@ -8,10 +10,13 @@
 //! node's czxid from the create answer (the fencing token; otherwise a
 //! third request); an owner-checked release that reports `NotHeld`;
 //! container lock directories with their parents made on demand; and a
-//! guard tied to our session watcher instead of a borrowed client.
+//! guard tied to our session watcher instead of a borrowed client; and a
+//! handoff that costs no request after the holder's delete.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -45,8 +50,14 @@ pub(crate) struct Created {
 pub(crate) enum Position {
     /// Lowest sequence: we hold the lock.
     First,
-    /// Behind this node (its name), which we must wait for.
-    Behind(String),
+    /// Behind `predecessor` (the closest node ahead of ours). `second` is
+    /// the node ahead of the predecessor, `None` when the predecessor is
+    /// the only node ahead: the holder, after which nobody can queue in
+    /// front of us.
+    Behind {
+        predecessor: String,
+        second: Option<String>,
+    },
 }
 
 /// The protected part of a new node's name: `_c_<uuid v4>-`.
@@ -220,7 +231,8 @@ pub(crate) async fn position(
         .await
         .map_err(|err| op_error(session, "acquire", key, err))?;
     let mut present = false;
-    let mut predecessor: Option<(i64, String)> = None;
+    // The two closest nodes ahead of ours: (sequence, name), closest first.
+    let mut ahead: [Option<(i64, String)>; 2] = [None, None];
     for name in children {
         if name == own.name {
             present = true;
@@ -235,30 +247,41 @@ pub(crate) async fn position(
         let Some(sequence) = sequence_of(&name) else {
             continue;
         };
-        let closer = match &predecessor {
-            None => true,
-            Some((best, _)) => sequence > *best,
-        };
-        if sequence < own.sequence && closer {
-            predecessor = Some((sequence, name));
+        if sequence >= own.sequence {
+            continue;
+        }
+        let closer =
+            |slot: &Option<(i64, String)>| slot.as_ref().is_none_or(|(s, _)| sequence > *s);
+        if closer(&ahead[0]) {
+            ahead[1] = ahead[0].replace((sequence, name));
+        } else if closer(&ahead[1]) {
+            ahead[1] = Some((sequence, name));
         }
     }
     if !present {
-        return Err(Error::backend(
-            BACKEND,
-            session.endpoint.clone(),
-            "acquire",
-            key,
-            format!(
-                "our lock node {dir}/{} disappeared (session expired or node deleted)",
-                own.name
-            ),
-        ));
+        return Err(disappeared(session, dir, own, key));
     }
+    let [predecessor, second] = ahead;
     Ok(match predecessor {
         None => Position::First,
-        Some((_, name)) => Position::Behind(name),
+        Some((_, predecessor)) => Position::Behind {
+            predecessor,
+            second: second.map(|(_, name)| name),
+        },
     })
+}
+
+fn disappeared(session: &Session, dir: &str, own: &Created, key: &str) -> Error {
+    Error::backend(
+        BACKEND,
+        session.endpoint.clone(),
+        "acquire",
+        key,
+        format!(
+            "our lock node {dir}/{} disappeared (session expired or node deleted)",
+            own.name
+        ),
+    )
 }
 
 /// Deletes a duplicate node of our own in the background.
@@ -270,30 +293,222 @@ fn remove_twin(session: &Session, path: String) {
     });
 }
 
-/// Waits until `predecessor` is gone: one request to set the watch, then
-/// nothing until the server notifies us.
-pub(crate) async fn wait_for_deletion(
+/// A one-shot watch on a node, set by a request whose answer we have.
+pub(crate) struct Watch {
+    /// The node's name within the lock directory.
+    name: String,
+    state: WatchState,
+}
+
+enum WatchState {
+    Pending(Pin<Box<dyn Future<Output = zk::WatchedEvent> + Send>>),
+    Fired(zk::EventType),
+}
+
+impl Watch {
+    fn armed(name: &str, watcher: zk::OneshotWatcher) -> Self {
+        Watch {
+            name: name.to_owned(),
+            state: WatchState::Pending(Box::pin(watcher.changed())),
+        }
+    }
+
+    /// The node was already gone when we asked to watch it.
+    fn gone(name: &str) -> Self {
+        Watch {
+            name: name.to_owned(),
+            state: WatchState::Fired(zk::EventType::NodeDeleted),
+        }
+    }
+
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<zk::EventType> {
+        match &mut self.state {
+            WatchState::Fired(event) => Poll::Ready(*event),
+            WatchState::Pending(changed) => {
+                let event = std::task::ready!(changed.as_mut().poll(cx));
+                tracing::trace!(node = %self.name, ?event, "watch fired");
+                self.state = WatchState::Fired(event.event_type);
+                Poll::Ready(event.event_type)
+            }
+        }
+    }
+
+    /// What fired, without waiting. The client dispatches notifications in
+    /// the order the server sent them, so an event the server sent before
+    /// the one we are handling is already here.
+    fn fired(&mut self) -> Option<zk::EventType> {
+        match self.poll_fired(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(event) => Some(event),
+            Poll::Pending => None,
+        }
+    }
+
+    fn is(&mut self, name: &str) -> bool {
+        self.name == name && self.fired().is_none()
+    }
+}
+
+/// Kept by a granted lock until it is released: the watch on our own node,
+/// which then fires (our delete) instead of being removed by one more
+/// request. (The mutex only makes it `Sync`; nobody locks it.)
+pub(crate) struct OwnWatch {
+    _watch: std::sync::Mutex<Watch>,
+}
+
+impl OwnWatch {
+    fn new(watch: Watch) -> Self {
+        OwnWatch {
+            _watch: std::sync::Mutex::new(watch),
+        }
+    }
+}
+
+/// True when the session's state changed since `states` was last read: a
+/// disconnection (the server re-sends watch events on reconnection, in no
+/// particular order across nodes) or the session's end.
+fn state_changed(states: &mut zk::StateWatcher) -> bool {
+    let changed = std::pin::pin!(states.changed());
+    changed
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_ready()
+}
+
+/// Waits in the queue until our node is the lowest, and returns the watch
+/// on our own node (if one was set) for the guard to keep.
+///
+/// Each waiter watches its predecessor and, when there is one, the node
+/// ahead of it (at most two successors watch any node: no herd). Once the
+/// predecessor is the only node ahead, it holds the lock, and no node can
+/// ever queue ahead of us again (sequences only grow, and every lower node
+/// existed when we listed): its deletion alone grants us the lock, with no
+/// request after the holder's delete. The node two ahead going away is our
+/// cue to list again, while the predecessor still holds. If the
+/// predecessor was itself waiting when we listed (it may have abandoned,
+/// leaving an earlier holder), its deletion makes us list again.
+///
+/// The shortcut also requires that our own node still exists (a watch on
+/// it, set with our first watches, has not fired) and that the connection
+/// stayed up since (after a reconnection, the server replays deletions in
+/// no particular order, so ours might follow the predecessor's); otherwise
+/// we list again, which checks both.
+pub(crate) async fn wait_turn(
     session: &Session,
     dir: &str,
-    predecessor: &str,
+    own: &Created,
     key: &str,
-) -> Result<()> {
-    let path = format!("{dir}/{predecessor}");
+) -> Result<Option<OwnWatch>> {
+    let own_path = format!("{dir}/{}", own.name);
+    let mut own_watch: Option<Watch> = None;
+    let mut states = session.client.state_watcher();
+    // Whether the shortcut may still be taken in this acquisition.
+    let mut calm = false;
+    let mut predecessor_watch: Option<Watch> = None;
+    let mut second_watch: Option<Watch> = None;
     loop {
-        match session.client.get_and_watch_data(&path).await {
-            Ok((_, _, watcher)) => {
-                // A deletion, a data change or the session's end: the
-                // caller lists the queue again either way.
-                let event = watcher.changed().await;
-                tracing::trace!(?event, "predecessor watch fired");
-                return Ok(());
-            }
-            Err(zk::Error::NoNode) => return Ok(()),
-            Err(err) if is_connection_loss(&err) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(err) => return Err(op_error(session, "wait", key, err)),
+        let (predecessor, second) = match position(session, dir, own, key).await? {
+            Position::First => return Ok(own_watch.map(OwnWatch::new)),
+            Position::Behind {
+                predecessor,
+                second,
+            } => (predecessor, second),
+        };
+        // Requests go out at call time and are answered in order: all the
+        // watches below cost one round trip together.
+        let watch_own = own_watch.is_none().then(|| {
+            calm = states.state() == zk::SessionState::SyncConnected;
+            session.client.check_and_watch_stat(&own_path)
+        });
+        let predecessor_path = format!("{dir}/{predecessor}");
+        let keep_predecessor = predecessor_watch
+            .as_mut()
+            .is_some_and(|watch| watch.is(&predecessor));
+        let watch_predecessor =
+            (!keep_predecessor).then(|| session.client.get_and_watch_data(&predecessor_path));
+        let second_path = second.as_ref().map(|name| format!("{dir}/{name}"));
+        let keep_second = match (&second, second_watch.as_mut()) {
+            (Some(name), Some(watch)) => watch.is(name),
+            _ => false,
+        };
+        let watch_second = match &second_path {
+            Some(path) if !keep_second => Some(session.client.get_and_watch_data(path)),
+            _ => None,
+        };
+        if second.is_none() {
+            second_watch = None;
         }
+        let mut lost_connection = false;
+        if let Some(request) = watch_own {
+            match request.await {
+                Ok((Some(_), watcher)) => own_watch = Some(Watch::armed(&own.name, watcher)),
+                Ok((None, _)) => return Err(disappeared(session, dir, own, key)),
+                Err(err) if is_connection_loss(&err) => lost_connection = true,
+                Err(err) => return Err(op_error(session, "wait", key, err)),
+            }
+        }
+        for (request, slot, name) in [
+            (
+                watch_predecessor,
+                &mut predecessor_watch,
+                Some(&predecessor),
+            ),
+            (watch_second, &mut second_watch, second.as_ref()),
+        ] {
+            let (Some(request), Some(name)) = (request, name) else {
+                continue;
+            };
+            *slot = match request.await {
+                Ok((_, _, watcher)) => Some(Watch::armed(name, watcher)),
+                Err(zk::Error::NoNode) => Some(Watch::gone(name)),
+                Err(err) if is_connection_loss(&err) => {
+                    lost_connection = true;
+                    None
+                }
+                Err(err) => return Err(op_error(session, "wait", key, err)),
+            };
+        }
+        if lost_connection {
+            calm = false;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let Some(ahead) = predecessor_watch.as_mut() else {
+            continue;
+        };
+        let (mut two_ahead, mut ours) = (second_watch.as_mut(), own_watch.as_mut());
+        let predecessor_event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(event) = ahead.poll_fired(cx) {
+                return Poll::Ready(Some(event));
+            }
+            // The node two ahead went (it is watched afresh after each
+            // listing), or our own node was deleted or touched (that
+            // watch is never set again: it wakes us once): list again.
+            if let Some(watch) = two_ahead.as_deref_mut() {
+                if watch.poll_fired(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            match ours.as_deref_mut() {
+                Some(watch) if matches!(watch.state, WatchState::Pending(_)) => {
+                    watch.poll_fired(cx).map(|_| None)
+                }
+                _ => Poll::Pending,
+            }
+        })
+        .await;
+        // Only the holder's deletion grants the lock without a listing.
+        let holder_gone = second.is_none() && predecessor_event == Some(zk::EventType::NodeDeleted);
+        if state_changed(&mut states) {
+            calm = false;
+        }
+        let own_intact = own_watch
+            .as_mut()
+            .is_some_and(|watch| watch.fired().is_none());
+        if holder_gone && calm && own_intact {
+            tracing::trace!(%predecessor, "the holder's node is gone: our turn");
+            return Ok(own_watch.map(OwnWatch::new));
+        }
+        // Anything else (the node two ahead went, a waiting predecessor
+        // left, a data change, a session event): list again.
     }
 }
 
@@ -388,6 +603,8 @@ pub(crate) struct ZooKeeperHeld {
     pub(crate) session: Arc<Session>,
     pub(crate) path: String,
     pub(crate) key: String,
+    /// Fires when our release deletes the node; dropped afterwards.
+    pub(crate) _own_watch: Option<OwnWatch>,
 }
 
 #[async_trait]

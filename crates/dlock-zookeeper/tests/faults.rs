@@ -250,3 +250,51 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
     assert_eq!(guard.lease().lost_reason(), Some(LostReason::Expired));
     other.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock() {
+    if !support::can_start() {
+        return;
+    }
+    let mut server = PrivateZooKeeper::start().await;
+    // A long session timeout: no idle pings inside the counted window.
+    let url = server.url("session_timeout=60s");
+    let a = ZooKeeperLock::connect(&url).await.unwrap();
+    let b = ZooKeeperLock::connect(&url).await.unwrap();
+    let key = "reconnected-waiter";
+    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let held = a.lock(key, &options).await.unwrap();
+    let waiter = tokio::spawn({
+        let (b, options) = (b.clone(), options.clone());
+        async move { b.lock(key, &options).await }
+    });
+    eventually("the waiter watches", Duration::from_secs(5), || async {
+        server.watch_count().await == 2
+    })
+    .await;
+
+    // Both sessions lose their connection and come back: the server
+    // re-sends watch events after a reconnection in no guaranteed order,
+    // so the waiter must not take the holder's deletion alone as its turn.
+    server.stop();
+    server.start_again().await;
+    eventually(
+        "both sessions are back and the waiter's watches are set again",
+        Duration::from_secs(15),
+        || async { held.lease().valid_until().is_none() && server.watch_count().await == 2 },
+    )
+    .await;
+    assert!(held.is_held());
+
+    let before = server.mntr("zk_packets_received").await;
+    let token = held.fencing_token();
+    held.release().await.unwrap();
+    let next = waiter.await.unwrap().expect("the waiter takes over");
+    assert!(next.fencing_token() > token);
+    assert_eq!(
+        server.mntr("zk_packets_received").await - before - 1,
+        2,
+        "the holder's delete and the waiter's listing"
+    );
+    next.release().await.unwrap();
+}

@@ -273,3 +273,160 @@ async fn the_facade_entry_point_connects_and_refuses_bad_urls() {
         Err(Error::InvalidUrl { .. })
     ));
 }
+
+/// Waits until `dir` holds `n` nodes.
+async fn queued(admin: &zk::Client, dir: &str, n: usize) {
+    eventually(
+        &format!("{n} nodes in {dir}"),
+        Duration::from_secs(5),
+        || async { children(admin, dir).await.len() == n },
+    )
+    .await;
+}
+
+/// True if `task` finishes within `within` (a bounded check that nothing
+/// happens, as a grant would come right after the event that allowed it).
+async fn finishes_within<T>(task: &mut tokio::task::JoinHandle<T>, within: Duration) -> bool {
+    tokio::time::timeout(within, task).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_ahead_that_abandons_does_not_let_the_next_one_in() {
+    let Some((c, admin)) = clients(3).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("abandoned-ahead");
+    let dir = c[0].lock_directory(&key);
+    let options = LockOptions::new();
+    let held = c[0].lock(&key, &options).await.unwrap();
+    let spawn_waiter = |client: ZooKeeperLock| {
+        let (key, options) = (key.clone(), options.clone());
+        tokio::spawn(async move { client.lock(&key, &options).await })
+    };
+    let middle = spawn_waiter(c[1].clone());
+    queued(&admin, &dir, 2).await;
+    let mut last = spawn_waiter(c[2].clone());
+    queued(&admin, &dir, 3).await;
+
+    // The middle waiter gives up: the last one's predecessor is deleted,
+    // but it was waiting, not holding; the holder still holds.
+    middle.abort();
+    assert!(middle.await.unwrap_err().is_cancelled());
+    queued(&admin, &dir, 2).await;
+    assert!(
+        !finishes_within(&mut last, Duration::from_millis(500)).await,
+        "granted while the holder held"
+    );
+    assert!(held.is_held());
+
+    let token = held.fencing_token();
+    held.release().await.unwrap();
+    let next = last.await.unwrap().expect("the last waiter takes over");
+    assert!(next.fencing_token() > token);
+    next.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_node_is_deleted_is_never_granted() {
+    let Some((c, admin)) = clients(3).await else {
+        return;
+    };
+    let key = dlock_testkit::unique_key("deleted-waiter");
+    let dir = c[0].lock_directory(&key);
+    let options = LockOptions::new();
+    let held = c[0].lock(&key, &options).await.unwrap();
+    let mut names = children(&admin, &dir).await;
+    let spawn_waiter = |client: ZooKeeperLock| {
+        let (key, options) = (key.clone(), options.clone());
+        tokio::spawn(async move { client.lock(&key, &options).await })
+    };
+    // The first waiter's predecessor is the holder: the holder's deletion
+    // alone would grant it, so it must notice its own node going.
+    let first_waiter = spawn_waiter(c[1].clone());
+    queued(&admin, &dir, 2).await;
+    let waiter_node = children(&admin, &dir)
+        .await
+        .into_iter()
+        .find(|name| !names.contains(name))
+        .unwrap();
+    names.push(waiter_node.clone());
+    let mut second_waiter = spawn_waiter(c[2].clone());
+    queued(&admin, &dir, 3).await;
+
+    // An operator deletes the first waiter's node.
+    admin
+        .delete(&format!("{dir}/{waiter_node}"), None)
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), first_waiter)
+        .await
+        .expect("the waiter noticed its node going")
+        .unwrap()
+        .expect_err("a waiter without a node must not be granted");
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        chain = format!("{chain}: {cause}");
+        source = cause.source();
+    }
+    assert!(chain.contains("disappeared"), "{chain}");
+    // The second waiter now waits for the holder itself.
+    assert!(
+        !finishes_within(&mut second_waiter, Duration::from_millis(300)).await,
+        "granted while the holder held"
+    );
+    held.release().await.unwrap();
+    let next = second_waiter
+        .await
+        .unwrap()
+        .expect("the second waiter takes over");
+    assert_eq!(children(&admin, &dir).await.len(), 1);
+    next.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_dropped_at_the_handoff_leaves_one_owner_at_a_time() {
+    let Some((c, admin)) = clients(3).await else {
+        return;
+    };
+    let options = LockOptions::new();
+    // The drop lands before, during or after the grant, depending on timing.
+    for round in 0..10 {
+        let key = dlock_testkit::unique_key(&format!("dropped-at-handoff-{round}"));
+        let dir = c[0].lock_directory(&key);
+        let held = c[0].lock(&key, &options).await.unwrap();
+        let spawn_waiter = |client: ZooKeeperLock| {
+            let (key, options) = (key.clone(), options.clone());
+            tokio::spawn(async move { client.lock(&key, &options).await })
+        };
+        let dropped = spawn_waiter(c[1].clone());
+        queued(&admin, &dir, 2).await;
+        let mut last = spawn_waiter(c[2].clone());
+        queued(&admin, &dir, 3).await;
+
+        let token = held.fencing_token();
+        held.release().await.unwrap();
+        dropped.abort();
+        match dropped.await {
+            // Granted before the abort: it owns the lock until it lets go.
+            Ok(granted) => {
+                let granted = granted.expect("granted");
+                assert!(granted.fencing_token() > token);
+                assert!(
+                    !finishes_within(&mut last, Duration::from_millis(100)).await,
+                    "two owners at once"
+                );
+                granted.release().await.unwrap();
+            }
+            Err(err) => assert!(err.is_cancelled()),
+        }
+        let next = tokio::time::timeout(Duration::from_secs(5), last)
+            .await
+            .expect("the last waiter is not stuck behind a dropped one")
+            .unwrap()
+            .expect("granted");
+        assert!(next.fencing_token() > token);
+        queued(&admin, &dir, 1).await;
+        next.release().await.unwrap();
+    }
+}
