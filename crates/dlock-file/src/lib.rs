@@ -14,14 +14,27 @@
 //! - Fencing tokens come from one counter file for the whole directory
 //!   (`.fencing_token`), incremented under its own `flock` while the key's
 //!   lock is held: tokens are strictly increasing per key (and across keys)
-//!   and survive the lock files' deletion.
+//!   and survive the lock files' deletion. The counter is not synced to
+//!   disk: a process crash loses nothing, but a host crash may lose the
+//!   last increments, so tokens after the reboot may repeat tokens of
+//!   holders that died with the host. That is the price of a lock cycle in
+//!   microseconds rather than milliseconds (one `fsync` each); a resource
+//!   that outlives the host and must never see a token twice needs a
+//!   backend with durable state.
+//! - An attempt is a handful of non-blocking system calls (open, `flock`,
+//!   two `stat`s, the counter's read and write), run on the calling task;
+//!   only a wait for the counter's lock, held by another client, moves to
+//!   a blocking thread.
 //! - Waiting: `flock` has no asynchronous wait (and a blocking `flock` on a
-//!   helper thread could not be cancelled), so a waiter retries when an
-//!   inotify watch on the directory reports the lock file's deletion (a
-//!   release), and otherwise with the options' backoff (a holder that died
-//!   leaves its file behind, unlocked). Not fair: any waiter may win. Like
-//!   the network backends, it needs a tokio runtime with I/O and time
-//!   enabled.
+//!   helper thread could not be cancelled), so a waiter retries when the
+//!   lock file is deleted (a release), and otherwise with the options'
+//!   backoff (a holder that died leaves its file behind, unlocked). Each
+//!   client that has waited keeps one inotify watch on the directory, read
+//!   by a thread of its own, for its life (closing an inotify descriptor
+//!   takes milliseconds). Not fair: every waiter retries on a release and
+//!   any may win; under steady contention some waiters get much less than
+//!   their share. Like the network backends, it needs a tokio runtime with
+//!   I/O and time enabled.
 //! - An OS lock has no TTL: the lock lives as long as the holder's process
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
 //!   `auto_renew`, the core checks every `ttl / 3` that the lock file is
