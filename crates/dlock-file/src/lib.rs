@@ -5,7 +5,8 @@
 //!   [`dlock_core::key::encode_component`] (any key is safe, long keys are
 //!   hashed) plus `.lock`. Holding the lock means holding an exclusive
 //!   `flock` on that file; the OS drops it when the holder's process dies,
-//!   so a crashed holder frees the lock at once.
+//!   so a crashed holder frees the lock at once. The file stays empty;
+//!   `lslocks` names the holder's process.
 //! - Release deletes the lock file, so nothing is left behind. A waiter that
 //!   locked a file just before it was deleted would hold a lock on a
 //!   nameless inode; after locking, every acquirer checks that the path
@@ -207,6 +208,8 @@ impl FileLock {
             Error::backend(BACKEND, self.endpoint(), operation, key, err)
         };
         let path = self.lock_path(key);
+        // The file stays empty: `lslocks` (or /proc/locks) shows who holds
+        // it. Writing a note in it cost a data block per cycle.
         let Some((locked, metadata)) = lock_file(&path).map_err(|(op, err)| fail(op, err))? else {
             return Ok(None);
         };
@@ -220,15 +223,6 @@ impl FileLock {
                     .map_err(|err| fail("fencing counter", err))?
             }
         };
-        // For operators: who holds it. Not needed for correctness.
-        let note = format!("pid={} fencing_token={fencing_token}\n", std::process::id());
-        let mut written = locked.write_all_at(note.as_bytes(), 0);
-        if written.is_ok() && metadata.len() > note.len() as u64 {
-            written = locked.set_len(note.len() as u64);
-        }
-        if let Err(err) = written {
-            tracing::debug!(error = %err, "could not note the holder in the lock file");
-        }
         tracing::debug!(fencing_token, "acquired");
         let lease = Lease::new(key, fencing_token, options.ttl, None);
         let held = Arc::new(HeldFile {

@@ -18,8 +18,9 @@ fn names(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// Held locks are files named after their keys; released ones leave only
-/// the fencing counter behind, even when waiters raced the release.
+/// Held locks are (empty) files named after their keys, flocked by the
+/// holder; released ones leave only the fencing counter behind, even when
+/// waiters raced the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_leaves_only_the_counter() {
     let dir = temp_dir();
@@ -33,14 +34,24 @@ async fn release_leaves_only_the_counter() {
             ));
     let held = clients[0].try_lock("a/b", &options).await.unwrap().unwrap();
     assert_eq!(names(&dir), [".fencing_token", "a%2Fb.lock"]);
-    let holder = std::fs::read_to_string(dir.join("a%2Fb.lock")).unwrap();
-    assert_eq!(
-        holder,
-        format!(
-            "pid={} fencing_token={}\n",
-            std::process::id(),
-            held.fencing_token()
-        )
+    // Who holds it is the kernel's to say (what `lslocks` reads): an
+    // exclusive flock by this process on the file's inode.
+    let inode = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(dir.join("a%2Fb.lock")).unwrap(),
+    );
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    let pid = std::process::id().to_string();
+    assert!(
+        locks.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&"FLOCK")
+                && fields.get(3) == Some(&"WRITE")
+                && fields.get(4) == Some(&pid.as_str())
+                && fields
+                    .get(5)
+                    .is_some_and(|id| id.rsplit(':').next() == Some(inode.to_string().as_str()))
+        }),
+        "no flock by pid {pid} on inode {inode} in /proc/locks:\n{locks}"
     );
     held.release().await.unwrap();
     let mut tasks = Vec::new();
