@@ -29,10 +29,10 @@
 //! - Waiting: `flock` has no asynchronous wait (and a blocking `flock` on a
 //!   helper thread could not be cancelled), so a waiter retries when the
 //!   lock file is deleted (a release), and otherwise with the options'
-//!   backoff (a holder that died leaves its file behind, unlocked). Each
-//!   client that has waited keeps one inotify watch on the directory, read
-//!   by a thread of its own, for its life (closing an inotify descriptor
-//!   takes milliseconds). Not fair: every waiter retries on a release and
+//!   backoff (a holder that died leaves its file behind, unlocked). The
+//!   first waiter starts one inotify watch on the directory per process,
+//!   read by a thread of its own and kept while any client of that
+//!   directory lives (closing an inotify descriptor takes milliseconds). Not fair: every waiter retries on a release and
 //!   any may win; under steady contention some waiters get much less than
 //!   their share. Like the network backends, it needs a tokio runtime with
 //!   I/O and time enabled.
@@ -61,14 +61,14 @@
 
 #![warn(missing_docs)]
 
-use std::fs::{self, File, OpenOptions};
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -109,9 +109,9 @@ struct Inner {
     /// share one file description, which `flock` does not exclude from
     /// itself); the `flock` orders clients and processes.
     counter: Mutex<File>,
-    /// The client's one inotify watch on the directory, started by the
-    /// first acquire that has to wait (`None` until then, or when inotify
-    /// is unavailable: waiters then poll).
+    /// The process's inotify watch on the directory, shared with the
+    /// process's other clients of it, taken by the first acquire that has
+    /// to wait (waiters poll when inotify is unavailable).
     watcher: Mutex<WatcherState>,
 }
 
@@ -119,7 +119,7 @@ struct Inner {
 enum WatcherState {
     #[default]
     NotStarted,
-    Running(Arc<Watcher>),
+    Running(Arc<WatchHandle>),
     Unavailable,
 }
 
@@ -249,13 +249,14 @@ impl FileLock {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match &*state {
-            WatcherState::Running(watcher) if !watcher.failed() => return Some(watcher.clone()),
+            WatcherState::Running(handle) if !handle.0.failed() => return Some(handle.0.clone()),
             WatcherState::Unavailable => return None,
             _ => {}
         }
-        match Watcher::start(&self.inner.dir) {
-            Ok(watcher) => {
-                *state = WatcherState::Running(watcher.clone());
+        match WatchHandle::shared(&self.inner.dir) {
+            Ok(handle) => {
+                let watcher = handle.0.clone();
+                *state = WatcherState::Running(handle);
                 Some(watcher)
             }
             Err(err) => {
@@ -441,14 +442,14 @@ impl LockBackend for FileLock {
     }
 }
 
-/// A client's watch on its directory: one inotify instance read by a
-/// thread of its own, which wakes the waiters of each deleted lock file.
+/// A watch on a lock directory: one inotify instance read by a thread of
+/// its own, which wakes the waiters of each deleted lock file.
 ///
-/// One instance per client, kept for the client's life, because closing
-/// an inotify descriptor waits for an RCU grace period (~10 ms here): a
-/// watch per acquire put that wait on every contended cycle, on the
-/// runtime's thread. A thread (not the runtime's reactor) reads it so the
-/// client works from any runtime.
+/// Kept while any client of the directory in this process lives, because
+/// closing an inotify descriptor waits for an RCU grace period (~10 ms
+/// here): a watch per acquire put that wait on every contended cycle, on
+/// the runtime's thread. A thread (not the runtime's reactor) reads it so
+/// clients work from any runtime.
 #[derive(Debug)]
 struct Watcher {
     inotify: Inotify,
@@ -506,11 +507,15 @@ impl Watcher {
                     // The directory went away: no more events will come.
                     // Waiters poll; the next one to wait starts a watch.
                     self.stopped.store(true, Ordering::Release);
-                    waiters.values().for_each(|(notify, _)| notify.notify_waiters());
+                    waiters
+                        .values()
+                        .for_each(|(notify, _)| notify.notify_waiters());
                     return;
                 } else if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                     // Events were lost: any waiter may have missed its own.
-                    waiters.values().for_each(|(notify, _)| notify.notify_waiters());
+                    waiters
+                        .values()
+                        .for_each(|(notify, _)| notify.notify_waiters());
                 } else if let Some((notify, _)) =
                     event.name.as_ref().and_then(|name| waiters.get(name))
                 {
@@ -525,7 +530,9 @@ impl Watcher {
             .waiters
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        waiters.values().for_each(|(notify, _)| notify.notify_waiters());
+        waiters
+            .values()
+            .for_each(|(notify, _)| notify.notify_waiters());
     }
 
     fn register(self: Arc<Self>, name: OsString) -> Interest {
@@ -570,20 +577,43 @@ impl Drop for Interest {
     }
 }
 
-impl Drop for Inner {
+/// A client's share of the process's watch on a directory; the watch
+/// ends when the last share is dropped.
+#[derive(Debug)]
+struct WatchHandle(Arc<Watcher>);
+
+impl WatchHandle {
+    /// The process's watch on `dir`, started if there is none (or it
+    /// failed). One per directory rather than per client: a release wakes
+    /// one thread of this process, not one per client.
+    fn shared(dir: &Path) -> std::io::Result<Arc<WatchHandle>> {
+        static WATCHES: Mutex<Vec<(PathBuf, Weak<WatchHandle>)>> = Mutex::new(Vec::new());
+        let mut watches = WATCHES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        watches.retain(|(_, handle)| handle.strong_count() > 0);
+        let running = watches
+            .iter()
+            .filter(|(watched, _)| watched == dir)
+            .find_map(|(_, handle)| handle.upgrade())
+            .filter(|handle| !handle.0.failed());
+        if let Some(handle) = running {
+            return Ok(handle);
+        }
+        let handle = Arc::new(WatchHandle(Watcher::start(dir)?));
+        watches.retain(|(watched, _)| watched != dir);
+        watches.push((dir.to_owned(), Arc::downgrade(&handle)));
+        Ok(handle)
+    }
+}
+
+impl Drop for WatchHandle {
     fn drop(&mut self) {
         // Stop the thread: removing the watch queues an IN_IGNORED event,
         // which ends its blocking read; it then drops the last reference
         // and closes the descriptor (slowly, on its own thread).
-        let state = std::mem::take(
-            self.watcher
-                .get_mut()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
-        if let WatcherState::Running(watcher) = state {
-            watcher.stopped.store(true, Ordering::Release);
-            let _ = watcher.inotify.rm_watch(watcher.watch);
-        }
+        self.0.stopped.store(true, Ordering::Release);
+        let _ = self.0.inotify.rm_watch(self.0.watch);
     }
 }
 

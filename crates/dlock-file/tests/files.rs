@@ -36,9 +36,8 @@ async fn release_leaves_only_the_counter() {
     assert_eq!(names(&dir), [".fencing_token", "a%2Fb.lock"]);
     // Who holds it is the kernel's to say (what `lslocks` reads): an
     // exclusive flock by this process on the file's inode.
-    let inode = std::os::unix::fs::MetadataExt::ino(
-        &std::fs::metadata(dir.join("a%2Fb.lock")).unwrap(),
-    );
+    let inode =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join("a%2Fb.lock")).unwrap());
     let locks = std::fs::read_to_string("/proc/locks").unwrap();
     let pid = std::process::id().to_string();
     assert!(
@@ -129,10 +128,16 @@ async fn dropped_waiter_does_not_stop_the_wakeup_of_others() {
     let impatient = waiters
         .lock("k", &slow_polls(Duration::from_millis(100)))
         .await;
-    assert!(impatient.is_err(), "the lock is held: the short wait elapses");
+    assert!(
+        impatient.is_err(),
+        "the lock is held: the short wait elapses"
+    );
     let released_at = std::time::Instant::now();
     held.release().await.unwrap();
-    let guard = patient.await.unwrap().expect("the patient waiter got the lock");
+    let guard = patient
+        .await
+        .unwrap()
+        .expect("the patient waiter got the lock");
     let handoff = released_at.elapsed();
     assert!(handoff < Duration::from_secs(2), "handoff took {handoff:?}");
     guard.release().await.unwrap();

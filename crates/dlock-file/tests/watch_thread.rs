@@ -1,5 +1,5 @@
-//! The file backend's watch thread: one per client that waits, ended with
-//! the client. Alone in its test binary, because it counts the threads of
+//! The file backend's watch thread: one per directory and process, started
+//! by the first waiter, ended with the directory's last client. Alone in its test binary, because it counts the threads of
 //! its process.
 
 use std::time::Duration;
@@ -20,12 +20,14 @@ fn watch_threads() -> usize {
         .count()
 }
 
-/// A client starts one watch thread when it first has to wait, keeps it
-/// for later waits, and the thread ends when the client is dropped.
+/// The first client that has to wait starts the directory's watch thread;
+/// later waits, by it or by other clients of the directory, share it; it
+/// ends when the clients are dropped.
 #[tokio::test(flavor = "current_thread")]
-async fn one_watch_thread_per_waiting_client() {
+async fn one_watch_thread_per_directory() {
     let dir = temp_dir();
     let (holder, waiter) = (FileLock::open(&dir).unwrap(), FileLock::open(&dir).unwrap());
+    let other_waiter = FileLock::open(&dir).unwrap();
     let short = LockOptions::new().wait(Duration::from_millis(30));
     let before = watch_threads();
     let held = holder.try_lock("k", &short).await.unwrap().unwrap();
@@ -34,10 +36,11 @@ async fn one_watch_thread_per_waiting_client() {
     assert_eq!(watch_threads(), before, "no watch while nothing waits");
     for _ in 0..3 {
         assert!(waiter.lock("k", &short).await.is_err());
+        assert!(other_waiter.lock("k", &short).await.is_err());
     }
     assert_eq!(watch_threads(), before + 1);
     held.release().await.unwrap();
-    drop((holder, waiter));
+    drop((holder, waiter, other_waiter));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while watch_threads() != before {
         assert!(
