@@ -268,13 +268,16 @@ impl FileLock {
     }
 }
 
+/// A failed system call: which step, and why.
+type FailedStep = (&'static str, std::io::Error);
+
 /// Opens (creating) and locks `path` without blocking: `None` if another
 /// holds it. Retries when what it locked is no longer the file `path`
 /// names (the holder it raced released and deleted it). Returns the
 /// locked file and its metadata.
 fn lock_file(
     path: &Path,
-) -> std::result::Result<Option<(Flock<File>, fs::Metadata)>, (&'static str, std::io::Error)> {
+) -> std::result::Result<Option<(Flock<File>, fs::Metadata)>, FailedStep> {
     // A few rounds at most: each retry means a holder released (and
     // deleted the file) between our open and our lock.
     loop {
