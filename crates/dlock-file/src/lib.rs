@@ -32,9 +32,12 @@
 //!   backoff (a holder that died leaves its file behind, unlocked). The
 //!   first waiter starts one inotify watch on the directory per process,
 //!   read by a thread of its own and kept while any client of that
-//!   directory lives (closing an inotify descriptor takes milliseconds). Not fair: every waiter retries on a release and
-//!   any may win; under steady contention some waiters get much less than
-//!   their share. Like the network backends, it needs a tokio runtime with
+//!   directory lives (closing an inotify descriptor takes milliseconds).
+//! - Not fair: every waiter retries on a release and any may win. Waiters
+//!   in one process share one wake-up and, measured, get near-equal
+//!   shares; across processes nothing orders them, and under steady
+//!   contention some may get much less than their share.
+//! - Like the network backends, it needs a tokio runtime with
 //!   I/O and time enabled.
 //! - An OS lock has no TTL: the lock lives as long as the holder's process
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
@@ -275,9 +278,7 @@ type FailedStep = (&'static str, std::io::Error);
 /// holds it. Retries when what it locked is no longer the file `path`
 /// names (the holder it raced released and deleted it). Returns the
 /// locked file and its metadata.
-fn lock_file(
-    path: &Path,
-) -> std::result::Result<Option<(Flock<File>, fs::Metadata)>, FailedStep> {
+fn lock_file(path: &Path) -> std::result::Result<Option<(Flock<File>, fs::Metadata)>, FailedStep> {
     // A few rounds at most: each retry means a holder released (and
     // deleted the file) between our open and our lock.
     loop {
