@@ -30,8 +30,8 @@
 //! `PING`; ZooKeeper create ephemeral-sequential + getChildren + delete,
 //! rtt = exists; etcd txn(create_revision == 0 -> put with a lease granted
 //! once per client) + delete, rtt = a one-key range; memory an uncontended
-//! `tokio::sync::Mutex`; file open + `flock` + unlock (no fencing counter);
-//! no rtt for the last two.
+//! `tokio::sync::Mutex`; file open + `flock` + a fencing counter increment
+//! (`flock` + read + write) + unlink + close; no rtt for the last two.
 //!
 //! `--json` prints one object per scenario per line: `backend`, `url`,
 //! `scenario`, `workers`, `runtime`, `duration_s`, `auto_renew`,

@@ -5,7 +5,8 @@
 //!   [`dlock_core::key::encode_component`] (any key is safe, long keys are
 //!   hashed) plus `.lock`. Holding the lock means holding an exclusive
 //!   `flock` on that file; the OS drops it when the holder's process dies,
-//!   so a crashed holder frees the lock at once.
+//!   so a crashed holder frees the lock at once. The file stays empty;
+//!   `lslocks` names the holder's process.
 //! - Release deletes the lock file, so nothing is left behind. A waiter that
 //!   locked a file just before it was deleted would hold a lock on a
 //!   nameless inode; after locking, every acquirer checks that the path
@@ -14,14 +15,30 @@
 //! - Fencing tokens come from one counter file for the whole directory
 //!   (`.fencing_token`), incremented under its own `flock` while the key's
 //!   lock is held: tokens are strictly increasing per key (and across keys)
-//!   and survive the lock files' deletion.
+//!   and survive the lock files' deletion. The counter is not synced to
+//!   disk: a process crash loses nothing, but a host crash may lose the
+//!   last increments, so tokens after the reboot may repeat tokens of
+//!   holders that died with the host. That is the price of a lock cycle in
+//!   microseconds rather than milliseconds (one `fsync` each); a resource
+//!   that outlives the host and must never see a token twice needs a
+//!   backend with durable state.
+//! - An attempt is a handful of non-blocking system calls (open, `flock`,
+//!   two `stat`s, the counter's read and write), run on the calling task;
+//!   only a wait for the counter's lock, held by another client, moves to
+//!   a blocking thread.
 //! - Waiting: `flock` has no asynchronous wait (and a blocking `flock` on a
-//!   helper thread could not be cancelled), so a waiter retries when an
-//!   inotify watch on the directory reports the lock file's deletion (a
-//!   release), and otherwise with the options' backoff (a holder that died
-//!   leaves its file behind, unlocked). Not fair: any waiter may win. Like
-//!   the network backends, it needs a tokio runtime with I/O and time
-//!   enabled.
+//!   helper thread could not be cancelled), so a waiter retries when the
+//!   lock file is deleted (a release), and otherwise with the options'
+//!   backoff (a holder that died leaves its file behind, unlocked). The
+//!   first waiter starts one inotify watch on the directory per process,
+//!   read by a thread of its own and kept while any client of that
+//!   directory lives (closing an inotify descriptor takes milliseconds).
+//! - Not fair: every waiter retries on a release and any may win. Waiters
+//!   in one process share one wake-up and, measured, get near-equal
+//!   shares; across processes nothing orders them, and under steady
+//!   contention some may get much less than their share.
+//! - Like the network backends, it needs a tokio runtime with
+//!   I/O and time enabled.
 //! - An OS lock has no TTL: the lock lives as long as the holder's process
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
 //!   `auto_renew`, the core checks every `ttl / 3` that the lock file is
@@ -47,11 +64,14 @@
 
 #![warn(missing_docs)]
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -92,6 +112,18 @@ struct Inner {
     /// share one file description, which `flock` does not exclude from
     /// itself); the `flock` orders clients and processes.
     counter: Mutex<File>,
+    /// The process's inotify watch on the directory, shared with the
+    /// process's other clients of it, taken by the first acquire that has
+    /// to wait (waiters poll when inotify is unavailable).
+    watcher: Mutex<WatcherState>,
+}
+
+#[derive(Debug, Default)]
+enum WatcherState {
+    #[default]
+    NotStarted,
+    Running(Arc<WatchHandle>),
+    Unavailable,
 }
 
 impl FileLock {
@@ -112,6 +144,7 @@ impl FileLock {
             inner: Arc::new(Inner {
                 dir,
                 counter: Mutex::new(counter),
+                watcher: Mutex::default(),
             }),
         })
     }
@@ -166,27 +199,41 @@ impl FileLock {
         self.inner.dir.display().to_string()
     }
 
-    /// One attempt, on a blocking thread (a few syscalls, plus a short wait
-    /// on the counter's lock). If the future is dropped, the thread still
-    /// finishes and its result, the locked file, is dropped, which unlocks
-    /// it: nothing is left behind.
+    /// One attempt. Every step is a non-blocking system call on a local
+    /// directory (a few microseconds), so it runs on the calling task: a
+    /// hop to a blocking thread would cost more than the whole attempt.
+    /// The one step that can block, waiting for the fencing counter while
+    /// another client increments it, moves to a blocking thread; if the
+    /// future is dropped then, the thread still finishes and drops its
+    /// result, the locked file, which unlocks it: nothing is left behind.
     async fn attempt(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
-        let this = self.clone();
-        let owned_key = key.to_owned();
-        let taken = tokio::task::spawn_blocking(move || this.attempt_blocking(&owned_key))
-            .await
-            .map_err(|err| Error::backend(BACKEND, self.endpoint(), "acquire", key, err))??;
-        let Some((file, identity, fencing_token)) = taken else {
+        let fail = |operation: &'static str, err: std::io::Error| {
+            Error::backend(BACKEND, self.endpoint(), operation, key, err)
+        };
+        let path = self.lock_path(key);
+        // The file stays empty: `lslocks` (or /proc/locks) shows who holds
+        // it. Writing a note in it cost a data block per cycle.
+        let Some((locked, metadata)) = lock_file(&path).map_err(|(op, err)| fail(op, err))? else {
             return Ok(None);
+        };
+        let fencing_token = match self.inner.try_next_fencing_token() {
+            Some(next) => next.map_err(|err| fail("fencing counter", err))?,
+            None => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.inner.next_fencing_token())
+                    .await
+                    .map_err(|err| fail("fencing counter", std::io::Error::other(err)))?
+                    .map_err(|err| fail("fencing counter", err))?
+            }
         };
         tracing::debug!(fencing_token, "acquired");
         let lease = Lease::new(key, fencing_token, options.ttl, None);
         let held = Arc::new(HeldFile {
             key: key.to_owned(),
-            path: self.lock_path(key),
-            identity,
+            path,
+            identity: Identity::of(&metadata),
             endpoint: self.endpoint(),
-            file: Mutex::new(Some(file)),
+            file: Mutex::new(Some(locked)),
         });
         Ok(Some(LockGuard::new(
             BACKEND,
@@ -196,64 +243,121 @@ impl FileLock {
         )))
     }
 
-    fn attempt_blocking(&self, key: &str) -> Result<Option<(Flock<File>, Identity, u64)>> {
-        let path = self.lock_path(key);
-        let fail = |operation: &'static str, err: std::io::Error| {
-            Error::backend(BACKEND, self.endpoint(), operation, key, err)
-        };
-        // A few rounds at most: each retry means a holder released (and
-        // deleted the file) between our open and our lock.
-        loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o644)
-                .open(&path)
-                .map_err(|err| fail("open lock file", err))?;
-            let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(locked) => locked,
-                Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
-                Err((_, errno)) => return Err(fail("flock", errno.into())),
-            };
-            let identity = Identity::of(&locked.metadata().map_err(|err| fail("fstat", err))?);
-            match Identity::at(&path).map_err(|err| fail("stat", err))? {
-                Some(current) if current == identity => {}
-                // The holder we waited behind deleted it; what we locked is
-                // no longer the lock. Drop it and start over.
-                _ => continue,
+    /// The client's directory watch, started on first use; `None` when
+    /// inotify is unavailable (waiters poll).
+    fn watcher(&self) -> Option<Arc<Watcher>> {
+        let mut state = self
+            .inner
+            .watcher
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &*state {
+            WatcherState::Running(handle) if !handle.0.failed() => return Some(handle.0.clone()),
+            WatcherState::Unavailable => return None,
+            _ => {}
+        }
+        match WatchHandle::shared(&self.inner.dir) {
+            Ok(handle) => {
+                let watcher = handle.0.clone();
+                *state = WatcherState::Running(handle);
+                Some(watcher)
             }
-            let fencing_token = self
-                .next_fencing_token()
-                .map_err(|err| fail("fencing counter", err))?;
-            // For operators: who holds it. Not needed for correctness.
-            let note = format!("pid={} fencing_token={fencing_token}\n", std::process::id());
-            let written = locked
-                .set_len(0)
-                .and_then(|()| locked.seek(SeekFrom::Start(0)))
-                .and_then(|_| locked.write_all(note.as_bytes()));
-            if let Err(err) = written {
-                tracing::debug!(error = %err, "could not note the holder in the lock file");
+            Err(err) => {
+                tracing::debug!(error = %err, "no inotify watch; polling only");
+                *state = WatcherState::Unavailable;
+                None
             }
-            return Ok(Some((locked, identity, fencing_token)));
         }
     }
+}
 
-    /// Increments the directory's counter under its own lock.
+/// A failed system call: which step, and why.
+type FailedStep = (&'static str, std::io::Error);
+
+/// Opens (creating) and locks `path` without blocking: `None` if another
+/// holds it. Retries when what it locked is no longer the file `path`
+/// names (the holder it raced released and deleted it). Returns the
+/// locked file and its metadata.
+fn lock_file(path: &Path) -> std::result::Result<Option<(Flock<File>, fs::Metadata)>, FailedStep> {
+    // A few rounds at most: each retry means a holder released (and
+    // deleted the file) between our open and our lock.
+    loop {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)
+            .map_err(|err| ("open lock file", err))?;
+        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, errno)) => return Err(("flock", errno.into())),
+        };
+        let metadata = locked.metadata().map_err(|err| ("fstat", err))?;
+        match Identity::at(path).map_err(|err| ("stat", err))? {
+            Some(current) if current == Identity::of(&metadata) => {
+                return Ok(Some((locked, metadata)))
+            }
+            // The holder we waited behind deleted it; what we locked is
+            // no longer the lock. Drop it and start over.
+            _ => continue,
+        }
+    }
+}
+
+impl Inner {
+    /// Increments the directory's counter if neither this client's other
+    /// tasks nor another client hold it now; `None` if that would block.
+    fn try_next_fencing_token(&self) -> Option<std::io::Result<u64>> {
+        let counter = match self.counter.try_lock() {
+            Ok(counter) => counter,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        match File::try_lock(&counter) {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return None,
+            Err(std::fs::TryLockError::Error(err)) => return Some(Err(err)),
+        }
+        Some(increment_locked(&counter))
+    }
+
+    /// Increments the directory's counter, waiting for its lock.
     fn next_fencing_token(&self) -> std::io::Result<u64> {
         let counter = self
-            .inner
             .counter
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A duplicate descriptor of the same open file description: the
-        // `Flock` unlocks it when dropped.
-        let locked = Flock::lock(counter.try_clone()?, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| std::io::Error::from(errno))?;
-        let mut text = String::new();
-        (&*locked).seek(SeekFrom::Start(0))?;
-        (&*locked).read_to_string(&mut text)?;
+        File::lock(&counter)?;
+        increment_locked(&counter)
+    }
+}
+
+/// Reads, increments and writes back the counter, whose `flock` the
+/// caller took (this client's mutex orders its own tasks, which share one
+/// file description); unlocks it.
+///
+/// Not synced to disk: the lock files and their holders do not outlive the
+/// host, so a host crash that loses the last increments can only make
+/// tokens issued after the reboot repeat tokens of holders that died in
+/// that crash. A process crash loses nothing (the page cache keeps the
+/// write). An fsync per acquisition would cost milliseconds, a thousand
+/// times the rest of the cycle.
+fn increment_locked(counter: &File) -> std::io::Result<u64> {
+    let incremented = (|| -> std::io::Result<u64> {
+        let mut buf = [0u8; 64];
+        let mut len = 0;
+        loop {
+            let read = counter.read_at(&mut buf[len..], len as u64)?;
+            if read == 0 || len + read == buf.len() {
+                len += read;
+                break;
+            }
+            len += read;
+        }
+        let text = std::str::from_utf8(&buf[..len]).unwrap_or("?");
         let last: u64 = match text.trim() {
             "" => 0,
             digits => digits.parse().map_err(|_| {
@@ -268,11 +372,13 @@ impl FileLock {
         })?;
         // Fixed width: the new value overwrites the old in one write.
         let line = format!("{next:0width$}\n", width = COUNTER_WIDTH);
-        (&*locked).seek(SeekFrom::Start(0))?;
-        (&*locked).write_all(line.as_bytes())?;
-        drop(locked);
+        counter.write_all_at(line.as_bytes(), 0)?;
         Ok(next)
-    }
+    })();
+    let unlocked = File::unlock(counter);
+    let next = incremented?;
+    unlocked?;
+    Ok(next)
 }
 
 /// Connects to the service named by `url` (`file:///some/dir`).
@@ -301,33 +407,37 @@ impl LockBackend for FileLock {
     }
 
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        // Watch for the lock file's deletion (a release) before the first
-        // attempt, so a release between attempt and wait is not missed. A
-        // holder that dies leaves its file: the backoff timer covers that.
+        // The fast path: a free lock needs no watch.
+        if let Some(guard) = self.attempt(key, options).await? {
+            return Ok(guard);
+        }
+        // Register for the lock file's deletion (a release) before the
+        // next attempt, so a release between attempt and wait is not
+        // missed. A holder that dies leaves its file: the backoff timer
+        // covers that.
         let name = format!("{}.lock", encode_component(key, MAX_NAME));
-        let mut watch = match DeleteWatch::new(&self.inner.dir, &name) {
-            Ok(watch) => Some(watch),
-            Err(err) => {
-                tracing::debug!(error = %err, "no inotify watch; polling only");
-                None
-            }
-        };
+        let interest = self.watcher().map(|watcher| watcher.register(name.into()));
         let mut delays = options.backoff.delays();
-        // Each attempt is self-contained and the watch is closed on drop,
-        // so dropping this future leaves no lock and no waiter record.
+        // Each attempt is self-contained and the interest is withdrawn on
+        // drop, so dropping this future leaves no lock and no waiter
+        // record.
         loop {
+            let deleted = interest.as_ref().map(|interest| interest.notify.notified());
+            tokio::pin!(deleted);
+            if let Some(deleted) = deleted.as_mut().as_pin_mut() {
+                // From here on a deletion wakes this waiter, even one that
+                // happens before it starts waiting.
+                deleted.enable();
+            }
             if let Some(guard) = self.attempt(key, options).await? {
                 return Ok(guard);
             }
             let delay = delays.next().unwrap_or(Duration::from_millis(100));
-            match &mut watch {
-                Some(active) => {
+            match deleted.as_mut().as_pin_mut() {
+                Some(deleted) => {
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        deleted = active.deleted() => if let Err(err) = deleted {
-                            tracing::debug!(error = %err, "inotify watch failed; polling only");
-                            watch = None;
-                        }
+                        _ = deleted => {}
                     }
                 }
                 None => tokio::time::sleep(delay).await,
@@ -336,53 +446,178 @@ impl LockBackend for FileLock {
     }
 }
 
-/// Wakes a waiter when a lock file is deleted, i.e. released (Linux
-/// inotify on the directory).
-struct DeleteWatch {
-    fd: tokio::io::unix::AsyncFd<InotifyFd>,
-    name: std::ffi::OsString,
+/// A watch on a lock directory: one inotify instance read by a thread of
+/// its own, which wakes the waiters of each deleted lock file.
+///
+/// Kept while any client of the directory in this process lives, because
+/// closing an inotify descriptor waits for an RCU grace period (~10 ms
+/// here): a watch per acquire put that wait on every contended cycle, on
+/// the runtime's thread. A thread (not the runtime's reactor) reads it so
+/// clients work from any runtime.
+#[derive(Debug)]
+struct Watcher {
+    inotify: Inotify,
+    watch: nix::sys::inotify::WatchDescriptor,
+    /// Waiters per lock file name, with how many share the entry.
+    waiters: Mutex<HashMap<OsString, (Arc<tokio::sync::Notify>, usize)>>,
+    /// Set when the client is dropped (the thread exits) or reading
+    /// failed (waiters poll).
+    stopped: AtomicBool,
 }
 
-struct InotifyFd(Inotify);
-
-impl std::os::fd::AsRawFd for InotifyFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsFd;
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
-impl DeleteWatch {
-    fn new(dir: &Path, name: &str) -> std::io::Result<Self> {
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        inotify.add_watch(dir, AddWatchFlags::IN_DELETE)?;
-        // SAFETY: the `Inotify` owns its descriptor, which stays open and
-        // the same until the `AsyncFd` (and the `Inotify` in it) is dropped.
-        let fd = unsafe { tokio::io::unix::AsyncFd::register(InotifyFd(inotify)) }
-            .map_err(|err| std::io::Error::other(err.to_string()))?;
-        Ok(DeleteWatch {
-            fd,
-            name: name.into(),
-        })
+impl Watcher {
+    fn start(dir: &Path) -> std::io::Result<Arc<Self>> {
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
+        let watch = inotify.add_watch(dir, AddWatchFlags::IN_DELETE)?;
+        let watcher = Arc::new(Watcher {
+            inotify,
+            watch,
+            waiters: Mutex::default(),
+            stopped: AtomicBool::new(false),
+        });
+        let reader = watcher.clone();
+        std::thread::Builder::new()
+            .name("dlock-file-watch".into())
+            .spawn(move || reader.read_events())?;
+        Ok(watcher)
     }
 
-    /// Resolves when our lock file was deleted (or events were dropped).
-    async fn deleted(&mut self) -> std::io::Result<()> {
+    fn failed(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// The thread: wakes the waiters of each deleted name until stopped.
+    fn read_events(&self) {
         loop {
-            let mut ready = self.fd.readable().await?;
-            match ready.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
-                Ok(Ok(events)) => {
-                    if events.iter().any(|event| {
-                        event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
-                            || event.name.as_deref() == Some(self.name.as_os_str())
-                    }) {
-                        return Ok(());
-                    }
+            let events = match self.inotify.read_events() {
+                Ok(events) => events,
+                Err(Errno::EINTR) => continue,
+                Err(errno) => {
+                    tracing::debug!(error = %errno, "inotify read failed; waiters poll");
+                    self.stopped.store(true, Ordering::Release);
+                    self.wake_all();
+                    return;
                 }
-                Ok(Err(err)) => return Err(err),
-                Err(_would_block) => {}
+            };
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let waiters = self
+                .waiters
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for event in &events {
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // The directory went away: no more events will come.
+                    // Waiters poll; the next one to wait starts a watch.
+                    self.stopped.store(true, Ordering::Release);
+                    waiters
+                        .values()
+                        .for_each(|(notify, _)| notify.notify_waiters());
+                    return;
+                } else if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events were lost: any waiter may have missed its own.
+                    waiters
+                        .values()
+                        .for_each(|(notify, _)| notify.notify_waiters());
+                } else if let Some((notify, _)) =
+                    event.name.as_ref().and_then(|name| waiters.get(name))
+                {
+                    notify.notify_waiters();
+                }
             }
         }
+    }
+
+    fn wake_all(&self) {
+        let waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        waiters
+            .values()
+            .for_each(|(notify, _)| notify.notify_waiters());
+    }
+
+    fn register(self: Arc<Self>, name: OsString) -> Interest {
+        let notify = {
+            let mut waiters = self
+                .waiters
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let entry = waiters.entry(name.clone()).or_default();
+            entry.1 += 1;
+            entry.0.clone()
+        };
+        Interest {
+            watcher: self,
+            name,
+            notify,
+        }
+    }
+}
+
+/// A waiter's registration for one lock file's deletion; withdrawn on
+/// drop.
+struct Interest {
+    watcher: Arc<Watcher>,
+    name: OsString,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let mut waiters = self
+            .watcher
+            .waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(entry) = waiters.get_mut(&self.name) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                waiters.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// A client's share of the process's watch on a directory; the watch
+/// ends when the last share is dropped.
+#[derive(Debug)]
+struct WatchHandle(Arc<Watcher>);
+
+impl WatchHandle {
+    /// The process's watch on `dir`, started if there is none (or it
+    /// failed). One per directory rather than per client: a release wakes
+    /// one thread of this process, not one per client.
+    fn shared(dir: &Path) -> std::io::Result<Arc<WatchHandle>> {
+        static WATCHES: Mutex<Vec<(PathBuf, Weak<WatchHandle>)>> = Mutex::new(Vec::new());
+        let mut watches = WATCHES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        watches.retain(|(_, handle)| handle.strong_count() > 0);
+        let running = watches
+            .iter()
+            .filter(|(watched, _)| watched == dir)
+            .find_map(|(_, handle)| handle.upgrade())
+            .filter(|handle| !handle.0.failed());
+        if let Some(handle) = running {
+            return Ok(handle);
+        }
+        let handle = Arc::new(WatchHandle(Watcher::start(dir)?));
+        watches.retain(|(watched, _)| watched != dir);
+        watches.push((dir.to_owned(), Arc::downgrade(&handle)));
+        Ok(handle)
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        // Stop the thread: removing the watch queues an IN_IGNORED event,
+        // which ends its blocking read; it then drops the last reference
+        // and closes the descriptor (slowly, on its own thread).
+        self.0.stopped.store(true, Ordering::Release);
+        let _ = self.0.inotify.rm_watch(self.0.watch);
     }
 }
 

@@ -18,8 +18,9 @@ fn names(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// Held locks are files named after their keys; released ones leave only
-/// the fencing counter behind, even when waiters raced the release.
+/// Held locks are (empty) files named after their keys, flocked by the
+/// holder; released ones leave only the fencing counter behind, even when
+/// waiters raced the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_leaves_only_the_counter() {
     let dir = temp_dir();
@@ -33,14 +34,23 @@ async fn release_leaves_only_the_counter() {
             ));
     let held = clients[0].try_lock("a/b", &options).await.unwrap().unwrap();
     assert_eq!(names(&dir), [".fencing_token", "a%2Fb.lock"]);
-    let holder = std::fs::read_to_string(dir.join("a%2Fb.lock")).unwrap();
-    assert_eq!(
-        holder,
-        format!(
-            "pid={} fencing_token={}\n",
-            std::process::id(),
-            held.fencing_token()
-        )
+    // Who holds it is the kernel's to say (what `lslocks` reads): an
+    // exclusive flock by this process on the file's inode.
+    let inode =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join("a%2Fb.lock")).unwrap());
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    let pid = std::process::id().to_string();
+    assert!(
+        locks.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&"FLOCK")
+                && fields.get(3) == Some(&"WRITE")
+                && fields.get(4) == Some(&pid.as_str())
+                && fields
+                    .get(5)
+                    .is_some_and(|id| id.rsplit(':').next() == Some(inode.to_string().as_str()))
+        }),
+        "no flock by pid {pid} on inode {inode} in /proc/locks:\n{locks}"
     );
     held.release().await.unwrap();
     let mut tasks = Vec::new();
@@ -90,5 +100,82 @@ async fn waiter_wakes_on_release() {
     let handoff = acquired_at - released_at;
     assert!(handoff < Duration::from_secs(2), "handoff took {handoff:?}");
     guard.release().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A waiter whose acquire is dropped (its wait elapsed) leaves nothing
+/// that stops the client's other waiters from waking on the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_waiter_does_not_stop_the_wakeup_of_others() {
+    let dir = temp_dir();
+    let holder = FileLock::open(&dir).unwrap();
+    // One client for both waiters: they share its watch.
+    let waiters = FileLock::open(&dir).unwrap();
+    let slow_polls = |wait| {
+        LockOptions::new().wait(wait).backoff(
+            dlock_core::Backoff::new(Duration::from_secs(10), Duration::from_secs(10)).jitter(0.0),
+        )
+    };
+    let held = holder
+        .try_lock("k", &slow_polls(Duration::from_secs(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    let patient = tokio::spawn({
+        let waiters = waiters.clone();
+        async move { waiters.lock("k", &slow_polls(Duration::from_secs(8))).await }
+    });
+    let impatient = waiters
+        .lock("k", &slow_polls(Duration::from_millis(100)))
+        .await;
+    assert!(
+        impatient.is_err(),
+        "the lock is held: the short wait elapses"
+    );
+    let released_at = std::time::Instant::now();
+    held.release().await.unwrap();
+    let guard = patient
+        .await
+        .unwrap()
+        .expect("the patient waiter got the lock");
+    let handoff = released_at.elapsed();
+    assert!(handoff < Duration::from_secs(2), "handoff took {handoff:?}");
+    guard.release().await.unwrap();
+    assert_eq!(names(&dir), [".fencing_token"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// While another client increments the fencing counter, an acquire waits
+/// for it (off the runtime's thread) and then gets the next token.
+#[tokio::test(flavor = "current_thread")]
+async fn acquire_waits_for_a_busy_counter() {
+    let dir = temp_dir();
+    let client = FileLock::open(&dir).unwrap();
+    let options = LockOptions::new().wait(Duration::from_secs(5));
+    let first = client.try_lock("a", &options).await.unwrap().unwrap();
+    let first_token = first.fencing_token();
+    first.release().await.unwrap();
+    // Someone else's increment in progress: their own file description.
+    let counter = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(dir.join(".fencing_token"))
+        .unwrap();
+    counter.lock().unwrap();
+    let attempt = tokio::spawn({
+        let client = client.clone();
+        let options = options.clone();
+        async move { client.try_lock("b", &options).await }
+    });
+    // The runtime stays free while the attempt waits on its blocking
+    // thread: this task runs, and the attempt has not finished.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!attempt.is_finished(), "the counter is locked");
+    counter.unlock().unwrap();
+    let second = attempt.await.unwrap().unwrap().expect("b is free");
+    assert_eq!(second.fencing_token(), first_token + 1);
+    second.release().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -32,7 +32,8 @@ pub struct FloorInfo {
 pub enum RawServer {
     /// `memory://`: an uncontended tokio mutex per key.
     Memory(Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>),
-    /// `file:///dir`: open + flock + unlock of a file per key.
+    /// `file:///dir`: open + flock of a file per key, a fencing counter
+    /// increment, unlink + close.
     File(std::path::PathBuf),
     /// `redis://`, `rediss://` (one server) or `redlock://` (each
     /// instance, in parallel).
@@ -111,7 +112,7 @@ impl RawServer {
                 round_trip: None,
             },
             RawServer::File(_) => FloorInfo {
-                cycle: "open + flock(LOCK_EX|LOCK_NB) + unlock + close",
+                cycle: "open + flock(LOCK_EX|LOCK_NB) + counter (flock + pread + pwrite + unlock) + unlink + close",
                 round_trip: None,
             },
             #[cfg(feature = "redis")]
@@ -152,7 +153,18 @@ impl RawServer {
             }
             RawServer::File(dir) => {
                 std::fs::create_dir_all(dir)?;
-                Ok(Box::new(FileRaw(file_floor_path(dir, key))))
+                // One counter for the directory, as the backend's; opened
+                // once per client, as the backend does.
+                let counter = std::fs::File::options()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(dir.join(FILE_FLOOR_COUNTER))?;
+                Ok(Box::new(FileRaw {
+                    path: file_floor_path(dir, key),
+                    counter,
+                }))
             }
             #[cfg(feature = "redis")]
             RawServer::Redis(urls) => Ok(Box::new(redis_raw::RedisRaw::connect(urls, key).await?)),
@@ -172,6 +184,7 @@ impl RawServer {
                 for key in keys {
                     let _ = std::fs::remove_file(file_floor_path(dir, key));
                 }
+                let _ = std::fs::remove_file(dir.join(FILE_FLOOR_COUNTER));
             }
             #[cfg(feature = "zookeeper")]
             RawServer::ZooKeeper(hosts) => zk_raw::cleanup(hosts, keys).await,
@@ -204,7 +217,36 @@ impl RawClient for MemoryRaw {
     }
 }
 
-struct FileRaw(std::path::PathBuf);
+/// The file floor's fencing counter (the backend's is `.fencing_token`).
+const FILE_FLOOR_COUNTER: &str = ".dlock-bench-floor-counter";
+
+/// The file backend's protocol without its checks: lock the key's file,
+/// increment the directory's counter under its own `flock`, then delete
+/// and close the file.
+struct FileRaw {
+    path: std::path::PathBuf,
+    counter: std::fs::File,
+}
+
+impl FileRaw {
+    fn increment(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        self.counter.lock()?;
+        let mut buf = [0u8; 32];
+        let read = self.counter.read_at(&mut buf, 0);
+        let next = read.and_then(|len| {
+            let last = std::str::from_utf8(&buf[..len])
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            self.counter
+                .write_all_at(format!("{:020}\n", last + 1).as_bytes(), 0)?;
+            Ok(last + 1)
+        });
+        self.counter.unlock()?;
+        next
+    }
+}
 
 #[async_trait]
 impl RawClient for FileRaw {
@@ -212,11 +254,14 @@ impl RawClient for FileRaw {
         let file = std::fs::File::options()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
-            .open(&self.0)?;
+            .open(&self.path)?;
         file.try_lock()
-            .map_err(|err| format!("flock {}: {err}", self.0.display()))?;
-        file.unlock()?;
+            .map_err(|err| format!("flock {}: {err}", self.path.display()))?;
+        self.increment()?;
+        std::fs::remove_file(&self.path)?;
+        drop(file);
         Ok(())
     }
 
