@@ -104,11 +104,13 @@ impl<'a> Grant<'a> {
     /// read `server_ms`, and it read `clock.server_ms` while running an
     /// attempt sent at `clock.sent_at`. So the lock lives at least
     /// `server_ms + ttl - clock.server_ms` (server ms) after `sent_at`,
-    /// less the usual drift allowance; 1 ms more covers the script's own
-    /// run time (a script's writes may be stamped with its start time).
-    /// A grant older than the attempt gives a short or negative span.
+    /// less the usual drift allowance. 2 ms more cover both readings being
+    /// truncated to whole ms and a script's writes being stamped with its
+    /// start time. A grant older than the attempt gives a short or negative
+    /// span, hence `None`. (Like every TTL lease this trusts the server's
+    /// clock not to jump; the one server is the only clock involved.)
     pub fn valid_until(&self, clock: ServerClock, ttl: Duration) -> Option<Instant> {
-        let span = self.server_ms + ttl.as_millis() as i64 - clock.server_ms - 1;
+        let span = self.server_ms + ttl.as_millis() as i64 - clock.server_ms - 2;
         let span = Duration::from_millis(u64::try_from(span).ok()?);
         let valid_until = validity_deadline(clock.sent_at, span);
         (Instant::now() < valid_until).then_some(valid_until)
@@ -785,5 +787,53 @@ impl HeldLock for RedisHeld {
         self.shared
             .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_messages_parse() {
+        let grant = Grant::parse("grant 1795245658116459 1795245658116 abc:1f").unwrap();
+        assert_eq!(
+            grant,
+            Grant {
+                token: 1795245658116459,
+                server_ms: 1795245658116,
+                owner: "abc:1f",
+            }
+        );
+        assert_eq!(Grant::parse(""), None);
+        assert_eq!(Grant::parse("retry:abc"), None);
+        assert_eq!(Grant::parse("grant x 1 abc"), None);
+        assert_eq!(Grant::parse("grant 1 2"), None);
+    }
+
+    #[test]
+    fn a_grant_is_vouched_for_from_the_attempt_that_read_the_server_clock() {
+        let ttl = Duration::from_secs(10);
+        let sent_at = Instant::now();
+        let clock = ServerClock {
+            sent_at,
+            server_ms: 1_000_000,
+        };
+        // Granted 2 s (server time) after the attempt ran: the lock lives
+        // 12 s after that attempt was sent, less the drift allowance.
+        let grant = Grant {
+            token: 1,
+            server_ms: 1_002_000,
+            owner: "o",
+        };
+        let valid_until = grant.valid_until(clock, ttl).unwrap();
+        let span = Duration::from_millis(12_000 - 2);
+        assert_eq!(valid_until, validity_deadline(sent_at, span));
+        // A grant that expired before the attempt ran vouches for nothing.
+        let stale = Grant {
+            server_ms: 1_000_000 - 10_000,
+            ..grant
+        };
+        assert_eq!(stale.valid_until(clock, ttl), None);
     }
 }

@@ -158,8 +158,7 @@ impl Subscriber {
                 let Some(conn) = weak.upgrade() else { return };
                 let channels = conn.channels.lock().unwrap();
                 if let Some(entry) = channels.get(msg.get_channel_name()) {
-                    let message: Arc<str> =
-                        String::from_utf8_lossy(msg.get_payload_bytes()).into();
+                    let message: Arc<str> = String::from_utf8_lossy(msg.get_payload_bytes()).into();
                     entry.wake.send_modify(|w| {
                         w.message = Some(message);
                     });

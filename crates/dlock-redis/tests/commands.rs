@@ -274,10 +274,8 @@ async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
     // subscription (attempt, subscribe, attempt again) when the queue
     // showed it; after the release script it sent no attempt (a background
     // UNSUBSCRIBE may follow).
-    let is_attempt =
-        |l: &String| command_name(l) == "EVALSHA" && !l.contains(":released\"");
-    let is_release =
-        |l: &String| command_name(l) == "EVALSHA" && l.contains(":released\"");
+    let is_attempt = |l: &String| command_name(l) == "EVALSHA" && !l.contains(":released\"");
+    let is_release = |l: &String| command_name(l) == "EVALSHA" && l.contains(":released\"");
     let release_at = commands
         .iter()
         .position(is_release)
