@@ -30,14 +30,8 @@ local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, ttl, waiter = ARGV[1], ARGV[2], ARGV[3]
 local waiter_ttl, fence_ttl = tonumber(ARGV[4]), ARGV[5]
 
-local function grant(nx)
-  if nx then
-    if not redis.call('SET', lock, owner, 'NX', 'PX', ttl) then
-      return {0, redis.call('PTTL', lock), redis.call('GET', lock) or '', 0}
-    end
-  else
-    redis.call('SET', lock, owner, 'PX', ttl)
-  end
+-- Takes the fencing token of a grant (the lock is already set).
+local function fenced()
   local t = redis.call('TIME')
   local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
   local token = redis.call('INCR', fence)
@@ -52,7 +46,15 @@ local function grant(nx)
 end
 
 if waiter_ttl == 0 then
-  return grant(true)
+  if not redis.call('SET', lock, owner, 'NX', 'PX', ttl) then
+    return {0, redis.call('PTTL', lock), redis.call('GET', lock) or '', 0}
+  end
+  return fenced()
+end
+
+-- Fair mode, fast path: nobody queued and the lock free.
+if redis.call('EXISTS', queue) == 0 and redis.call('SET', lock, owner, 'NX', 'PX', ttl) then
+  return fenced()
 end
 
 -- Fair mode: a FIFO of waiters; a waiter that stops refreshing its entry
@@ -98,7 +100,8 @@ if head then
   redis.call('LPOP', queue)
   redis.call('HDEL', waiters, waiter)
 end
-return grant(false)
+redis.call('SET', lock, owner, 'PX', ttl)
+return fenced()
 "#,
     )
 });
@@ -139,6 +142,12 @@ local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, channel, fence_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('GET', lock) ~= owner then
   return 0
+end
+if not redis.call('LINDEX', queue, 0) then
+  -- Nobody queued (the uncontended case): a plain release.
+  redis.call('DEL', lock)
+  redis.call('PUBLISH', channel, '')
+  return 1
 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
