@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::keys::LockKeys;
 use crate::node::{timed_out, Node};
 use crate::renewal::Renewals;
-use crate::scripts::{ABANDON, ACQUIRE, EXTEND, RELEASE};
+use crate::scripts::{ABANDON, ACQUIRE, EXTEND, RELEASE, RELEASE_FAIR};
 use crate::subscriber::Subscription;
 
 /// How long a fair waiter's queue entry lives without a refresh: a waiter
@@ -58,7 +58,63 @@ pub(crate) enum Outcome {
     /// Held elsewhere; `retry_in` is the holder's remaining TTL when known.
     Busy {
         retry_in: Option<Duration>,
+        /// Fair mode: when the attempt was sent and the server's clock (ms)
+        /// while it ran, to bound a later handed-off grant's validity.
+        clock: Option<ServerClock>,
     },
+}
+
+/// A local instant no later than the moment the server's clock read
+/// `server_ms`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ServerClock {
+    sent_at: Instant,
+    server_ms: i64,
+}
+
+/// A grant a release published for a fair waiter (direct handoff).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Grant<'a> {
+    pub token: u64,
+    /// The server's clock (ms) when it set the lock for the waiter.
+    pub server_ms: i64,
+    pub owner: &'a str,
+}
+
+impl<'a> Grant<'a> {
+    /// Parses `grant <token> <server ms> <owner>` (see `RELEASE_FAIR`).
+    pub fn parse(message: &'a str) -> Option<Self> {
+        let mut parts = message.strip_prefix("grant ")?.splitn(3, ' ');
+        let token = parts.next()?.parse().ok()?;
+        let server_ms = parts.next()?.parse().ok()?;
+        let owner = parts.next()?;
+        Some(Grant {
+            token,
+            server_ms,
+            owner,
+        })
+    }
+
+    /// Until when the waiter may vouch for a lock granted with `ttl`, given
+    /// `clock` from one of its earlier attempts; `None` if not at all.
+    ///
+    /// The waiter did not send the `SET`, so its own send time bounds
+    /// nothing. But the server set the lock (expiring `ttl` later on the
+    /// server's clock, which is what Redis expires keys by) when its clock
+    /// read `server_ms`, and it read `clock.server_ms` while running an
+    /// attempt sent at `clock.sent_at`. So the lock lives at least
+    /// `server_ms + ttl - clock.server_ms` (server ms) after `sent_at`,
+    /// less the usual drift allowance. 2 ms more cover both readings being
+    /// truncated to whole ms and a script's writes being stamped with its
+    /// start time. A grant older than the attempt gives a short or negative
+    /// span, hence `None`. (Like every TTL lease this trusts the server's
+    /// clock not to jump; the one server is the only clock involved.)
+    pub fn valid_until(&self, clock: ServerClock, ttl: Duration) -> Option<Instant> {
+        let span = self.server_ms + ttl.as_millis() as i64 - clock.server_ms - 2;
+        let span = Duration::from_millis(u64::try_from(span).ok()?);
+        let valid_until = validity_deadline(clock.sent_at, span);
+        (Instant::now() < valid_until).then_some(valid_until)
+    }
 }
 
 /// Not enough Redlock instances answered.
@@ -192,7 +248,7 @@ impl Shared {
                     .arg(waiter)
                     .arg(waiter_ttl_ms)
                     .arg(fence_ttl_ms)
-                    .invoke_async::<(i64, i64, String)>(&mut conn)
+                    .invoke_async::<(i64, i64, String, i64)>(&mut conn)
                     .await
             })
             .await;
@@ -202,14 +258,36 @@ impl Shared {
         let mut first_error = None;
         // Refusals: (holder, its remaining TTL).
         let mut holders: Vec<(String, Option<Duration>)> = Vec::new();
+        let mut clock = None;
         for result in results {
             match result {
-                Ok((1, value, _)) => {
+                Ok((1, value, _, _)) => {
                     answered += 1;
                     granted += 1;
                     token = token.max(value.max(0) as u64);
                 }
-                Ok((_, pttl, holder)) => {
+                Ok((2, value, _, pttl)) if self.nodes.len() == 1 => {
+                    // Handed to us by a release (fair mode, one server): the
+                    // lock had at least `pttl` left when this attempt ran.
+                    let pttl = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
+                    let valid_until = validity_deadline(sent_at, pttl);
+                    if Instant::now() < valid_until {
+                        return Ok(Outcome::Granted {
+                            token: value.max(0) as u64,
+                            valid_until,
+                        });
+                    }
+                    // Too little left to vouch for: give it back.
+                    self.release(key, keys, owner, ttl).await.ok();
+                    return Ok(Outcome::Busy {
+                        retry_in: None,
+                        clock: None,
+                    });
+                }
+                Ok((_, pttl, holder, server_ms)) => {
+                    if self.fair && server_ms > 0 {
+                        clock = Some(ServerClock { sent_at, server_ms });
+                    }
                     answered += 1;
                     let pttl = u64::try_from(pttl).ok().map(Duration::from_millis);
                     holders.push((holder, pttl));
@@ -270,7 +348,7 @@ impl Shared {
                 },
             ));
         }
-        Ok(Outcome::Busy { retry_in })
+        Ok(Outcome::Busy { retry_in, clock })
     }
 
     /// Owner-checked delete on every node, ignoring errors; `wake`
@@ -306,15 +384,32 @@ impl Shared {
         owner: &str,
         ttl: Duration,
     ) -> Result<()> {
+        let fair = self.fair;
+        let fence_idle_ms = FENCE_IDLE_TTL.as_millis() as u64;
         let results = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
-                RELEASE
-                    .key(&keys.lock)
-                    .arg(owner)
-                    .arg(&keys.channel)
-                    .arg("")
-                    .invoke_async::<i64>(&mut conn)
-                    .await
+                if fair {
+                    // Fair mode is one server only: hand the lock to the
+                    // queue's head in the same script.
+                    RELEASE_FAIR
+                        .key(&keys.lock)
+                        .key(&keys.fence)
+                        .key(&keys.queue)
+                        .key(&keys.waiters)
+                        .arg(owner)
+                        .arg(&keys.channel)
+                        .arg(fence_idle_ms)
+                        .invoke_async::<i64>(&mut conn)
+                        .await
+                } else {
+                    RELEASE
+                        .key(&keys.lock)
+                        .arg(owner)
+                        .arg(&keys.channel)
+                        .arg("")
+                        .invoke_async::<i64>(&mut conn)
+                        .await
+                }
             })
             .await;
         let (mut deleted, mut refused, mut first_error) = (0, 0, None);
@@ -495,6 +590,8 @@ impl Shared {
         let mut abandon = Abandon::new(self, &keys, &owner, waiter);
         let mut subscriptions: Vec<Subscription> = Vec::new();
         let mut polls: u32 = 0;
+        // The latest attempt's view of the server's clock (fair mode).
+        let mut clock: Option<ServerClock> = None;
         loop {
             for subscription in &mut subscriptions {
                 subscription.mark_seen();
@@ -508,7 +605,13 @@ impl Shared {
                     drop(abandon);
                     return Ok(self.make_guard(key, keys, owner, token, valid_until, options));
                 }
-                Outcome::Busy { retry_in } => retry_in,
+                Outcome::Busy {
+                    retry_in,
+                    clock: seen,
+                } => {
+                    clock = seen.or(clock);
+                    retry_in
+                }
             };
             if subscriptions.iter().all(Subscription::is_dead) {
                 // Subscribe, then attempt again: a release published
@@ -530,6 +633,9 @@ impl Shared {
                 None => WAITER_REFRESH,
             };
             if self.fair {
+                // Also the refresh of the queue entry, and the latest a
+                // waiter whose grant message was lost finds the lock is
+                // its own (the attempt says so).
                 delay = delay.min(WAITER_REFRESH);
             }
             if subscriptions.is_empty() {
@@ -537,9 +643,32 @@ impl Shared {
                 delay = delay.min(options.backoff.delay(polls));
                 polls += 1;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = wait_any(&mut subscriptions) => {}
+            let retry_at = Instant::now() + delay;
+            loop {
+                let message = tokio::select! {
+                    _ = tokio::time::sleep_until(retry_at) => break,
+                    message = wait_any(&mut subscriptions) => message,
+                };
+                let Some(grant) = message.as_deref().and_then(Grant::parse) else {
+                    // A plain release, an abandoned attempt, a dead
+                    // connection: try again.
+                    break;
+                };
+                if grant.owner != owner {
+                    // Handed to another waiter: still held, keep waiting
+                    // (the timer still refreshes the queue entry).
+                    continue;
+                }
+                // Ours, without another round trip, if we can vouch for it;
+                // otherwise the attempt finds out (and the lock is ours or
+                // gone by then).
+                let Some(valid_until) = clock.and_then(|c| grant.valid_until(c, options.ttl))
+                else {
+                    break;
+                };
+                abandon.disarm();
+                drop(abandon);
+                return Ok(self.make_guard(key, keys, owner, grant.token, valid_until, options));
             }
         }
     }
@@ -572,11 +701,14 @@ pub(crate) fn retry_message(client_id: &str) -> String {
     format!("retry:{client_id}")
 }
 
-async fn wait_any(subscriptions: &mut [Subscription]) {
+/// The next message on any subscription (`None`: a connection died).
+async fn wait_any(subscriptions: &mut [Subscription]) -> Option<Arc<str>> {
     if subscriptions.is_empty() {
         return std::future::pending().await;
     }
-    futures::future::select_all(subscriptions.iter_mut().map(|s| Box::pin(s.woken()))).await;
+    futures::future::select_all(subscriptions.iter_mut().map(|s| Box::pin(s.woken())))
+        .await
+        .0
 }
 
 /// Cleans up an attempt whose future was dropped or failed before a
@@ -655,5 +787,53 @@ impl HeldLock for RedisHeld {
         self.shared
             .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_messages_parse() {
+        let grant = Grant::parse("grant 1795245658116459 1795245658116 abc:1f").unwrap();
+        assert_eq!(
+            grant,
+            Grant {
+                token: 1795245658116459,
+                server_ms: 1795245658116,
+                owner: "abc:1f",
+            }
+        );
+        assert_eq!(Grant::parse(""), None);
+        assert_eq!(Grant::parse("retry:abc"), None);
+        assert_eq!(Grant::parse("grant x 1 abc"), None);
+        assert_eq!(Grant::parse("grant 1 2"), None);
+    }
+
+    #[test]
+    fn a_grant_is_vouched_for_from_the_attempt_that_read_the_server_clock() {
+        let ttl = Duration::from_secs(10);
+        let sent_at = Instant::now();
+        let clock = ServerClock {
+            sent_at,
+            server_ms: 1_000_000,
+        };
+        // Granted 2 s (server time) after the attempt ran: the lock lives
+        // 12 s after that attempt was sent, less the drift allowance.
+        let grant = Grant {
+            token: 1,
+            server_ms: 1_002_000,
+            owner: "o",
+        };
+        let valid_until = grant.valid_until(clock, ttl).unwrap();
+        let span = Duration::from_millis(12_000 - 2);
+        assert_eq!(valid_until, validity_deadline(sent_at, span));
+        // A grant that expired before the attempt ran vouches for nothing.
+        let stale = Grant {
+            server_ms: 1_000_000 - 10_000,
+            ..grant
+        };
+        assert_eq!(stale.valid_until(clock, ttl), None);
     }
 }

@@ -56,7 +56,20 @@
 //!   queue, so no contender starves. An uncontended acquire is still one
 //!   round trip (the queue is empty). `try_lock` never jumps the queue. A
 //!   waiter refreshes its queue entry every second; a crashed waiter's
-//!   entry expires after 3 s, the longest it can hold up the others.
+//!   entry expires after 3 s.
+//! - **Direct handoff** (fair mode): the release script itself makes the
+//!   queue's head (a waiter whose entry is fresh) the owner, with the TTL
+//!   that waiter asked for and a new fencing token, and publishes the grant;
+//!   the waiter holds the lock when the message arrives, without another
+//!   round trip. It vouches for the lease from the server clock reading of
+//!   its own last attempt (the grant carries the server time it was made
+//!   at). A waiter that misses the message (its pub/sub connection died, a
+//!   later message overwrote it) learns of the grant from its next attempt
+//!   (on any wake-up, at the latest after a second); a waiter dropped at the
+//!   moment of the handoff deletes the lock it was given and wakes the next
+//!   one. A waiter whose process died within 3 s of its last refresh can be
+//!   handed the lock and, like a holder that died, blocks it until its TTL
+//!   ends.
 //! - **Renewal is batched**: one task per client renews all of its
 //!   auto-renewed locks with one pipeline per server and tick (about
 //!   `ttl / 3`). A lock the server no longer has for this owner is marked

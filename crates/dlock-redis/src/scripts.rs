@@ -9,16 +9,20 @@ use redis::Script;
 /// KEYS: lock, fence, queue, waiters. ARGV: owner, ttl_ms, waiter id (`""`
 /// when not waiting), waiter entry TTL in ms (`0`: not fair), fence TTL ms.
 ///
-/// Returns `{1, fencing_token, ""}` when granted, `{0, pttl, holder}` when
-/// held (`pttl` = the holder's remaining TTL in ms, `holder` its owner
-/// value), `{0, -1, ""}` when free but other waiters are queued first
-/// (fair mode).
+/// Returns `{code, value, holder, extra}`:
+/// - `{1, fencing_token, "", 0}` when granted now;
+/// - `{2, fencing_token, "", pttl}` (fair mode) when a release already
+///   handed the lock to this waiter (see [`RELEASE_FAIR`]): its grant
+///   message was lost or not read yet; `pttl` is what is left of its TTL;
+/// - `{0, pttl, holder, now_ms}` when held (`pttl` = the holder's remaining
+///   TTL in ms, `holder` its owner value), `{0, -1, "", now_ms}` when free
+///   but other waiters are queued first (fair mode). `now_ms` is the
+///   server's clock (0 when not fair): a waiter relates a later grant's
+///   server time to its own clock with it.
 ///
-/// The fencing token is `max(counter + 1, server TIME in µs)`: it keeps
-/// growing when the counter was lost (a restart without persistence, a
-/// failover to a replica that missed the last writes, the counter's own
-/// expiry) as long as the server clock does not step back, and the counter
-/// keeps it growing when the clock does step back while the counter lives.
+/// A fair waiter's queue entry is `deadline_ms:ttl_ms` (the deadline of the
+/// entry, the TTL the waiter asked for), so a release can hand it the lock.
+///
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -26,14 +30,8 @@ local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, ttl, waiter = ARGV[1], ARGV[2], ARGV[3]
 local waiter_ttl, fence_ttl = tonumber(ARGV[4]), ARGV[5]
 
-local function grant(nx)
-  if nx then
-    if not redis.call('SET', lock, owner, 'NX', 'PX', ttl) then
-      return {0, redis.call('PTTL', lock), redis.call('GET', lock) or ''}
-    end
-  else
-    redis.call('SET', lock, owner, 'PX', ttl)
-  end
+-- Takes the fencing token of a grant (the lock is already set).
+local function fenced()
   local t = redis.call('TIME')
   local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
   local token = redis.call('INCR', fence)
@@ -44,11 +42,19 @@ local function grant(nx)
     redis.call('SET', fence, now, 'PX', fence_ttl)
     token = tonumber(now)
   end
-  return {1, token, ''}
+  return {1, token, '', 0}
 end
 
 if waiter_ttl == 0 then
-  return grant(true)
+  if not redis.call('SET', lock, owner, 'NX', 'PX', ttl) then
+    return {0, redis.call('PTTL', lock), redis.call('GET', lock) or '', 0}
+  end
+  return fenced()
+end
+
+-- Fair mode, fast path: nobody queued and the lock free.
+if redis.call('EXISTS', queue) == 0 and redis.call('SET', lock, owner, 'NX', 'PX', ttl) then
+  return fenced()
 end
 
 -- Fair mode: a FIFO of waiters; a waiter that stops refreshing its entry
@@ -58,36 +64,44 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 while true do
   local head = redis.call('LINDEX', queue, 0)
   if not head then break end
-  local deadline = redis.call('HGET', waiters, head)
-  if deadline and tonumber(deadline) > now_ms then break end
+  local entry = redis.call('HGET', waiters, head)
+  local deadline = entry and tonumber(string.match(entry, '^%d+'))
+  if deadline and deadline > now_ms then break end
   redis.call('LPOP', queue)
   redis.call('HDEL', waiters, head)
 end
 
 local function enqueue()
   if waiter == '' then return end
-  if redis.call('HSET', waiters, waiter, string.format('%.0f', now_ms + waiter_ttl)) == 1 then
+  local entry = string.format('%.0f', now_ms + waiter_ttl) .. ':' .. ttl
+  if redis.call('HSET', waiters, waiter, entry) == 1 then
     redis.call('RPUSH', queue, waiter)
   end
   redis.call('PEXPIRE', queue, waiter_ttl * 2)
   redis.call('PEXPIRE', waiters, waiter_ttl * 2)
 end
 
-local pttl = redis.call('PTTL', lock)
-if pttl ~= -2 then
+local holder = redis.call('GET', lock)
+if holder then
+  if waiter ~= '' and holder == owner then
+    -- A release handed the lock to this waiter (direct handoff).
+    local token = tonumber(redis.call('GET', fence)) or 0
+    return {2, token, '', redis.call('PTTL', lock)}
+  end
   enqueue()
-  return {0, pttl, redis.call('GET', lock) or ''}
+  return {0, redis.call('PTTL', lock), holder, now_ms}
 end
 local head = redis.call('LINDEX', queue, 0)
 if head and head ~= waiter then
   enqueue()
-  return {0, -1, ''}
+  return {0, -1, '', now_ms}
 end
 if head then
   redis.call('LPOP', queue)
   redis.call('HDEL', waiters, waiter)
 end
-return grant(false)
+redis.call('SET', lock, owner, 'PX', ttl)
+return fenced()
 "#,
     )
 });
@@ -105,6 +119,68 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
+"#,
+    )
+});
+
+/// Owner-checked release with direct handoff (fair mode, one server).
+///
+/// KEYS: lock, fence, queue, waiters. ARGV: owner, channel, fence idle TTL
+/// in ms. Returns 1 if released, 0 if not ours.
+///
+/// Stale queue heads (entry deadline passed) are dropped first. When the
+/// head is fresh, the lock becomes its own right here (`SET lock <head> PX
+/// <its ttl>`, fenced like an acquire), the head leaves the queue, and the
+/// grant is published as `grant <token> <server ms> <owner>`; the waiter
+/// holds the lock without another round trip. Otherwise the lock is deleted
+/// and an empty message wakes the waiters. A head whose entry has no TTL
+/// (written by an older client) gets the plain release.
+pub(crate) static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local owner, channel, fence_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('GET', lock) ~= owner then
+  return 0
+end
+if not redis.call('LINDEX', queue, 0) then
+  -- Nobody queued (the uncontended case): a plain release.
+  redis.call('DEL', lock)
+  redis.call('PUBLISH', channel, '')
+  return 1
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+while true do
+  local head = redis.call('LINDEX', queue, 0)
+  if not head then break end
+  local entry = redis.call('HGET', waiters, head)
+  local deadline, ttl
+  if entry then
+    deadline, ttl = string.match(entry, '^(%d+):?(%d*)$')
+    deadline = tonumber(deadline)
+  end
+  if deadline and deadline > now_ms then
+    if ttl == '' then break end
+    redis.call('SET', lock, head, 'PX', ttl)
+    local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
+    local token = redis.call('INCR', fence)
+    if token < tonumber(now) then
+      redis.call('SET', fence, now, 'PX', fence_idle + tonumber(ttl))
+      token = tonumber(now)
+    end
+    redis.call('LPOP', queue)
+    redis.call('HDEL', waiters, head)
+    redis.call('PUBLISH', channel,
+      'grant ' .. string.format('%.0f', token) .. ' ' .. string.format('%.0f', now_ms) .. ' ' .. head)
+    return 1
+  end
+  redis.call('LPOP', queue)
+  redis.call('HDEL', waiters, head)
+end
+redis.call('DEL', lock)
+redis.call('PUBLISH', channel, '')
+return 1
 "#,
     )
 });

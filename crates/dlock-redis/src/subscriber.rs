@@ -36,8 +36,16 @@ struct Channel {
     refs: usize,
     /// Whether the server confirmed the subscription.
     subscribed: bool,
-    /// Bumped on every message and when the connection dies.
-    wake: watch::Sender<u64>,
+    /// Set on every message (its payload) and when the connection dies
+    /// (`None`). Only the latest is kept: a waiter that misses a message
+    /// still wakes and asks the server.
+    wake: watch::Sender<Wake>,
+}
+
+/// The latest event of a channel.
+#[derive(Clone, Default)]
+struct Wake {
+    message: Option<Arc<str>>,
 }
 
 /// A waiter's subscription to one channel; dropping it unsubscribes when
@@ -46,7 +54,7 @@ pub(crate) struct Subscription {
     subscriber: Arc<Subscriber>,
     conn: Arc<PubSubConn>,
     channel: String,
-    wake: watch::Receiver<u64>,
+    wake: watch::Receiver<Wake>,
 }
 
 impl Subscriber {
@@ -78,7 +86,7 @@ impl Subscriber {
                 .or_insert_with(|| Channel {
                     refs: 0,
                     subscribed: false,
-                    wake: watch::channel(0).0,
+                    wake: watch::channel(Wake::default()).0,
                 });
             entry.refs += 1;
             (entry.wake.subscribe(), !entry.subscribed)
@@ -150,7 +158,10 @@ impl Subscriber {
                 let Some(conn) = weak.upgrade() else { return };
                 let channels = conn.channels.lock().unwrap();
                 if let Some(entry) = channels.get(msg.get_channel_name()) {
-                    entry.wake.send_modify(|n| *n += 1);
+                    let message: Arc<str> = String::from_utf8_lossy(msg.get_payload_bytes()).into();
+                    entry.wake.send_modify(|w| {
+                        w.message = Some(message);
+                    });
                 }
             }
             // The connection is gone: wake every waiter so it retries and
@@ -158,7 +169,9 @@ impl Subscriber {
             if let Some(conn) = weak.upgrade() {
                 conn.dead.store(true, Ordering::Release);
                 for entry in conn.channels.lock().unwrap().values() {
-                    entry.wake.send_modify(|n| *n += 1);
+                    entry.wake.send_modify(|w| {
+                        w.message = None;
+                    });
                 }
             }
         });
@@ -199,13 +212,15 @@ impl Subscription {
         self.wake.borrow_and_update();
     }
 
-    /// Resolves at the next message after [`mark_seen`](Self::mark_seen),
-    /// or when the connection dies.
-    pub async fn woken(&mut self) {
+    /// Resolves at the next message after [`mark_seen`](Self::mark_seen)
+    /// with its payload (the latest, when several arrived), or with `None`
+    /// when the connection dies.
+    pub async fn woken(&mut self) -> Option<Arc<str>> {
         if self.wake.changed().await.is_err() {
             // The entry is gone (cannot happen while we hold a ref); do not spin.
             std::future::pending::<()>().await;
         }
+        self.wake.borrow_and_update().message.clone()
     }
 
     /// Whether the connection died; subscribe again for notifications.

@@ -231,3 +231,104 @@ async fn a_dropped_client_closes_its_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Fair mode hands the lock over inside the release: the queued waiter
+/// holds it when the grant message arrives, without another attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
+    let server = PrivateRedis::start();
+    let mut monitor = Monitor::start(&server).await;
+    let holder = RedisLock::connect(&server.url()).await.unwrap();
+    let waiter = RedisLock::connect(&server.url()).await.unwrap();
+    let key = "handed-over";
+    // Warm up: the first calls load the scripts into the server.
+    let warm = holder
+        .try_lock("warm-up", &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    warm.release().await.unwrap();
+    let guard = holder
+        .try_lock(key, &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let options = LockOptions::new().wait(Duration::from_secs(10));
+        let guard = waiter.lock(key, &options).await.unwrap();
+        (waiter, guard)
+    });
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let queue = holder.redis_key(key).replace(":lock", ":queue");
+    wait_for_queue_len(&mut conn, &queue, 1).await;
+    monitor.section("queued").await;
+    let holder_token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let (waiter, handed) = waiting.await.unwrap();
+    let commands = monitor.section("handed-over").await;
+    // The waiter may still have been between its first attempt and its
+    // subscription (attempt, subscribe, attempt again) when the queue
+    // showed it; after the release script it sent no attempt (a background
+    // UNSUBSCRIBE may follow).
+    let is_attempt = |l: &String| command_name(l) == "EVALSHA" && !l.contains(":released\"");
+    let is_release = |l: &String| command_name(l) == "EVALSHA" && l.contains(":released\"");
+    let release_at = commands
+        .iter()
+        .position(is_release)
+        .unwrap_or_else(|| panic!("no release: {commands:#?}"));
+    assert!(
+        !commands[release_at..].iter().any(is_attempt),
+        "the waiter tried again after the handoff: {commands:#?}"
+    );
+    assert_eq!(
+        commands.iter().filter(|l| is_release(l)).count(),
+        1,
+        "{commands:#?}"
+    );
+    assert!(handed.is_held());
+    assert!(handed.fencing_token() > holder_token);
+    // The server agrees: the waiter's owner value is on the lock, and the
+    // queue is empty.
+    let len: i64 = redis::cmd("LLEN")
+        .arg(&queue)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 0);
+    assert!(holder
+        .try_lock(key, &LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
+    handed.release().await.unwrap();
+    assert!(holder
+        .try_lock(key, &LockOptions::new())
+        .await
+        .unwrap()
+        .is_some());
+    drop(waiter);
+}
+
+async fn wait_for_queue_len(conn: &mut redis::aio::MultiplexedConnection, queue: &str, n: i64) {
+    // The queue is server state; no event reaches the test when it changes.
+    let started = std::time::Instant::now();
+    loop {
+        let len: i64 = redis::cmd("LLEN")
+            .arg(queue)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if len == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "queue length {len}, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
