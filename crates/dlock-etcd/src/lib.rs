@@ -204,10 +204,36 @@ impl Binding {
 }
 
 /// The key just older than ours: the only one a waiter watches.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 struct Predecessor {
     key: Vec<u8>,
     create_revision: i64,
+    /// The lease it lives on.
+    lease: i64,
+    /// It was the oldest key (the owner) when read. Keys older than ours
+    /// can only go away (a new key gets a newer create revision), so once
+    /// this one is deleted nothing older than ours is left.
+    owner: bool,
+}
+
+impl Predecessor {
+    /// The predecessor in a range of the lock's keys, newest first and
+    /// limited to two, whose first key is ours.
+    fn from_range(range: &etcd_client::GetResponse) -> Option<Self> {
+        range.kvs().get(1).map(|kv| Predecessor {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+            lease: kv.lease(),
+            // `more` is false when the limit cut nothing off (etcd sets it
+            // after applying `max_create_revision`, unlike `count`).
+            owner: !range.more(),
+        })
+    }
+
+    /// The same key instance (the owner flag may have changed).
+    fn same_key(&self, other: &Predecessor) -> bool {
+        self.key == other.key && self.create_revision == other.create_revision
+    }
 }
 
 /// Where our key stands in the lock's queue.
@@ -592,16 +618,15 @@ impl EtcdLock {
             let Some(TxnOpResponse::Get(range)) = ops.get(1) else {
                 return Err(malformed("no range"));
             };
-            // We created our key at `revision`; the range is newest first.
-            let predecessor = range
-                .kvs()
-                .iter()
-                .find(|kv| kv.key() != etcd_key.as_bytes() && kv.create_revision() < revision)
-                .map(|kv| Predecessor {
-                    key: kv.key().to_vec(),
-                    create_revision: kv.create_revision(),
-                });
-            Ok((revision, Position::Behind(predecessor)))
+            // We created our key at `revision`, after the range's other
+            // keys: the range is newest first, so ours comes first.
+            match range.kvs().first() {
+                Some(kv) if kv.key() == etcd_key.as_bytes() && kv.create_revision() == revision => {
+                    Ok((revision, Position::Behind(Predecessor::from_range(range))))
+                }
+                // Not expected; a plain read places us instead.
+                _ => Ok((revision, self.position(key, dir, etcd_key, revision).await?)),
+            }
         } else {
             // The key already existed: a retried transaction whose first
             // try did apply. Our key's own create revision places us.
@@ -640,10 +665,7 @@ impl EtcdLock {
         let kvs = range.kvs();
         match kvs.first() {
             Some(kv) if kv.key() == etcd_key.as_bytes() => {
-                Ok(Position::Behind(kvs.get(1).map(|kv| Predecessor {
-                    key: kv.key().to_vec(),
-                    create_revision: kv.create_revision(),
-                })))
+                Ok(Position::Behind(Predecessor::from_range(&range)))
             }
             _ => Ok(Position::Gone),
         }
@@ -664,12 +686,13 @@ impl EtcdLock {
         // catch-up lag), then read: the predecessor deleted before the
         // watch started shows in the read, any later delete in the watch.
         let mut watch = self.watch_key(key, &predecessor.key).await?;
-        match self.position(key, dir, etcd_key, my_revision).await? {
-            Position::Behind(Some(now)) if &now == predecessor => {}
+        let predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
+            // The read may have found it the owner by now.
+            Position::Behind(Some(now)) if now.same_key(predecessor) => now,
             other => return Ok(Some(other)),
-        }
+        };
         let deleted = tokio::select! {
-            deleted = wait_for_delete(&mut watch) => deleted,
+            deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
             () = binding_lost(self, binding) => return Ok(None),
         };
         drop(watch);
@@ -679,6 +702,17 @@ impl EtcdLock {
                 retry: true,
             });
         }
+        // The owner is gone and nothing older than our key can appear:
+        // the lock is ours without another read. Our key is still there
+        // unless our lease ended, which the grant checks (the session's
+        // state; a lock's own lease is refreshed before the grant), just
+        // as for a held lock. A predecessor on our own lease is read
+        // again: revoking that lease deletes both keys in one go.
+        if predecessor.owner && predecessor.lease != binding.lease_id() {
+            return Ok(Some(Position::Behind(None)));
+        }
+        // The predecessor was a waiter that may have given up: an older
+        // key may still hold the lock.
         Ok(Some(self.position(key, dir, etcd_key, my_revision).await?))
     }
 
@@ -704,19 +738,19 @@ impl EtcdLock {
     }
 }
 
-/// Resolves when the watch reports a delete (`Ok`) or breaks (`Err`).
-async fn wait_for_delete(watch: &mut WatchStream) -> Result<(), String> {
+/// Resolves when the watch reports a delete of `watched` (`Ok`) or breaks
+/// (`Err`). Progress notifications and other events are skipped.
+async fn wait_for_delete(watch: &mut WatchStream, watched: &[u8]) -> Result<(), String> {
     loop {
         match watch.message().await {
             Ok(Some(response)) => {
                 if response.canceled() {
                     return Err(format!("watch canceled: {}", response.cancel_reason()));
                 }
-                if response
-                    .events()
-                    .iter()
-                    .any(|event| event.event_type() == EventType::Delete)
-                {
+                if response.events().iter().any(|event| {
+                    event.event_type() == EventType::Delete
+                        && event.kv().is_some_and(|kv| kv.key() == watched)
+                }) {
                     return Ok(());
                 }
             }
