@@ -92,7 +92,7 @@
 mod config;
 mod session;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,6 +151,24 @@ struct Inner {
     /// One new session at a time after a loss.
     new_session: tokio::sync::Mutex<()>,
     seq: AtomicU64,
+    /// Key numbers whose key is known to be deleted, for reuse. Every new
+    /// key name under a lock's prefix stays in etcd's index (as a deleted
+    /// key) until a compaction, and each acquire's range walks them all:
+    /// fresh names per attempt made a much-used lock slower and slower.
+    free_seqs: Mutex<Vec<u64>>,
+}
+
+impl Inner {
+    fn take_seq(&self) -> u64 {
+        let free = self.free_seqs.lock().unwrap().pop();
+        free.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Only for a key whose deletion etcd confirmed, with no other request
+    /// on it left in flight: a later attempt may reuse its name.
+    fn give_back_seq(&self, seq: u64) {
+        self.free_seqs.lock().unwrap().push(seq);
+    }
 }
 
 impl Drop for Inner {
@@ -296,6 +314,7 @@ impl EtcdLock {
                 session: Mutex::new(session),
                 new_session: tokio::sync::Mutex::new(()),
                 seq: AtomicU64::new(0),
+                free_seqs: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -404,11 +423,12 @@ impl EtcdLock {
     ) -> Result<Outcome, Failure> {
         let binding = self.binding(key, options).await?;
         let dir = self.lock_key_prefix(key);
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let seq = self.inner.take_seq();
         let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
         let mut pending = PendingKey {
             inner: self.inner.clone(),
             etcd_key: etcd_key.clone(),
+            seq,
             own_lease: binding.own_lease(),
             txns: Vec::new(),
             armed: true,
@@ -508,6 +528,8 @@ impl EtcdLock {
             owner: self.clone(),
             key: key.to_owned(),
             etcd_key,
+            seq,
+            release_started: AtomicBool::new(false),
             binding,
             lease: lease.clone(),
         });
@@ -844,6 +866,11 @@ struct EtcdHeld {
     owner: EtcdLock,
     key: String,
     etcd_key: String,
+    /// The number in `etcd_key`, given back once the key is deleted.
+    seq: u64,
+    /// A second release (the first one's future was dropped midway) may
+    /// race a delete still in flight: only the first gives `seq` back.
+    release_started: AtomicBool,
     binding: Binding,
     lease: Lease,
 }
@@ -852,6 +879,7 @@ struct EtcdHeld {
 impl HeldLock for EtcdHeld {
     async fn release(&self) -> Result<()> {
         let owner = &self.owner;
+        let first_release = !self.release_started.swap(true, Ordering::AcqRel);
         let deleted = owner
             .call("release", &self.key, async {
                 owner
@@ -862,6 +890,11 @@ impl HeldLock for EtcdHeld {
                     .await
             })
             .await?;
+        if first_release {
+            // etcd answered the only delete sent: the key is gone and
+            // nothing can create it again, so its name may be reused.
+            owner.inner.give_back_seq(self.seq);
+        }
         if let Some(id) = self.binding.own_lease() {
             // Nothing else lives on it; free it without waiting.
             spawn_revoke(owner.inner.client.clone(), id);
@@ -925,6 +958,8 @@ impl HeldLock for EtcdHeld {
 struct PendingKey {
     inner: Arc<Inner>,
     etcd_key: String,
+    /// The number in `etcd_key`, given back once it is removed here.
+    seq: u64,
     /// A lock's own lease: revoking it deletes the key too.
     own_lease: Option<i64>,
     /// Transactions that may still create the key.
@@ -937,7 +972,7 @@ impl PendingKey {
     /// Stays armed until done: if this is dropped midway, `Drop` removes
     /// the key again in the background.
     async fn remove_now(&mut self) {
-        remove_key(
+        let removed = remove_key(
             self.inner.clone(),
             self.etcd_key.clone(),
             self.own_lease,
@@ -945,6 +980,13 @@ impl PendingKey {
         )
         .await;
         self.armed = false;
+        if removed {
+            // Every transaction finished before the delete, which etcd
+            // confirmed. (A removal in the background, after a dropped
+            // attempt, does not give its number back: a delete dropped
+            // midway here might still be in flight.)
+            self.inner.give_back_seq(self.seq);
+        }
     }
 }
 
@@ -957,12 +999,15 @@ impl Drop for PendingKey {
             tracing::warn!(key = %self.etcd_key, "dlock: attempt dropped outside a runtime; its key stays until its lease ends");
             return;
         };
-        runtime.spawn(remove_key(
+        let (inner, etcd_key, own_lease, txns) = (
             self.inner.clone(),
             std::mem::take(&mut self.etcd_key),
             self.own_lease,
             std::mem::take(&mut self.txns),
-        ));
+        );
+        runtime.spawn(async move {
+            remove_key(inner, etcd_key, own_lease, txns).await;
+        });
     }
 }
 
@@ -971,7 +1016,7 @@ async fn remove_key(
     etcd_key: String,
     own_lease: Option<i64>,
     txns: Vec<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
-) {
+) -> bool {
     // The key may appear only once the transactions are done.
     for txn in txns {
         let _ = txn.await;
@@ -1001,8 +1046,12 @@ async fn remove_key(
             .await
         }
     };
-    if let Err(err) = outcome {
-        tracing::warn!(key = %etcd_key, error = %err, "dlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
+    match outcome {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(key = %etcd_key, error = %err, "dlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
+            false
+        }
     }
 }
 
