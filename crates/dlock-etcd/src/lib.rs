@@ -53,10 +53,18 @@
 //! on the busy path only). `lock` instead watches the next-older key only,
 //! opening the watch at the current revision and then re-reading its queue
 //! position (a watch opened at a past revision is caught up by etcd 3.4
-//! only every ~100 ms); when that key is deleted, one read tells whether the
-//! lock is ours. So waiters queue in arrival order (FIFO), a release wakes
-//! exactly one waiter, and nobody polls. A dropped or timed-out `lock`
+//! only every ~100 ms). When that key is deleted: if it was the oldest key
+//! when last read, the lock is ours at once (no key older than ours can
+//! appear, as a new key gets a newer revision); if it was a waiter (it may
+//! have given up while an older key still holds), one read tells. So
+//! waiters queue in arrival order (FIFO), a release wakes exactly one
+//! waiter, a handoff is the holder's delete plus the watch event, and
+//! nobody polls. A dropped or timed-out `lock`
 //! deletes its key in the background, after its transaction has finished.
+//! A client reuses the `<seq>` of a key whose deletion etcd confirmed:
+//! every distinct name under a prefix stays in etcd's index until a
+//! compaction and each acquire's range walks them, so fresh names on every
+//! attempt would make a much-used lock slower and slower.
 //!
 //! The fencing token is the lock key's create revision: etcd revisions are
 //! global and only grow, so it increases across holders, expiry and server
