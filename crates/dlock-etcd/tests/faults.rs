@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dlock_core::{DistributedLock, Error, LockOptions, LostReason};
 use dlock_etcd::EtcdLock;
-use support::PrivateEtcd;
+use support::{grown, PrivateEtcd};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_session_lease_fires_lost() {
@@ -282,6 +282,7 @@ async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_i
         .await
         .unwrap()
         .unwrap();
+    let before = etcd.grpc_counters().await;
     let waiting = tokio::spawn({
         let (locks, options) = (locks.clone(), options.clone());
         async move {
@@ -290,19 +291,25 @@ async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_i
                 .await
         }
     });
+    // Wait (polling etcd's counters: no outside event) until the waiter
+    // watches its predecessor: its txn, watch and one read are done.
+    let mut queued = false;
+    for _ in 0..300 {
+        let seen = grown(&before, &etcd.grpc_counters().await);
+        if seen.get("grpc_server_handled_total/Range") == Some(&1.0)
+            && seen.get("grpc_server_started_total/Watch") == Some(&1.0)
+        {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(queued, "the waiter did not queue");
     let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .unwrap();
     let prefix = locks.lock_key_prefix("same-session");
     let list = etcd_client::GetOptions::new().with_prefix();
-    // Wait (polling: no outside event) until the waiter is queued.
-    for _ in 0..200 {
-        let queued = raw.get(prefix.as_str(), Some(list.clone())).await.unwrap();
-        if queued.kvs().len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let old_session = locks.session_lease_id();
     raw.lease_revoke(old_session).await.unwrap();
 
