@@ -53,10 +53,18 @@
 //! on the busy path only). `lock` instead watches the next-older key only,
 //! opening the watch at the current revision and then re-reading its queue
 //! position (a watch opened at a past revision is caught up by etcd 3.4
-//! only every ~100 ms); when that key is deleted, one read tells whether the
-//! lock is ours. So waiters queue in arrival order (FIFO), a release wakes
-//! exactly one waiter, and nobody polls. A dropped or timed-out `lock`
+//! only every ~100 ms). When that key is deleted: if it was the oldest key
+//! when last read, the lock is ours at once (no key older than ours can
+//! appear, as a new key gets a newer revision); if it was a waiter (it may
+//! have given up while an older key still holds), one read tells. So
+//! waiters queue in arrival order (FIFO), a release wakes exactly one
+//! waiter, a handoff is the holder's delete plus the watch event, and
+//! nobody polls. A dropped or timed-out `lock`
 //! deletes its key in the background, after its transaction has finished.
+//! A client reuses the `<seq>` of a key whose deletion etcd confirmed:
+//! every distinct name under a prefix stays in etcd's index until a
+//! compaction and each acquire's range walks them, so fresh names on every
+//! attempt would make a much-used lock slower and slower.
 //!
 //! The fencing token is the lock key's create revision: etcd revisions are
 //! global and only grow, so it increases across holders, expiry and server
@@ -92,7 +100,7 @@
 mod config;
 mod session;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,6 +159,24 @@ struct Inner {
     /// One new session at a time after a loss.
     new_session: tokio::sync::Mutex<()>,
     seq: AtomicU64,
+    /// Key numbers whose key is known to be deleted, for reuse. Every new
+    /// key name under a lock's prefix stays in etcd's index (as a deleted
+    /// key) until a compaction, and each acquire's range walks them all:
+    /// fresh names per attempt made a much-used lock slower and slower.
+    free_seqs: Mutex<Vec<u64>>,
+}
+
+impl Inner {
+    fn take_seq(&self) -> u64 {
+        let free = self.free_seqs.lock().unwrap().pop();
+        free.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Only for a key whose deletion etcd confirmed, with no other request
+    /// on it left in flight: a later attempt may reuse its name.
+    fn give_back_seq(&self, seq: u64) {
+        self.free_seqs.lock().unwrap().push(seq);
+    }
 }
 
 impl Drop for Inner {
@@ -204,10 +230,36 @@ impl Binding {
 }
 
 /// The key just older than ours: the only one a waiter watches.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 struct Predecessor {
     key: Vec<u8>,
     create_revision: i64,
+    /// The lease it lives on.
+    lease: i64,
+    /// It was the oldest key (the owner) when read. Keys older than ours
+    /// can only go away (a new key gets a newer create revision), so once
+    /// this one is deleted nothing older than ours is left.
+    owner: bool,
+}
+
+impl Predecessor {
+    /// The predecessor in a range of the lock's keys, newest first and
+    /// limited to two, whose first key is ours.
+    fn from_range(range: &etcd_client::GetResponse) -> Option<Self> {
+        range.kvs().get(1).map(|kv| Predecessor {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+            lease: kv.lease(),
+            // `more` is false when the limit cut nothing off (etcd sets it
+            // after applying `max_create_revision`, unlike `count`).
+            owner: !range.more(),
+        })
+    }
+
+    /// The same key instance (the owner flag may have changed).
+    fn same_key(&self, other: &Predecessor) -> bool {
+        self.key == other.key && self.create_revision == other.create_revision
+    }
 }
 
 /// Where our key stands in the lock's queue.
@@ -270,6 +322,7 @@ impl EtcdLock {
                 session: Mutex::new(session),
                 new_session: tokio::sync::Mutex::new(()),
                 seq: AtomicU64::new(0),
+                free_seqs: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -378,11 +431,12 @@ impl EtcdLock {
     ) -> Result<Outcome, Failure> {
         let binding = self.binding(key, options).await?;
         let dir = self.lock_key_prefix(key);
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let seq = self.inner.take_seq();
         let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
         let mut pending = PendingKey {
             inner: self.inner.clone(),
             etcd_key: etcd_key.clone(),
+            seq,
             own_lease: binding.own_lease(),
             txns: Vec::new(),
             armed: true,
@@ -482,6 +536,8 @@ impl EtcdLock {
             owner: self.clone(),
             key: key.to_owned(),
             etcd_key,
+            seq,
+            release_started: AtomicBool::new(false),
             binding,
             lease: lease.clone(),
         });
@@ -592,16 +648,15 @@ impl EtcdLock {
             let Some(TxnOpResponse::Get(range)) = ops.get(1) else {
                 return Err(malformed("no range"));
             };
-            // We created our key at `revision`; the range is newest first.
-            let predecessor = range
-                .kvs()
-                .iter()
-                .find(|kv| kv.key() != etcd_key.as_bytes() && kv.create_revision() < revision)
-                .map(|kv| Predecessor {
-                    key: kv.key().to_vec(),
-                    create_revision: kv.create_revision(),
-                });
-            Ok((revision, Position::Behind(predecessor)))
+            // We created our key at `revision`, after the range's other
+            // keys: the range is newest first, so ours comes first.
+            match range.kvs().first() {
+                Some(kv) if kv.key() == etcd_key.as_bytes() && kv.create_revision() == revision => {
+                    Ok((revision, Position::Behind(Predecessor::from_range(range))))
+                }
+                // Not expected; a plain read places us instead.
+                _ => Ok((revision, self.position(key, dir, etcd_key, revision).await?)),
+            }
         } else {
             // The key already existed: a retried transaction whose first
             // try did apply. Our key's own create revision places us.
@@ -640,10 +695,7 @@ impl EtcdLock {
         let kvs = range.kvs();
         match kvs.first() {
             Some(kv) if kv.key() == etcd_key.as_bytes() => {
-                Ok(Position::Behind(kvs.get(1).map(|kv| Predecessor {
-                    key: kv.key().to_vec(),
-                    create_revision: kv.create_revision(),
-                })))
+                Ok(Position::Behind(Predecessor::from_range(&range)))
             }
             _ => Ok(Position::Gone),
         }
@@ -664,12 +716,13 @@ impl EtcdLock {
         // catch-up lag), then read: the predecessor deleted before the
         // watch started shows in the read, any later delete in the watch.
         let mut watch = self.watch_key(key, &predecessor.key).await?;
-        match self.position(key, dir, etcd_key, my_revision).await? {
-            Position::Behind(Some(now)) if &now == predecessor => {}
+        let predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
+            // The read may have found it the owner by now.
+            Position::Behind(Some(now)) if now.same_key(predecessor) => now,
             other => return Ok(Some(other)),
-        }
+        };
         let deleted = tokio::select! {
-            deleted = wait_for_delete(&mut watch) => deleted,
+            deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
             () = binding_lost(self, binding) => return Ok(None),
         };
         drop(watch);
@@ -679,6 +732,17 @@ impl EtcdLock {
                 retry: true,
             });
         }
+        // The owner is gone and nothing older than our key can appear:
+        // the lock is ours without another read. Our key is still there
+        // unless our lease ended, which the grant checks (the session's
+        // state; a lock's own lease is refreshed before the grant), just
+        // as for a held lock. A predecessor on our own lease is read
+        // again: revoking that lease deletes both keys in one go.
+        if predecessor.owner && predecessor.lease != binding.lease_id() {
+            return Ok(Some(Position::Behind(None)));
+        }
+        // The predecessor was a waiter that may have given up: an older
+        // key may still hold the lock.
         Ok(Some(self.position(key, dir, etcd_key, my_revision).await?))
     }
 
@@ -704,19 +768,19 @@ impl EtcdLock {
     }
 }
 
-/// Resolves when the watch reports a delete (`Ok`) or breaks (`Err`).
-async fn wait_for_delete(watch: &mut WatchStream) -> Result<(), String> {
+/// Resolves when the watch reports a delete of `watched` (`Ok`) or breaks
+/// (`Err`). Progress notifications and other events are skipped.
+async fn wait_for_delete(watch: &mut WatchStream, watched: &[u8]) -> Result<(), String> {
     loop {
         match watch.message().await {
             Ok(Some(response)) => {
                 if response.canceled() {
                     return Err(format!("watch canceled: {}", response.cancel_reason()));
                 }
-                if response
-                    .events()
-                    .iter()
-                    .any(|event| event.event_type() == EventType::Delete)
-                {
+                if response.events().iter().any(|event| {
+                    event.event_type() == EventType::Delete
+                        && event.kv().is_some_and(|kv| kv.key() == watched)
+                }) {
                     return Ok(());
                 }
             }
@@ -810,6 +874,11 @@ struct EtcdHeld {
     owner: EtcdLock,
     key: String,
     etcd_key: String,
+    /// The number in `etcd_key`, given back once the key is deleted.
+    seq: u64,
+    /// A second release (the first one's future was dropped midway) may
+    /// race a delete still in flight: only the first gives `seq` back.
+    release_started: AtomicBool,
     binding: Binding,
     lease: Lease,
 }
@@ -818,6 +887,7 @@ struct EtcdHeld {
 impl HeldLock for EtcdHeld {
     async fn release(&self) -> Result<()> {
         let owner = &self.owner;
+        let first_release = !self.release_started.swap(true, Ordering::AcqRel);
         let deleted = owner
             .call("release", &self.key, async {
                 owner
@@ -828,6 +898,11 @@ impl HeldLock for EtcdHeld {
                     .await
             })
             .await?;
+        if first_release {
+            // etcd answered the only delete sent: the key is gone and
+            // nothing can create it again, so its name may be reused.
+            owner.inner.give_back_seq(self.seq);
+        }
         if let Some(id) = self.binding.own_lease() {
             // Nothing else lives on it; free it without waiting.
             spawn_revoke(owner.inner.client.clone(), id);
@@ -891,6 +966,8 @@ impl HeldLock for EtcdHeld {
 struct PendingKey {
     inner: Arc<Inner>,
     etcd_key: String,
+    /// The number in `etcd_key`, given back once it is removed here.
+    seq: u64,
     /// A lock's own lease: revoking it deletes the key too.
     own_lease: Option<i64>,
     /// Transactions that may still create the key.
@@ -903,7 +980,7 @@ impl PendingKey {
     /// Stays armed until done: if this is dropped midway, `Drop` removes
     /// the key again in the background.
     async fn remove_now(&mut self) {
-        remove_key(
+        let removed = remove_key(
             self.inner.clone(),
             self.etcd_key.clone(),
             self.own_lease,
@@ -911,6 +988,13 @@ impl PendingKey {
         )
         .await;
         self.armed = false;
+        if removed {
+            // Every transaction finished before the delete, which etcd
+            // confirmed. (A removal in the background, after a dropped
+            // attempt, does not give its number back: a delete dropped
+            // midway here might still be in flight.)
+            self.inner.give_back_seq(self.seq);
+        }
     }
 }
 
@@ -923,12 +1007,15 @@ impl Drop for PendingKey {
             tracing::warn!(key = %self.etcd_key, "dlock: attempt dropped outside a runtime; its key stays until its lease ends");
             return;
         };
-        runtime.spawn(remove_key(
+        let (inner, etcd_key, own_lease, txns) = (
             self.inner.clone(),
             std::mem::take(&mut self.etcd_key),
             self.own_lease,
             std::mem::take(&mut self.txns),
-        ));
+        );
+        runtime.spawn(async move {
+            remove_key(inner, etcd_key, own_lease, txns).await;
+        });
     }
 }
 
@@ -937,7 +1024,7 @@ async fn remove_key(
     etcd_key: String,
     own_lease: Option<i64>,
     txns: Vec<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
-) {
+) -> bool {
     // The key may appear only once the transactions are done.
     for txn in txns {
         let _ = txn.await;
@@ -967,8 +1054,12 @@ async fn remove_key(
             .await
         }
     };
-    if let Err(err) = outcome {
-        tracing::warn!(key = %etcd_key, error = %err, "dlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
+    match outcome {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(key = %etcd_key, error = %err, "dlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
+            false
+        }
     }
 }
 

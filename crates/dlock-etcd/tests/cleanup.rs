@@ -120,3 +120,38 @@ async fn abandoned_attempts_leave_no_key() {
         "release left a key"
     );
 }
+
+/// Every distinct key name stays in etcd's index until a compaction and
+/// each acquire's range walks them: a client reuses the name of a key
+/// whose deletion etcd confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reuses_the_names_of_its_deleted_keys() {
+    if !dlock_testkit::service_ready("etcd", ENDPOINT).await {
+        return;
+    }
+    let (a, b) = (
+        EtcdLock::connect(URL).await.unwrap(),
+        EtcdLock::connect(URL).await.unwrap(),
+    );
+    let key = dlock_testkit::unique_key("etcd-reuse");
+    let prefix = a.lock_key_prefix(&key);
+    let mut raw = etcd_client::Client::connect([ENDPOINT], None)
+        .await
+        .unwrap();
+    let options = LockOptions::new();
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        let guard = a.try_lock(&key, &options).await.unwrap().unwrap();
+        names.extend(list(&mut raw, &prefix).await);
+        guard.release().await.unwrap();
+    }
+    assert_eq!(names.len(), 1, "{names:?}");
+    // A busy try_lock removes its key and gives its name back too.
+    let held = b.try_lock(&key, &options).await.unwrap().unwrap();
+    assert!(a.try_lock(&key, &options).await.unwrap().is_none());
+    held.release().await.unwrap();
+    let guard = a.try_lock(&key, &options).await.unwrap().unwrap();
+    assert_eq!(list(&mut raw, &prefix).await, Vec::from_iter(names));
+    guard.release().await.unwrap();
+    assert!(list(&mut raw, &prefix).await.is_empty());
+}

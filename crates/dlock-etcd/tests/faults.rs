@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dlock_core::{DistributedLock, Error, LockOptions, LostReason};
 use dlock_etcd::EtcdLock;
-use support::PrivateEtcd;
+use support::{grown, PrivateEtcd};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_session_lease_fires_lost() {
@@ -261,4 +261,74 @@ async fn credentials_in_the_url_reach_an_etcd_with_auth_on() {
         !format!("{err} {err:?}").contains("wrong-secret"),
         "{err:?}"
     );
+}
+
+/// A holder and a waiter on the same session: revoking that lease deletes
+/// both keys at one revision. The waiter sees its predecessor's delete, but
+/// its own key is gone too: it must not take the lock on the dead session
+/// (it reads again, finds its key gone, and queues on a new session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_is_revoked() {
+    let Some(etcd) = PrivateEtcd::start().await else {
+        return;
+    };
+    // A long session TTL: no keep-alive will notice the revoke in time.
+    let locks = EtcdLock::connect(&etcd.url("session_ttl=60s"))
+        .await
+        .unwrap();
+    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let holder = locks
+        .try_lock("same-session", &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let before = etcd.grpc_counters().await;
+    let waiting = tokio::spawn({
+        let (locks, options) = (locks.clone(), options.clone());
+        async move {
+            locks
+                .lock("same-session", &options.wait(Duration::from_secs(20)))
+                .await
+        }
+    });
+    // Wait (polling etcd's counters: no outside event) until the waiter
+    // watches its predecessor: its txn, watch and one read are done.
+    let mut queued = false;
+    for _ in 0..300 {
+        let seen = grown(&before, &etcd.grpc_counters().await);
+        if seen.get("grpc_server_handled_total/Range") == Some(&1.0)
+            && seen.get("grpc_server_started_total/Watch") == Some(&1.0)
+        {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(queued, "the waiter did not queue");
+    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let prefix = locks.lock_key_prefix("same-session");
+    let list = etcd_client::GetOptions::new().with_prefix();
+    let old_session = locks.session_lease_id();
+    raw.lease_revoke(old_session).await.unwrap();
+
+    let next = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter queued again")
+        .unwrap()
+        .unwrap();
+    // Granted on a new session, with a key that exists; the holder learnt
+    // of the loss on the way.
+    assert_ne!(locks.session_lease_id(), old_session);
+    let queued = raw.get(prefix.as_str(), Some(list)).await.unwrap();
+    assert_eq!(queued.kvs().len(), 1);
+    assert_eq!(queued.kvs()[0].lease(), locks.session_lease_id());
+    assert_eq!(
+        queued.kvs()[0].create_revision() as u64,
+        next.fencing_token()
+    );
+    assert!(!holder.is_held());
+    assert!(next.is_held());
+    next.release().await.unwrap();
 }
