@@ -30,17 +30,20 @@ local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, ttl, waiter = ARGV[1], ARGV[2], ARGV[3]
 local waiter_ttl, fence_ttl = tonumber(ARGV[4]), ARGV[5]
 
--- Takes the fencing token of a grant (the lock is already set).
+-- Takes the fencing token of a grant (the lock is already set):
+-- max(last token + 1, server time in µs). The usual case is one call: the
+-- clock moved on since the last grant, so the time is written as the new
+-- token and the old one only checked. The counter expires when the lock
+-- is idle that long; the clock then seeds it again.
 local function fenced()
   local t = redis.call('TIME')
-  local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
-  local token = redis.call('INCR', fence)
-  if token < tonumber(now) then
-    -- The usual case: the clock moved on by more than one since the last
-    -- grant. The counter expires when the lock is idle that long; the
-    -- clock then seeds it again.
-    redis.call('SET', fence, now, 'PX', fence_ttl)
-    token = tonumber(now)
+  local now = tonumber(t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+  local token = now
+  local last = tonumber(redis.call('SET', fence, string.format('%.0f', now), 'PX', fence_ttl, 'GET'))
+  if last and last >= now then
+    -- The clock stepped back, or two grants within one µs.
+    token = last + 1
+    redis.call('SET', fence, string.format('%.0f', token), 'PX', fence_ttl)
   end
   return {1, token, '', 0}
 end
@@ -163,11 +166,14 @@ while true do
   if deadline and deadline > now_ms then
     if ttl == '' then break end
     redis.call('SET', lock, head, 'PX', ttl)
-    local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
-    local token = redis.call('INCR', fence)
-    if token < tonumber(now) then
-      redis.call('SET', fence, now, 'PX', fence_idle + tonumber(ttl))
-      token = tonumber(now)
+    -- Fenced as in ACQUIRE: max(last token + 1, server time in µs).
+    local now = tonumber(t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+    local fence_ttl = fence_idle + tonumber(ttl)
+    local token = now
+    local last = tonumber(redis.call('SET', fence, string.format('%.0f', now), 'PX', fence_ttl, 'GET'))
+    if last and last >= now then
+      token = last + 1
+      redis.call('SET', fence, string.format('%.0f', token), 'PX', fence_ttl)
     end
     redis.call('LPOP', queue)
     redis.call('HDEL', waiters, head)

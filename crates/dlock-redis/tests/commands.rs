@@ -264,8 +264,30 @@ async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
         .await
         .unwrap();
     let queue = holder.redis_key(key).replace(":lock", ":queue");
-    wait_for_queue_len(&mut conn, &queue, 1).await;
-    monitor.section("queued").await;
+    // Release only once the waiter is settled: queued, subscribed, and its
+    // attempt after subscribing executed (MONITOR shows each as the server
+    // runs it). Releasing earlier is legal, but the waiter then learns of
+    // its grant from that attempt ("already yours") instead of the message.
+    let mut before = Vec::new();
+    let started = std::time::Instant::now();
+    loop {
+        before.extend(monitor.section("waiting").await);
+        let settled = before
+            .iter()
+            .position(|l| command_name(l) == "SUBSCRIBE")
+            .is_some_and(|at| {
+                before[at..]
+                    .iter()
+                    .any(|l| command_name(l) == "EVALSHA" && !l.contains(":released\""))
+            });
+        if settled {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the waiter never settled: {before:#?}"
+        );
+    }
     let holder_token = guard.fencing_token();
     guard.release().await.unwrap();
     let (waiter, handed) = waiting.await.unwrap();
@@ -311,24 +333,4 @@ async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
         .unwrap()
         .is_some());
     drop(waiter);
-}
-
-async fn wait_for_queue_len(conn: &mut redis::aio::MultiplexedConnection, queue: &str, n: i64) {
-    // The queue is server state; no event reaches the test when it changes.
-    let started = std::time::Instant::now();
-    loop {
-        let len: i64 = redis::cmd("LLEN")
-            .arg(queue)
-            .query_async(conn)
-            .await
-            .unwrap();
-        if len == n {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "queue length {len}, expected {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
