@@ -4,6 +4,33 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Lua shared by the scripts that grant a lock: `grant_token(fence,
+/// fence_ttl)` returns the fencing token of a grant, `max(last token + 1,
+/// server time in µs)`, and stores it with `fence_ttl` ms to live. The
+/// usual case is one call: the clock moved on since the last grant, so the
+/// time is written as the new token and the old one only checked; the
+/// counter keeps tokens growing when the clock steps back or two grants
+/// fall within one µs. Seeding from the clock keeps tokens growing when the
+/// counter is lost (a restart without persistence, a failover to a replica
+/// that missed the last writes, the counter's own expiry when idle).
+const GRANT_TOKEN_LUA: &str = r#"
+local function grant_token(fence, fence_ttl)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+  local last = tonumber(redis.call('SET', fence, string.format('%.0f', now), 'PX', fence_ttl, 'GET'))
+  if last and last >= now then
+    redis.call('SET', fence, string.format('%.0f', last + 1), 'PX', fence_ttl)
+    return last + 1
+  end
+  return now
+end
+"#;
+
+/// A script whose body may call `grant_token` (see [`GRANT_TOKEN_LUA`]).
+fn with_grant_token(body: &str) -> Script {
+    Script::new(&[GRANT_TOKEN_LUA, body].concat())
+}
+
 /// Acquire.
 ///
 /// KEYS: lock, fence, queue, waiters. ARGV: owner, ttl_ms, waiter id (`""`
@@ -24,28 +51,15 @@ use redis::Script;
 /// entry, the TTL the waiter asked for), so a release can hand it the lock.
 ///
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_grant_token(
         r#"
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, ttl, waiter = ARGV[1], ARGV[2], ARGV[3]
 local waiter_ttl, fence_ttl = tonumber(ARGV[4]), ARGV[5]
 
--- Takes the fencing token of a grant (the lock is already set):
--- max(last token + 1, server time in µs). The usual case is one call: the
--- clock moved on since the last grant, so the time is written as the new
--- token and the old one only checked. The counter expires when the lock
--- is idle that long; the clock then seeds it again.
+-- The reply of a grant (the lock is already set).
 local function fenced()
-  local t = redis.call('TIME')
-  local now = tonumber(t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
-  local token = now
-  local last = tonumber(redis.call('SET', fence, string.format('%.0f', now), 'PX', fence_ttl, 'GET'))
-  if last and last >= now then
-    -- The clock stepped back, or two grants within one µs.
-    token = last + 1
-    redis.call('SET', fence, string.format('%.0f', token), 'PX', fence_ttl)
-  end
-  return {1, token, '', 0}
+  return {1, grant_token(fence, fence_ttl), '', 0}
 end
 
 if waiter_ttl == 0 then
@@ -139,7 +153,7 @@ return 0
 /// and an empty message wakes the waiters. A head whose entry has no TTL
 /// (written by an older client) gets the plain release.
 pub(crate) static RELEASE_FAIR: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    with_grant_token(
         r#"
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, channel, fence_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -166,15 +180,7 @@ while true do
   if deadline and deadline > now_ms then
     if ttl == '' then break end
     redis.call('SET', lock, head, 'PX', ttl)
-    -- Fenced as in ACQUIRE: max(last token + 1, server time in µs).
-    local now = tonumber(t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
-    local fence_ttl = fence_idle + tonumber(ttl)
-    local token = now
-    local last = tonumber(redis.call('SET', fence, string.format('%.0f', now), 'PX', fence_ttl, 'GET'))
-    if last and last >= now then
-      token = last + 1
-      redis.call('SET', fence, string.format('%.0f', token), 'PX', fence_ttl)
-    end
+    local token = grant_token(fence, fence_idle + tonumber(ttl))
     redis.call('LPOP', queue)
     redis.call('HDEL', waiters, head)
     redis.call('PUBLISH', channel,
