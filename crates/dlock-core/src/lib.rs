@@ -36,6 +36,7 @@ pub mod key;
 pub mod lease;
 pub mod memory;
 pub mod options;
+pub mod url;
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use dlock_core::error::redact_url;
+use dlock_core::url::{percent_decode, UrlParts};
 use dlock_core::{Error, Result};
 
 /// The session lease's TTL when the URL does not set `session_ttl`.
@@ -79,18 +80,12 @@ impl EtcdConfig {
         let rest = url
             .strip_prefix("etcd://")
             .ok_or_else(|| invalid("the scheme must be etcd://".into()))?;
-        let (rest, query) = match rest.split_once('?') {
-            Some((rest, query)) => (rest, Some(query)),
-            None => (rest, None),
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(slash) => (&rest[..slash], &rest[slash..]),
-            None => (rest, ""),
-        };
-        let (userinfo, hosts) = match authority.rfind('@') {
-            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
-            None => (None, authority),
-        };
+        let UrlParts {
+            userinfo,
+            hosts,
+            path,
+            query,
+        } = UrlParts::split(rest);
         let user = match userinfo {
             None => None,
             Some(userinfo) => {
@@ -206,23 +201,6 @@ const MAX_LEASE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 pub(crate) fn lease_seconds(ttl: Duration) -> i64 {
     let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
     secs.max(1) as i64
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

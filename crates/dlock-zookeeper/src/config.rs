@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use dlock_core::error::redact_url;
+use dlock_core::url::UrlParts;
 use dlock_core::{Error, Result};
 
 /// The session timeout asked of the server when the URL names none: how
@@ -40,21 +41,19 @@ impl ZooKeeperConfig {
             .strip_prefix("zk://")
             .or_else(|| url.strip_prefix("zookeeper://"))
             .ok_or_else(|| bad("expected a zk:// or zookeeper:// URL"))?;
-        let (rest, query) = match rest.split_once('?') {
-            Some((rest, query)) => (rest, Some(query)),
-            None => (rest, None),
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(slash) => (&rest[..slash], &rest[slash..]),
-            None => (rest, ""),
-        };
-        if authority.contains('@') {
+        let UrlParts {
+            userinfo,
+            hosts: host_list,
+            path,
+            query,
+        } = UrlParts::split(rest);
+        if userinfo.is_some() {
             return Err(bad(
                 "credentials in the URL are not supported by the zookeeper backend",
             ));
         }
         let mut hosts = Vec::new();
-        for host in authority.split(',') {
+        for host in host_list.split(',') {
             hosts.push(parse_host(host).map_err(|reason| bad(&reason))?);
         }
         let prefix = parse_prefix(path).map_err(|reason| bad(&reason))?;
