@@ -7,11 +7,11 @@
 //! configuration change:
 //!
 //! ```text
-//! cargo run --example config_swap                                   # memory:// (no server)
-//! DLOCK_URL=file:///tmp/dlock-locks cargo run --example config_swap
-//! DLOCK_URL=redis://127.0.0.1:6379 cargo run --example config_swap
-//! DLOCK_URL=zk://127.0.0.1:2181/myapp cargo run --example config_swap
-//! DLOCK_URL=etcd://127.0.0.1:2379/myapp cargo run --example config_swap
+//! cargo run -p dlock-examples --example config_swap                                   # memory:// (no server)
+//! DLOCK_URL=file:///tmp/dlock-locks cargo run -p dlock-examples --example config_swap
+//! DLOCK_URL=redis://127.0.0.1:6379 cargo run -p dlock-examples --example config_swap
+//! DLOCK_URL=zk://127.0.0.1:2181/myapp cargo run -p dlock-examples --example config_swap
+//! DLOCK_URL=etcd://127.0.0.1:2379/myapp cargo run -p dlock-examples --features etcd --example config_swap
 //! ```
 
 use dlock::LockConfig;

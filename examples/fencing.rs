@@ -13,8 +13,8 @@
 //! write arrives and is refused.
 //!
 //! ```text
-//! cargo run --example fencing                                  # memory:// (no server)
-//! DLOCK_URL=redis://127.0.0.1:6379 cargo run --example fencing # any backend
+//! cargo run -p dlock-examples --example fencing                                  # memory:// (no server)
+//! DLOCK_URL=redis://127.0.0.1:6379 cargo run -p dlock-examples --example fencing # any backend
 //! ```
 
 use std::sync::{Arc, Mutex};

@@ -14,8 +14,8 @@
 //! different processes share one leadership.
 //!
 //! ```text
-//! cargo run --example leader                                   # memory:// (no server)
-//! DLOCK_URL=redis://127.0.0.1:6379 cargo run --example leader  # run it twice at once
+//! cargo run -p dlock-examples --example leader                                   # memory:// (no server)
+//! DLOCK_URL=redis://127.0.0.1:6379 cargo run -p dlock-examples --example leader  # run it twice at once
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};

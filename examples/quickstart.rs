@@ -1,7 +1,7 @@
 //! Quick start: take a lock, use its fencing token, release it.
 //!
 //! Runs on `$DLOCK_URL`, or in-process (`memory://`) when it is unset:
-//! `cargo run --example quickstart`.
+//! `cargo run -p dlock-examples --example quickstart`.
 
 use std::time::Duration;
 

@@ -12,8 +12,8 @@
 //! (`JOB_SECS=60`).
 //!
 //! ```text
-//! cargo run --example renewal                                   # memory:// (no server)
-//! DLOCK_URL=etcd://127.0.0.1:2379/myapp JOB_SECS=60 cargo run --example renewal
+//! cargo run -p dlock-examples --example renewal                                   # memory:// (no server)
+//! DLOCK_URL=etcd://127.0.0.1:2379/myapp JOB_SECS=60 cargo run -p dlock-examples --features etcd --example renewal
 //! ```
 
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Every example in examples/ runs to success on `memory://` with no server
-//! and `DLOCK_URL` unset, as `cargo run --example NAME` does on a fresh
+//! and `DLOCK_URL` unset, as `cargo run -p dlock-examples --example NAME` does on a fresh
 //! machine, and prints what it claims to show.
 //!
 //! The example binaries are the ones cargo built for this test run
