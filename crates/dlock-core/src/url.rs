@@ -50,16 +50,26 @@ impl<'a> UrlParts<'a> {
             query,
         }
     }
+}
 
-    /// The `name=value` pairs of the query (a pair without `=` has an empty
-    /// value; empty pairs are skipped). Values are still percent-encoded.
-    pub fn query_pairs(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
-        self.query
-            .unwrap_or("")
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-    }
+/// The `name=value` options of a URL's query, in order; empty pairs are
+/// skipped and a pair without `=` is an error naming it. Values are still
+/// percent-encoded.
+///
+/// ```
+/// let options: Vec<_> = dlock_core::url::options(Some("a=1&&b=2")).collect();
+/// assert_eq!(options, [Ok(("a", "1")), Ok(("b", "2"))]);
+/// assert!(dlock_core::url::options(Some("flag")).next().unwrap().is_err());
+/// ```
+pub fn options(query: Option<&str>) -> impl Iterator<Item = Result<(&str, &str), String>> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .ok_or_else(|| format!("option {pair:?} has no value"))
+        })
 }
 
 /// Decodes `%XX` escapes (RFC 3986; `+` stays `+`). `None` for a bad
@@ -105,8 +115,15 @@ mod tests {
         assert_eq!(parts.userinfo, Some("a@b"));
         assert_eq!(parts.hosts, "h");
         assert_eq!(parts.path, "/p");
-        let pairs: Vec<_> = parts.query_pairs().collect();
-        assert_eq!(pairs, [("x", "1"), ("y", ""), ("z", "a=b")]);
+        let pairs: Vec<_> = options(parts.query).collect();
+        assert_eq!(
+            pairs,
+            [
+                Ok(("x", "1")),
+                Err("option \"y\" has no value".into()),
+                Ok(("z", "a=b"))
+            ]
+        );
         // A `/` or `@` inside the query does not move the other parts.
         let parts = UrlParts::split("h?next=/a@b");
         assert_eq!((parts.userinfo, parts.hosts, parts.path), (None, "h", ""));

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dlock_core::error::redact_url;
-use dlock_core::url::{percent_decode, UrlParts};
+use dlock_core::url::{self, percent_decode, UrlParts};
 use dlock_core::{Error, Result};
 
 /// The session lease's TTL when the URL does not set `session_ttl`.
@@ -142,14 +142,8 @@ impl EtcdConfig {
             user,
             ..EtcdConfig::new(Vec::<String>::new())
         };
-        for pair in query
-            .unwrap_or("")
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-        {
-            let (name, value) = pair
-                .split_once('=')
-                .ok_or_else(|| invalid(format!("option {pair:?} has no value")))?;
+        for option in url::options(query) {
+            let (name, value) = option.map_err(invalid)?;
             let duration = humantime::parse_duration(value)
                 .map_err(|err| invalid(format!("option {name}: {err}")))?;
             match name {

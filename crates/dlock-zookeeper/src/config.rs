@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dlock_core::error::redact_url;
-use dlock_core::url::UrlParts;
+use dlock_core::url::{self, UrlParts};
 use dlock_core::{Error, Result};
 
 /// The session timeout asked of the server when the URL names none: how
@@ -64,14 +64,8 @@ impl ZooKeeperConfig {
             connect_timeout: Duration::ZERO,
         };
         let mut connect_timeout = None;
-        for pair in query
-            .unwrap_or("")
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-        {
-            let (name, value) = pair
-                .split_once('=')
-                .ok_or_else(|| bad(&format!("option {pair:?} has no value")))?;
+        for option in url::options(query) {
+            let (name, value) = option.map_err(|reason| bad(&reason))?;
             let duration = || {
                 humantime::parse_duration(value).map_err(|err| {
                     bad(&format!(
