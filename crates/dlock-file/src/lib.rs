@@ -9,9 +9,12 @@
 //!   `lslocks` names the holder's process.
 //! - Release deletes the lock file, so nothing is left behind. A waiter that
 //!   locked a file just before it was deleted would hold a lock on a
-//!   nameless inode; after locking, every acquirer checks that the path
-//!   still names the inode it locked (device and inode number), else it
-//!   starts over.
+//!   nameless inode; after locking, every acquirer checks that the inode
+//!   it locked still has a link (a release unlinks only while it still
+//!   holds the flock, so a linked, locked inode is the one the path
+//!   names), else it starts over. The directory belongs to dlock: a lock
+//!   file deleted or replaced by hand is noticed by the holder's renewal
+//!   (`lost()`), but acquirers assume nobody renames lock files.
 //! - Fencing tokens come from one counter file for the whole directory
 //!   (`.fencing_token`), incremented under its own `flock` while the key's
 //!   lock is held: tokens are strictly increasing per key (and across keys)
@@ -23,7 +26,7 @@
 //!   that outlives the host and must never see a token twice needs a
 //!   backend with durable state.
 //! - An attempt is a handful of non-blocking system calls (open, `flock`,
-//!   two `stat`s, the counter's read and write), run on the calling task;
+//!   an `fstat`, the counter's read and write), run on the calling task;
 //!   only a wait for the counter's lock, held by another client, moves to
 //!   a blocking thread.
 //! - Waiting: `flock` has no asynchronous wait (and a blocking `flock` on a
@@ -41,9 +44,11 @@
 //!   I/O and time enabled.
 //! - An OS lock has no TTL: the lock lives as long as the holder's process
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
-//!   `auto_renew`, the core checks every `ttl / 3` that the lock file is
-//!   still the one this holder locked; if someone deleted or replaced it,
-//!   `lost()` fires.
+//!   `auto_renew`, the directory's watch (the same inotify thread) checks
+//!   a held lock whenever its file is deleted or renamed: if the name no
+//!   longer names the file this holder locked, `lost()` fires at once.
+//!   Where inotify is unavailable, the core checks with `stat` every
+//!   `ttl / 3` instead.
 //! - Each [`FileLock`] opens its own file descriptions, so two `FileLock`s
 //!   in one process exclude each other like two processes do.
 //!
@@ -78,11 +83,11 @@ use async_trait::async_trait;
 use dlock_core::key::encode_component;
 use dlock_core::{
     Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard, LockOptions,
-    Result,
+    LostReason, Result, WeakLease,
 };
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
 
 const BACKEND: &str = "file";
 
@@ -114,7 +119,8 @@ struct Inner {
     counter: Mutex<File>,
     /// The process's inotify watch on the directory, shared with the
     /// process's other clients of it, taken by the first acquire that has
-    /// to wait (waiters poll when inotify is unavailable).
+    /// to wait or holds with renewal on (waiters poll and the core checks
+    /// held locks when inotify is unavailable).
     watcher: Mutex<WatcherState>,
 }
 
@@ -228,19 +234,28 @@ impl FileLock {
         };
         tracing::debug!(fencing_token, "acquired");
         let lease = Lease::new(key, fencing_token, options.ttl, None);
+        let identity = Identity::of(&metadata);
+        // Renewal here means noticing that someone deleted or replaced the
+        // lock file: the directory's watch does it on the event, for every
+        // held lock at once, instead of a task per lock polling with
+        // `stat` (which cost more than a tenth of the whole cycle).
+        let watched = match options.auto_renew {
+            true => self.watcher().map(|watcher| {
+                let name = path.file_name().unwrap_or_default().to_owned();
+                watcher.hold(name, identity, &lease)
+            }),
+            false => None,
+        };
+        let core_renewal = options.auto_renew && watched.is_none();
         let held = Arc::new(HeldFile {
             key: key.to_owned(),
             path,
-            identity: Identity::of(&metadata),
+            identity,
             endpoint: self.endpoint(),
             file: Mutex::new(Some(locked)),
+            watched: Mutex::new(watched),
         });
-        Ok(Some(LockGuard::new(
-            BACKEND,
-            lease,
-            held,
-            options.auto_renew,
-        )))
+        Ok(Some(LockGuard::new(BACKEND, lease, held, core_renewal)))
     }
 
     /// The client's directory watch, started on first use; `None` when
@@ -296,14 +311,14 @@ fn lock_file(path: &Path) -> std::result::Result<Option<(Flock<File>, fs::Metada
             Err((_, errno)) => return Err(("flock", errno.into())),
         };
         let metadata = locked.metadata().map_err(|err| ("fstat", err))?;
-        match Identity::at(path).map_err(|err| ("stat", err))? {
-            Some(current) if current == Identity::of(&metadata) => {
-                return Ok(Some((locked, metadata)))
-            }
-            // The holder we waited behind deleted it; what we locked is
-            // no longer the lock. Drop it and start over.
-            _ => continue,
+        // Only a release unlinks a lock file, and it does so while still
+        // holding the flock; so a locked inode with a link left is the one
+        // the path names (one fstat instead of a second path lookup).
+        if metadata.nlink() > 0 {
+            return Ok(Some((locked, metadata)));
         }
+        // The holder we waited behind deleted it; what we locked is no
+        // longer the lock. Drop it and start over.
     }
 }
 
@@ -457,9 +472,14 @@ impl LockBackend for FileLock {
 #[derive(Debug)]
 struct Watcher {
     inotify: Inotify,
+    dir: PathBuf,
     watch: nix::sys::inotify::WatchDescriptor,
     /// Waiters per lock file name, with how many share the entry.
     waiters: Mutex<HashMap<OsString, (Arc<tokio::sync::Notify>, usize)>>,
+    /// Locks this process holds (with renewal on) per lock file name: the
+    /// inode each holder locked and its lease, marked lost when the name
+    /// is deleted or made to name another file.
+    held: Mutex<HashMap<OsString, Vec<(Identity, WeakLease)>>>,
     /// Set when the client is dropped (the thread exits) or reading
     /// failed (waiters poll).
     stopped: AtomicBool,
@@ -468,11 +488,17 @@ struct Watcher {
 impl Watcher {
     fn start(dir: &Path) -> std::io::Result<Arc<Self>> {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
-        let watch = inotify.add_watch(dir, AddWatchFlags::IN_DELETE)?;
+        // A rename away frees a name like a delete does; a rename onto a
+        // held name replaces its file.
+        let events =
+            AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO;
+        let watch = inotify.add_watch(dir, events)?;
         let watcher = Arc::new(Watcher {
             inotify,
+            dir: dir.to_owned(),
             watch,
             waiters: Mutex::default(),
+            held: Mutex::default(),
             stopped: AtomicBool::new(false),
         });
         let reader = watcher.clone();
@@ -496,12 +522,14 @@ impl Watcher {
                     tracing::debug!(error = %errno, "inotify read failed; waiters poll");
                     self.stopped.store(true, Ordering::Release);
                     self.wake_all();
+                    self.lose_all_held("the lock directory's watch failed");
                     return;
                 }
             };
             if self.stopped.load(Ordering::Acquire) {
                 return;
             }
+            self.check_held(&events);
             let waiters = self
                 .waiters
                 .lock()
@@ -514,6 +542,8 @@ impl Watcher {
                     waiters
                         .values()
                         .for_each(|(notify, _)| notify.notify_waiters());
+                    drop(waiters);
+                    self.lose_all_held("the lock directory's watch ended");
                     return;
                 } else if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                     // Events were lost: any waiter may have missed its own.
@@ -526,6 +556,87 @@ impl Watcher {
                     notify.notify_waiters();
                 }
             }
+        }
+    }
+
+    /// Marks lost every held lock whose file an event may have deleted
+    /// or replaced and whose name no longer names the inode it locked.
+    fn check_held(&self, events: &[InotifyEvent]) {
+        let overflow = events
+            .iter()
+            .any(|event| event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if held.is_empty() {
+            return;
+        }
+        let names: Vec<OsString> = if overflow {
+            held.keys().cloned().collect()
+        } else {
+            events
+                .iter()
+                .filter_map(|event| event.name.clone())
+                .filter(|name| held.contains_key(name))
+                .collect()
+        };
+        for name in names {
+            let Some(holders) = held.get_mut(&name) else {
+                continue;
+            };
+            // A later holder of the name (a new file) may already be in
+            // place: only a holder whose inode the name no longer names
+            // has lost its lock.
+            let now = match Identity::at(&self.dir.join(&name)) {
+                Ok(now) => now,
+                Err(err) => {
+                    tracing::debug!(error = %err, "could not check a held lock file");
+                    continue;
+                }
+            };
+            holders.retain(|(identity, lease)| {
+                if now == Some(*identity) {
+                    return true;
+                }
+                if let Some(lease) = lease.upgrade() {
+                    tracing::warn!(key = %lease.key(), "dlock: the lock file was deleted or replaced by someone else; the lock is lost");
+                    lease.mark_lost(LostReason::NotHeld);
+                }
+                false
+            });
+            if holders.is_empty() {
+                held.remove(&name);
+            }
+        }
+    }
+
+    /// Marks every held lock lost (the watch that vouched for them ended).
+    fn lose_all_held(&self, why: &str) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (_, lease) in held.drain().flat_map(|(_, holders)| holders) {
+            if let Some(lease) = lease.upgrade() {
+                lease.mark_lost(LostReason::RenewalFailed(why.to_owned()));
+            }
+        }
+    }
+
+    /// Watches a lock this process now holds; withdrawn with the
+    /// returned registration.
+    fn hold(self: Arc<Self>, name: OsString, identity: Identity, lease: &Lease) -> HeldWatch {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(name.clone())
+            .or_default()
+            .push((identity, lease.downgrade()));
+        HeldWatch {
+            watcher: self,
+            name,
+            identity,
         }
     }
 
@@ -576,6 +687,36 @@ impl Drop for Interest {
             entry.1 -= 1;
             if entry.1 == 0 {
                 waiters.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// A held lock's registration with the directory's watch; withdrawn on
+/// drop (before a release deletes the file, so the release's own event
+/// finds nothing to mark).
+struct HeldWatch {
+    watcher: Arc<Watcher>,
+    name: OsString,
+    identity: Identity,
+}
+
+impl Drop for HeldWatch {
+    fn drop(&mut self) {
+        let mut held = self
+            .watcher
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(holders) = held.get_mut(&self.name) {
+            if let Some(at) = holders
+                .iter()
+                .position(|(identity, _)| *identity == self.identity)
+            {
+                holders.swap_remove(at);
+            }
+            if holders.is_empty() {
+                held.remove(&self.name);
             }
         }
     }
@@ -653,6 +794,8 @@ struct HeldFile {
     identity: Identity,
     endpoint: String,
     file: Mutex<Option<Flock<File>>>,
+    /// The directory watch's registration, while renewal is on.
+    watched: Mutex<Option<HeldWatch>>,
 }
 
 impl HeldFile {
@@ -674,6 +817,14 @@ impl HeldLock for HeldFile {
         else {
             return Err(Error::not_held(&self.key));
         };
+        // Stop watching before our own delete; the event it makes then
+        // concerns nobody.
+        drop(
+            self.watched
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(),
+        );
         // Only the holder of the flock on the inode the path names deletes
         // the path, so this never deletes another holder's file (unless
         // someone outside dlock replaces files under us).
@@ -728,6 +879,38 @@ mod tests {
             let err = FileLock::from_url(bad).expect_err(bad);
             assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err}");
         }
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A delete event read after the name's next holder took it (a new
+    /// file) leaves that holder alone; one read while the name names no
+    /// file, or another file, marks the holder lost. The events are fed
+    /// straight to the check, so the order is the test's, not the
+    /// thread's.
+    #[tokio::test]
+    async fn a_late_delete_event_spares_the_next_holder() {
+        let dir = std::env::temp_dir().join(format!("dlock-file-late-{:016x}", fastrand::u64(..)));
+        let first = FileLock::open(&dir).unwrap();
+        let second = FileLock::open(&dir).unwrap();
+        let options = LockOptions::new();
+        let watcher = first.watcher().expect("inotify");
+        let delete_of = |key: &str| InotifyEvent {
+            wd: watcher.watch,
+            mask: AddWatchFlags::IN_DELETE,
+            cookie: 0,
+            name: Some(OsString::from(format!("{key}.lock"))),
+        };
+
+        let guard = first.try_lock("k", &options).await.unwrap().unwrap();
+        guard.release().await.unwrap();
+        let next = second.try_lock("k", &options).await.unwrap().unwrap();
+        // The first holder's delete event, read only now.
+        watcher.check_held(&[delete_of("k")]);
+        assert!(next.is_held(), "{:?}", next.lease().lost_reason());
+
+        fs::remove_file(second.lock_path("k")).unwrap();
+        watcher.check_held(&[delete_of("k")]);
+        assert_eq!(next.lease().lost_reason(), Some(LostReason::NotHeld));
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -179,3 +179,40 @@ async fn acquire_waits_for_a_busy_counter() {
     second.release().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A held lock's file deleted or replaced by hand (a rename onto its name)
+/// fires `lost()` with `NotHeld` on the directory watch's event, long
+/// before a `ttl / 3` check would run (the TTL is an hour here).
+#[tokio::test]
+async fn deleted_or_replaced_lock_file_is_lost_on_the_event() {
+    let dir = temp_dir();
+    let client = FileLock::open(&dir).unwrap();
+    let options = LockOptions::new().ttl(Duration::from_secs(3600));
+    let within = Duration::from_secs(10);
+
+    let deleted = client.try_lock("deleted", &options).await.unwrap().unwrap();
+    std::fs::remove_file(client.lock_path("deleted")).unwrap();
+    let reason = tokio::time::timeout(within, deleted.lost())
+        .await
+        .expect("lost() fires on the delete event");
+    assert_eq!(reason, dlock_core::LostReason::NotHeld);
+    assert!(!deleted.is_held());
+    assert!(deleted.release().await.unwrap_err().is_not_held());
+
+    let replaced = client
+        .try_lock("replaced", &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let impostor = dir.join("impostor");
+    std::fs::write(&impostor, b"").unwrap();
+    std::fs::rename(&impostor, client.lock_path("replaced")).unwrap();
+    let reason = tokio::time::timeout(within, replaced.lost())
+        .await
+        .expect("lost() fires on the rename event");
+    assert_eq!(reason, dlock_core::LostReason::NotHeld);
+    // The release must not delete a file it does not hold.
+    assert!(replaced.release().await.unwrap_err().is_not_held());
+    assert!(client.lock_path("replaced").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
