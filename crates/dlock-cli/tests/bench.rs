@@ -51,8 +51,10 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
             assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
         }
         assert!(line["p50_us"].as_f64() <= line["p99_us"].as_f64(), "{line}");
-        // No server, so no round trip to measure.
-        assert!(line.get("rtt_us").unwrap().is_null(), "{line}");
+        // No server, so no round trip to measure, read or write.
+        for field in ["rtt_us", "write_rtt_op", "write_rtt_us"] {
+            assert!(line.get(field).unwrap().is_null(), "{field}: {line}");
+        }
     }
     let uncontended = &lines[0];
     assert_eq!(uncontended["workers"], 1);
@@ -70,6 +72,24 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
     let handoff_p99 = contended["handoff_p99_us"].as_f64().unwrap();
     assert!(
         0.0 < handoff_p50 && handoff_p50 <= handoff_p99,
+        "{contended}"
+    );
+    // Each handoff's part after its release returned is a part of it, so
+    // its percentiles cannot exceed the handoff's.
+    let after_p50 = contended["handoff_after_release_p50_us"].as_f64().unwrap();
+    let after_p99 = contended["handoff_after_release_p99_us"].as_f64().unwrap();
+    assert!(0.0 <= after_p50 && after_p50 <= after_p99, "{contended}");
+    assert!(
+        after_p50 <= handoff_p50 && after_p99 <= handoff_p99,
+        "{contended}"
+    );
+    let early = contended["grants_before_release_reply"].as_u64().unwrap();
+    assert!(
+        early <= contended["handoffs"].as_u64().unwrap(),
+        "{contended}"
+    );
+    assert!(
+        contended["handoff_write_rtt_ratio"].is_null(),
         "{contended}"
     );
 
@@ -94,6 +114,7 @@ fn one_scenario_prints_a_table() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("violations"), "{stdout}");
     assert!(stdout.contains("handoff p50"), "{stdout}");
+    assert!(stdout.contains("after the release returned"), "{stdout}");
     assert!(
         !stdout.lines().any(|line| line.starts_with("uncontended")),
         "{stdout}"
