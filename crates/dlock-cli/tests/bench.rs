@@ -133,3 +133,61 @@ fn bad_input_is_a_one_line_error() {
     assert_eq!(output.status.code(), Some(64), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("soon"));
 }
+
+/// On a server the raw write round trip is measured beside the read one,
+/// and its run-unique key is gone after the run.
+#[test]
+fn redis_measures_a_write_round_trip_and_leaves_no_key_behind() {
+    let ready = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(dlock_testkit::service_ready("redis", "127.0.0.1:6379"));
+    if !ready {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .args([
+            "bench",
+            "--url",
+            "redis://127.0.0.1:6379",
+            "--scenario",
+            "uncontended",
+            "--duration",
+            "200ms",
+            "--key-prefix",
+            "dlock-cli-bench-test",
+            "--json",
+        ])
+        .env_remove("DLOCK_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dlock bench");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("wait for dlock bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "dlock bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(line["rtt_op"], "PING", "{line}");
+    assert_eq!(line["write_rtt_op"], "SET key 1", "{line}");
+    assert!(line["rtt_us"].as_f64().unwrap() > 0.0, "{line}");
+    assert!(line["write_rtt_us"].as_f64().unwrap() > 0.0, "{line}");
+
+    // The raw keys of a run are named after its process id.
+    let Ok(scan) = Command::new("redis-cli")
+        .args(["-p", "6379", "--scan", "--pattern"])
+        .arg(format!("dlock-bench-floor*dlock-bench-{pid}-*"))
+        .output()
+    else {
+        eprintln!("skipping the leftover check: redis-cli is not installed");
+        return;
+    };
+    assert!(scan.status.success(), "redis-cli --scan failed");
+    let left = String::from_utf8_lossy(&scan.stdout);
+    assert!(left.trim().is_empty(), "keys left behind: {left}");
+}
