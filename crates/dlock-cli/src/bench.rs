@@ -20,35 +20,50 @@
 //!   rather than a worker re-taking its own lock. A handoff is the time
 //!   from the moment a holder starts its release to the moment a
 //!   *different* worker's `lock` returns (a shared monotonic clock; the
-//!   release round trip is included). An "inside" counter checks mutual
-//!   exclusion on every grant.
+//!   release round trip is included). A handoff splits at the moment that
+//!   release *returns* (the releaser learned its write committed): the
+//!   rest, grant minus that return (0 when the grant came first), is the
+//!   notification delay beyond the release write. An "inside" counter
+//!   checks mutual exclusion on every grant.
 //! - `spread`: N workers on N distinct keys; total cycles/s and its ratio
 //!   to the single-worker rate.
 //!
 //! The raw floors (see `floor.rs`): Redis `SET NX PX` + an `EVALSHA`
 //! compare-and-delete (Redlock: on every instance in parallel), rtt =
-//! `PING`; ZooKeeper create ephemeral-sequential + getChildren + delete,
-//! rtt = exists; etcd txn(create_revision == 0 -> put with a lease granted
-//! once per client) + delete, rtt = a one-key range; memory an uncontended
-//! `tokio::sync::Mutex`; file open + `flock` + a fencing counter increment
-//! (`flock` + read + write) + unlink + close; no rtt for the last two.
+//! `PING`, write rtt = `SET <key> 1` (Redlock: every instance in
+//! parallel); ZooKeeper create ephemeral-sequential + getChildren +
+//! delete, rtt = exists, write rtt = setData of a persistent node; etcd
+//! txn(create_revision == 0 -> put with a lease granted once per client) +
+//! delete, rtt = a one-key range, write rtt = a one-key put; memory an
+//! uncontended `tokio::sync::Mutex`; file open + `flock` + a fencing
+//! counter increment (`flock` + read + write) + unlink + close; no rtt for
+//! the last two. The read and the write round trip are measured once per
+//! run, before the scenarios, on one client, alternating sample by sample;
+//! their keys and nodes are unique to the run and removed after it.
 //!
 //! `--json` prints one object per scenario per line: `backend`, `url`,
 //! `scenario`, `workers`, `runtime`, `duration_s`, `auto_renew`,
 //! `floor_only`, `cycles`, `cycles_per_sec`, `p50_us`, `p99_us`,
 //! `violations`, `floor`, `floor_cycles_per_sec`, `floor_p50_us`,
 //! `floor_p99_us`, `floor_ratio` (p50 / floor p50; null for contended),
-//! `rtt_op`, `rtt_us`; for `contended` also `hold_ms`, `pause_ms`,
-//! `handoffs`, `handoff_p50_us`, `handoff_p99_us`, `handoff_rtt_ratio`,
-//! `release_p50_us`, `regrants`, `per_worker_min`, `per_worker_mean`,
-//! `per_worker_max`, `starved_workers` (fewer than a quarter of the mean);
-//! for `spread` also `single_worker_cycles_per_sec`, `spread_ratio`,
+//! `rtt_op`, `rtt_us` (a read), `write_rtt_op`, `write_rtt_us`; for
+//! `contended` also `hold_ms`, `pause_ms`, `handoffs`, `handoff_p50_us`,
+//! `handoff_p99_us`, `handoff_rtt_ratio`, `handoff_write_rtt_ratio`
+//! (handoff p50 / write rtt p50), `handoff_after_release_p50_us`,
+//! `handoff_after_release_p99_us` (per handoff: the grant minus the return
+//! of the same release, at least 0), `grants_before_release_reply` (the
+//! handoffs whose grant came before that return), `release_p50_us`,
+//! `regrants`, `per_worker_min`, `per_worker_mean`, `per_worker_max`,
+//! `starved_workers` (fewer than a quarter of the mean); for `spread` also
+//! `single_worker_cycles_per_sec`, `spread_ratio`,
 //! `floor_single_worker_cycles_per_sec`, `floor_spread_ratio`. Lock
-//! figures are null with `--floor-only`, `rtt_us` without a server.
+//! figures are null with `--floor-only`, `rtt_us` and `write_rtt_us`
+//! without a server.
 
 mod floor;
 mod stats;
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -276,17 +291,23 @@ struct Report {
     lock: Option<Measured>,
     violations: u64,
     floor: Measured,
-    rtt_us: Option<f64>,
+    rtt: RoundTrips,
     contended: Option<ContendedFigures>,
     spread: Option<SpreadFigures>,
 }
 
+/// p50s of the raw read and write round trips, `None` without a server.
+#[derive(Clone, Copy, Default)]
+struct RoundTrips {
+    read_us: Option<f64>,
+    write_us: Option<f64>,
+}
+
 struct ContendedFigures {
-    handoffs: Samples,
+    handoffs: Handoffs,
     /// Latency of `release` alone: the part of a handoff before the lock
     /// is free on the server.
     releases: Samples,
-    regrants: u64,
     per_worker: Vec<u64>,
 }
 
@@ -450,7 +471,7 @@ impl Bench {
         json_lines: bool,
     ) -> Result<Vec<Value>, String> {
         self.progress.set_message("round trip");
-        let rtt_us = self.measure_rtt().await?;
+        let rtt = self.measure_round_trips().await?;
         let mut values = Vec::new();
         for &scenario in scenarios {
             let mut report = match scenario {
@@ -458,7 +479,7 @@ impl Bench {
                 Scenario::Contended => self.contended().await?,
                 Scenario::Spread => self.spread().await?,
             };
-            report.rtt_us = rtt_us;
+            report.rtt = rtt;
             let value = self.to_json(&mut report);
             if json_lines {
                 self.progress.suspend(|| println!("{value}"));
@@ -495,24 +516,45 @@ impl Bench {
             .map_err(|err| format!("cannot connect to {}: {err}", self.redacted()))
     }
 
-    /// p50 of one raw round trip (PING and the like), `None` without a
-    /// server.
-    async fn measure_rtt(&self) -> Result<Option<f64>, String> {
+    /// p50 of one raw read round trip (PING and the like) and of one raw
+    /// durable write (SET and the like), `None` without a server. One
+    /// client does both, alternating sample by sample in ABBA order, so
+    /// that background load and warm caches hit both alike.
+    async fn measure_round_trips(&self) -> Result<RoundTrips, String> {
         let mut client = self.raw_client("rtt").await?;
         let fail = |err: BoxError| format!("raw round trip to {}: {err}", self.redacted());
+        let fail_write = |err: BoxError| format!("raw write to {}: {err}", self.redacted());
+        let mut with_write = true;
         for _ in 0..WARM_UP_CYCLES {
             if !client.round_trip().await.map_err(fail)? {
-                return Ok(None);
+                return Ok(RoundTrips::default());
+            }
+            with_write = client.write_round_trip().await.map_err(fail_write)?;
+        }
+        let mut reads = Samples::default();
+        let mut writes = Samples::default();
+        let end = Instant::now() + (self.duration / 10).min(Duration::from_millis(500));
+        let mut index = 0usize;
+        while Instant::now() < end || reads.len() < 100 || (with_write && writes.len() < 100) {
+            let write_first = with_write && index % 2 == 1;
+            index += 1;
+            for write in [write_first, !write_first] {
+                let start = Instant::now();
+                if write {
+                    if with_write {
+                        client.write_round_trip().await.map_err(fail_write)?;
+                        writes.push(start.elapsed());
+                    }
+                } else {
+                    client.round_trip().await.map_err(fail)?;
+                    reads.push(start.elapsed());
+                }
             }
         }
-        let mut samples = Samples::default();
-        let end = Instant::now() + (self.duration / 10).min(Duration::from_millis(500));
-        while Instant::now() < end || samples.len() < 100 {
-            let start = Instant::now();
-            client.round_trip().await.map_err(fail)?;
-            samples.push(start.elapsed());
-        }
-        Ok(samples.quantile_us(0.5))
+        Ok(RoundTrips {
+            read_us: reads.quantile_us(0.5),
+            write_us: writes.quantile_us(0.5),
+        })
     }
 
     /// Runs `workers` lock cyclers and as many raw ones, on `workers`
@@ -680,13 +722,11 @@ impl Bench {
         }
         lock.elapsed = started.elapsed().min(self.duration);
         let events = std::mem::take(&mut *shared.events.lock().unwrap_or_else(|p| p.into_inner()));
-        let (handoffs, regrants) = handoffs(&events);
         report.violations = shared.violations.load(Ordering::SeqCst);
         report.lock = Some(lock);
         report.contended = Some(ContendedFigures {
-            handoffs,
+            handoffs: handoffs(&events),
             releases,
-            regrants,
             per_worker,
         });
         Ok(report)
@@ -752,29 +792,51 @@ impl Bench {
                 .map(|p50| round(p50 / floor_p50, 2))),
         );
         put("rtt_op", json!(info.round_trip));
-        put("rtt_us", json!(report.rtt_us.map(|v| round(v, 1))));
+        put("rtt_us", json!(report.rtt.read_us.map(|v| round(v, 1))));
+        put("write_rtt_op", json!(info.write_round_trip));
+        put(
+            "write_rtt_us",
+            json!(report.rtt.write_us.map(|v| round(v, 1))),
+        );
         if let Some(contended) = &mut report.contended {
-            let handoff_p50 = contended.handoffs.quantile_us(0.5);
+            let handoffs = &mut contended.handoffs;
+            let handoff_p50 = handoffs.samples.quantile_us(0.5);
+            let ratio_to = |rtt: Option<f64>| {
+                json!(handoff_p50
+                    .zip(rtt)
+                    .filter(|(_, rtt)| *rtt > 0.0)
+                    .map(|(handoff, rtt)| round(handoff / rtt, 2)))
+            };
             put("hold_ms", json!(self.hold.as_secs_f64() * 1000.0));
             put("pause_ms", json!(self.pause.as_secs_f64() * 1000.0));
-            put("handoffs", json!(contended.handoffs.len()));
+            put("handoffs", json!(handoffs.samples.len()));
             put("handoff_p50_us", json!(handoff_p50.map(|v| round(v, 1))));
             put(
                 "handoff_p99_us",
-                json!(contended.handoffs.quantile_us(0.99).map(|v| round(v, 1))),
+                json!(handoffs.samples.quantile_us(0.99).map(|v| round(v, 1))),
+            );
+            put("handoff_rtt_ratio", ratio_to(report.rtt.read_us));
+            put("handoff_write_rtt_ratio", ratio_to(report.rtt.write_us));
+            put(
+                "handoff_after_release_p50_us",
+                json!(handoffs.after_release.quantile_us(0.5).map(|v| round(v, 1))),
             );
             put(
-                "handoff_rtt_ratio",
-                json!(handoff_p50
-                    .zip(report.rtt_us)
-                    .filter(|(_, rtt)| *rtt > 0.0)
-                    .map(|(handoff, rtt)| round(handoff / rtt, 2))),
+                "handoff_after_release_p99_us",
+                json!(handoffs
+                    .after_release
+                    .quantile_us(0.99)
+                    .map(|v| round(v, 1))),
+            );
+            put(
+                "grants_before_release_reply",
+                json!(handoffs.grants_before_release_reply),
             );
             put(
                 "release_p50_us",
                 json!(contended.releases.quantile_us(0.5).map(|v| round(v, 1))),
             );
-            put("regrants", json!(contended.regrants));
+            put("regrants", json!(handoffs.regrants));
             let min = contended.per_worker.iter().min().copied().unwrap_or(0);
             let max = contended.per_worker.iter().max().copied().unwrap_or(0);
             let mean = contended.per_worker.iter().sum::<u64>() as f64
@@ -882,8 +944,12 @@ struct Shared {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum EventKind {
+    /// `lock` returned.
     Grant,
-    Release,
+    /// The holder is about to call `release`.
+    ReleaseStart,
+    /// `release` returned: the releaser learned its release committed.
+    ReleaseReturn,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -907,30 +973,73 @@ impl Shared {
     }
 }
 
-/// Handoff latencies (a release by one worker to the next grant, when that
-/// grant went to a different worker) and how many grants went back to the
-/// worker that had just released.
-fn handoffs(events: &[Event]) -> (Samples, u64) {
+/// The contended run's handoffs, decomposed.
+#[derive(Debug, Default)]
+struct Handoffs {
+    /// From the start of a release by one worker to the next grant, when
+    /// that grant went to a different worker.
+    samples: Samples,
+    /// For each of those: the grant minus the return of that same release,
+    /// 0 when the grant came first (the notification delay beyond the
+    /// release write).
+    after_release: Samples,
+    /// The handoffs whose grant came before the releaser saw its reply.
+    grants_before_release_reply: u64,
+    /// Grants that went back to the worker that had just released.
+    regrants: u64,
+}
+
+/// Decomposes the event log into handoffs.
+fn handoffs(events: &[Event]) -> Handoffs {
     let mut events = events.to_vec();
+    // Stable: equal instants keep the order they were recorded in.
     events.sort_by_key(|event| event.at);
-    let mut samples = Samples::default();
-    let mut regrants = 0;
-    let mut last_release: Option<Event> = None;
-    for event in events {
+    // A worker's own events alternate grant, release start, release
+    // return: pair each release start with its worker's next return.
+    let mut returned_at: Vec<Option<Instant>> = vec![None; events.len()];
+    let mut unanswered: HashMap<usize, usize> = HashMap::new();
+    for (index, event) in events.iter().enumerate() {
         match event.kind {
-            EventKind::Release => last_release = Some(event),
+            EventKind::ReleaseStart => {
+                unanswered.insert(event.worker, index);
+            }
+            EventKind::ReleaseReturn => {
+                if let Some(start) = unanswered.remove(&event.worker) {
+                    returned_at[start] = Some(event.at);
+                }
+            }
+            EventKind::Grant => {}
+        }
+    }
+    let mut handoffs = Handoffs::default();
+    let mut last_release: Option<usize> = None;
+    for (index, event) in events.iter().enumerate() {
+        match event.kind {
+            EventKind::ReleaseStart => last_release = Some(index),
+            EventKind::ReleaseReturn => {}
             EventKind::Grant => {
-                if let Some(release) = last_release.take() {
-                    if release.worker == event.worker {
-                        regrants += 1;
-                    } else {
-                        samples.push(event.at - release.at);
+                let Some(start) = last_release.take() else {
+                    continue;
+                };
+                let release = &events[start];
+                if release.worker == event.worker {
+                    handoffs.regrants += 1;
+                    continue;
+                }
+                handoffs.samples.push(event.at - release.at);
+                // Every release of a finished run returned (a failed one
+                // fails the bench), so `None` does not occur.
+                if let Some(returned) = returned_at[start] {
+                    let after = event.at.saturating_duration_since(returned);
+                    if event.at < returned {
+                        handoffs.grants_before_release_reply += 1;
                     }
+                    handoffs.after_release.push(after);
                 }
             }
         }
     }
-    (samples, regrants)
+    handoffs
 }
 
 /// One contended worker: lock, hold, release, pause, until `deadline`.
@@ -971,11 +1080,12 @@ async fn contended_worker(
         tokio::time::sleep(hold).await;
         shared.inside.fetch_sub(1, Ordering::SeqCst);
         let releasing = Instant::now();
-        shared.record(worker, EventKind::Release);
+        shared.record(worker, EventKind::ReleaseStart);
         guard
             .release()
             .await
             .map_err(|err| format!("contended release on {key}: {err}"))?;
+        shared.record(worker, EventKind::ReleaseReturn);
         let released = releasing.elapsed();
         releases.push(released);
         samples.push((granted - start) + released);
@@ -1033,13 +1143,18 @@ fn print_table(bench: &Bench, values: &[Value]) {
         );
         match value["scenario"].as_str() {
             Some("contended") if value.get("handoffs").is_some() => notes.push(format!(
-                "contended: {} acquisitions/s; handoff p50 {} µs{}, p99 {} µs over {} handoffs (from the start of a release, whose own p50 is {} µs, to another worker's grant); acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
+                "contended: {} acquisitions/s; handoff p50 {} µs{}{}, p99 {} µs over {} handoffs (from the start of a release, whose own p50 is {} µs, to another worker's grant){}; after the release returned: p50 {} µs, p99 {} µs ({} grants came before the releaser's reply); acquisitions per worker min {} / mean {} / max {}, {} starved (< mean/4); {} re-grants to the releasing worker; hold {} ms, pause {} ms",
                 fmt_opt(f("cycles_per_sec"), 0),
                 fmt_opt(f("handoff_p50_us"), 1),
                 f("handoff_rtt_ratio").map_or_else(String::new, |ratio| format!(" ({ratio:.2}x rtt)")),
+                f("handoff_write_rtt_ratio").map_or_else(String::new, |ratio| format!(" ({ratio:.2}x write rtt)")),
                 fmt_opt(f("handoff_p99_us"), 1),
                 value["handoffs"],
                 fmt_opt(f("release_p50_us"), 1),
+                f("write_rtt_us").map_or_else(String::new, |write| format!("; write rtt {write:.1} µs")),
+                fmt_opt(f("handoff_after_release_p50_us"), 1),
+                fmt_opt(f("handoff_after_release_p99_us"), 1),
+                value["grants_before_release_reply"],
                 value["per_worker_min"],
                 value["per_worker_mean"],
                 value["per_worker_max"],
@@ -1074,9 +1189,83 @@ fn print_table(bench: &Bench, values: &[Value]) {
         println!("{note}");
     }
     println!(
-        "cycle = lock + release (contended: time inside lock and release, without the hold); floor = {}{}",
+        "cycle = lock + release (contended: time inside lock and release, without the hold); floor = {}{}{}",
         info.cycle,
         info.round_trip
             .map_or_else(String::new, |op| format!("; rtt = one {op}")),
+        info.write_round_trip
+            .map_or_else(String::new, |op| format!("; write rtt = one {op}")),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event `micros` after `origin`.
+    fn at(origin: Instant, micros: u64, worker: usize, kind: EventKind) -> Event {
+        Event {
+            at: origin + Duration::from_micros(micros),
+            worker,
+            kind,
+        }
+    }
+
+    #[test]
+    fn a_handoff_splits_at_the_return_of_its_release() {
+        use EventKind::{Grant, ReleaseReturn, ReleaseStart};
+        let origin = Instant::now();
+        let mut events = vec![
+            // Worker 0 releases (300 µs); worker 1's grant comes 200 µs
+            // after that release returned.
+            at(origin, 0, 0, Grant),
+            at(origin, 1_000, 0, ReleaseStart),
+            at(origin, 1_300, 0, ReleaseReturn),
+            at(origin, 1_500, 1, Grant),
+            // Worker 2 is granted before worker 1 sees its release's
+            // reply: the part after the release saturates at 0 and counts.
+            at(origin, 2_500, 1, ReleaseStart),
+            at(origin, 2_700, 2, Grant),
+            at(origin, 2_900, 1, ReleaseReturn),
+            // Worker 2 takes its own lock again: a regrant, no handoff.
+            at(origin, 3_700, 2, ReleaseStart),
+            at(origin, 3_900, 2, ReleaseReturn),
+            at(origin, 4_000, 2, Grant),
+        ];
+        // The log's order is not the clock's under a multi-thread runtime.
+        events.reverse();
+
+        let mut handoffs = handoffs(&events);
+        assert_eq!(handoffs.samples.len(), 2);
+        assert_eq!(handoffs.samples.quantile_us(0.0), Some(200.0));
+        assert_eq!(handoffs.samples.quantile_us(1.0), Some(500.0));
+        assert_eq!(handoffs.after_release.len(), 2);
+        assert_eq!(handoffs.after_release.quantile_us(0.0), Some(0.0));
+        assert_eq!(handoffs.after_release.quantile_us(1.0), Some(200.0));
+        assert_eq!(handoffs.grants_before_release_reply, 1);
+        assert_eq!(handoffs.regrants, 1);
+    }
+
+    #[test]
+    fn overlapping_releases_pair_with_their_own_worker() {
+        use EventKind::{Grant, ReleaseReturn, ReleaseStart};
+        let origin = Instant::now();
+        // Worker 1 is granted and starts its own release before worker 0's
+        // release returns: each handoff measures against its own release.
+        let events = vec![
+            at(origin, 0, 0, ReleaseStart),
+            at(origin, 100, 1, Grant),
+            at(origin, 150, 1, ReleaseStart),
+            at(origin, 400, 2, Grant),
+            at(origin, 500, 0, ReleaseReturn),
+            at(origin, 600, 1, ReleaseReturn),
+        ];
+        let mut handoffs = handoffs(&events);
+        // 0 -> 1: 100 µs, 1 -> 2: 250 µs; both grants precede the reply.
+        assert_eq!(handoffs.samples.quantile_us(0.0), Some(100.0));
+        assert_eq!(handoffs.samples.quantile_us(1.0), Some(250.0));
+        assert_eq!(handoffs.after_release.quantile_us(1.0), Some(0.0));
+        assert_eq!(handoffs.grants_before_release_reply, 2);
+        assert_eq!(handoffs.regrants, 0);
+    }
 }

@@ -51,8 +51,10 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
             assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
         }
         assert!(line["p50_us"].as_f64() <= line["p99_us"].as_f64(), "{line}");
-        // No server, so no round trip to measure.
-        assert!(line.get("rtt_us").unwrap().is_null(), "{line}");
+        // No server, so no round trip to measure, read or write.
+        for field in ["rtt_us", "write_rtt_op", "write_rtt_us"] {
+            assert!(line.get(field).unwrap().is_null(), "{field}: {line}");
+        }
     }
     let uncontended = &lines[0];
     assert_eq!(uncontended["workers"], 1);
@@ -70,6 +72,24 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
     let handoff_p99 = contended["handoff_p99_us"].as_f64().unwrap();
     assert!(
         0.0 < handoff_p50 && handoff_p50 <= handoff_p99,
+        "{contended}"
+    );
+    // Each handoff's part after its release returned is a part of it, so
+    // its percentiles cannot exceed the handoff's.
+    let after_p50 = contended["handoff_after_release_p50_us"].as_f64().unwrap();
+    let after_p99 = contended["handoff_after_release_p99_us"].as_f64().unwrap();
+    assert!(0.0 <= after_p50 && after_p50 <= after_p99, "{contended}");
+    assert!(
+        after_p50 <= handoff_p50 && after_p99 <= handoff_p99,
+        "{contended}"
+    );
+    let early = contended["grants_before_release_reply"].as_u64().unwrap();
+    assert!(
+        early <= contended["handoffs"].as_u64().unwrap(),
+        "{contended}"
+    );
+    assert!(
+        contended["handoff_write_rtt_ratio"].is_null(),
         "{contended}"
     );
 
@@ -94,6 +114,7 @@ fn one_scenario_prints_a_table() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("violations"), "{stdout}");
     assert!(stdout.contains("handoff p50"), "{stdout}");
+    assert!(stdout.contains("after the release returned"), "{stdout}");
     assert!(
         !stdout.lines().any(|line| line.starts_with("uncontended")),
         "{stdout}"
@@ -111,4 +132,62 @@ fn bad_input_is_a_one_line_error() {
     let output = bench(&["--url", "memory://", "--duration", "soon"]);
     assert_eq!(output.status.code(), Some(64), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("soon"));
+}
+
+/// On a server the raw write round trip is measured beside the read one,
+/// and its run-unique key is gone after the run.
+#[test]
+fn redis_measures_a_write_round_trip_and_leaves_no_key_behind() {
+    let ready = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(dlock_testkit::service_ready("redis", "127.0.0.1:6379"));
+    if !ready {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_dlock"))
+        .args([
+            "bench",
+            "--url",
+            "redis://127.0.0.1:6379",
+            "--scenario",
+            "uncontended",
+            "--duration",
+            "200ms",
+            "--key-prefix",
+            "dlock-cli-bench-test",
+            "--json",
+        ])
+        .env_remove("DLOCK_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dlock bench");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("wait for dlock bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "dlock bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(line["rtt_op"], "PING", "{line}");
+    assert_eq!(line["write_rtt_op"], "SET key 1", "{line}");
+    assert!(line["rtt_us"].as_f64().unwrap() > 0.0, "{line}");
+    assert!(line["write_rtt_us"].as_f64().unwrap() > 0.0, "{line}");
+
+    // The raw keys of a run are named after its process id.
+    let Ok(scan) = Command::new("redis-cli")
+        .args(["-p", "6379", "--scan", "--pattern"])
+        .arg(format!("dlock-bench-floor*dlock-bench-{pid}-*"))
+        .output()
+    else {
+        eprintln!("skipping the leftover check: redis-cli is not installed");
+        return;
+    };
+    assert!(scan.status.success(), "redis-cli --scan failed");
+    let left = String::from_utf8_lossy(&scan.stdout);
+    assert!(left.trim().is_empty(), "keys left behind: {left}");
 }

@@ -1,7 +1,8 @@
 //! The raw protocol floors: the cheapest acquire + release each service's
-//! own client can do, with no dlock code in the way, and one raw round
-//! trip. `dlock bench` measures them beside the lock, on the same server,
-//! runtime and connection shape (one client per worker).
+//! own client can do, with no dlock code in the way, one raw read round
+//! trip and one raw durable write. `dlock bench` measures them beside the
+//! lock, on the same server, runtime and connection shape (one client per
+//! worker).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,12 @@ pub trait RawClient: Send {
     /// One raw round trip to the server (`Ok(false)` when the backend has
     /// no server to talk to).
     async fn round_trip(&mut self) -> Result<bool, BoxError>;
+
+    /// The service's cheapest durable single write, on the same connection
+    /// as the round trip, to a key or node unique to the run (`Ok(false)`
+    /// when the backend has no server to talk to). A lock's release is a
+    /// write of this kind, so this is what a handoff compares with.
+    async fn write_round_trip(&mut self) -> Result<bool, BoxError>;
 }
 
 /// What the floor of a backend is made of, for the output.
@@ -26,6 +33,8 @@ pub struct FloorInfo {
     pub cycle: &'static str,
     /// The raw round trip, or `None` when there is no server.
     pub round_trip: Option<&'static str>,
+    /// The raw durable write, or `None` when there is no server.
+    pub write_round_trip: Option<&'static str>,
 }
 
 /// The raw side of the service a lock URL names.
@@ -110,30 +119,36 @@ impl RawServer {
             RawServer::Memory(_) => FloorInfo {
                 cycle: "uncontended tokio::sync::Mutex lock + unlock",
                 round_trip: None,
+                write_round_trip: None,
             },
             RawServer::File(_) => FloorInfo {
                 cycle: "open + flock(LOCK_EX|LOCK_NB) + counter (flock + pread + pwrite + unlock) + unlink + close",
                 round_trip: None,
+                write_round_trip: None,
             },
             #[cfg(feature = "redis")]
             RawServer::Redis(urls) if urls.len() > 1 => FloorInfo {
                 cycle: "SET NX PX + EVALSHA compare-and-delete, on every instance in parallel",
                 round_trip: Some("PING"),
+                write_round_trip: Some("SET key 1, on every instance in parallel"),
             },
             #[cfg(feature = "redis")]
             RawServer::Redis(_) => FloorInfo {
                 cycle: "SET NX PX + EVALSHA compare-and-delete",
                 round_trip: Some("PING"),
+                write_round_trip: Some("SET key 1"),
             },
             #[cfg(feature = "zookeeper")]
             RawServer::ZooKeeper(_) => FloorInfo {
                 cycle: "create ephemeral-sequential + getChildren + delete",
                 round_trip: Some("exists (check_stat)"),
+                write_round_trip: Some("setData (persistent node)"),
             },
             #[cfg(feature = "etcd")]
             RawServer::Etcd(_) => FloorInfo {
                 cycle: "txn(create_revision == 0 -> put with lease) + delete",
                 round_trip: Some("range (get one key)"),
+                write_round_trip: Some("put (one key, no lease)"),
             },
         }
     }
@@ -186,9 +201,13 @@ impl RawServer {
                 }
                 let _ = std::fs::remove_file(dir.join(FILE_FLOOR_COUNTER));
             }
+            #[cfg(feature = "redis")]
+            RawServer::Redis(urls) => redis_raw::cleanup(urls, keys).await,
             #[cfg(feature = "zookeeper")]
             RawServer::ZooKeeper(hosts) => zk_raw::cleanup(hosts, keys).await,
-            _ => {}
+            #[cfg(feature = "etcd")]
+            RawServer::Etcd(endpoints) => etcd_raw::cleanup(endpoints, keys).await,
+            RawServer::Memory(_) => {}
         }
     }
 }
@@ -213,6 +232,10 @@ impl RawClient for MemoryRaw {
     }
 
     async fn round_trip(&mut self) -> Result<bool, BoxError> {
+        Ok(false)
+    }
+
+    async fn write_round_trip(&mut self) -> Result<bool, BoxError> {
         Ok(false)
     }
 }
@@ -268,6 +291,10 @@ impl RawClient for FileRaw {
     async fn round_trip(&mut self) -> Result<bool, BoxError> {
         Ok(false)
     }
+
+    async fn write_round_trip(&mut self) -> Result<bool, BoxError> {
+        Ok(false)
+    }
 }
 
 #[cfg(feature = "redis")]
@@ -285,8 +312,46 @@ return 0
     pub struct RedisRaw {
         connections: Vec<redis::aio::MultiplexedConnection>,
         key: String,
+        /// The raw write's key (apart from `key`, which the cycle sets NX).
+        write_key: String,
         token: String,
         script: redis::Script,
+    }
+
+    fn write_key_of(key: &str) -> String {
+        format!("dlock-bench-floor-write:{key}")
+    }
+
+    async fn set_on(
+        connection: &mut redis::aio::MultiplexedConnection,
+        key: &str,
+    ) -> Result<(), BoxError> {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .query_async(connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the raw writes' keys on every instance.
+    pub async fn cleanup(urls: &[String], keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        let write_keys: Vec<String> = keys.iter().map(|key| write_key_of(key)).collect();
+        for url in urls {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                continue;
+            };
+            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let _: Result<i64, _> = redis::cmd("DEL")
+                .arg(&write_keys)
+                .query_async(&mut connection)
+                .await;
+        }
     }
 
     impl RedisRaw {
@@ -299,6 +364,7 @@ return 0
             Ok(RedisRaw {
                 connections,
                 key: format!("dlock-bench-floor:{key}"),
+                write_key: write_key_of(key),
                 token: format!("{}-{}", std::process::id(), key),
                 script: redis::Script::new(COMPARE_AND_DELETE),
             })
@@ -337,6 +403,7 @@ return 0
                 key,
                 token,
                 script,
+                ..
             } = self;
             if let [connection] = connections.as_mut_slice() {
                 return Self::cycle_on(connection, key, token, script).await;
@@ -354,6 +421,25 @@ return 0
             let _: String = redis::cmd("PING")
                 .query_async(&mut self.connections[0])
                 .await?;
+            Ok(true)
+        }
+
+        async fn write_round_trip(&mut self) -> Result<bool, BoxError> {
+            let RedisRaw {
+                connections,
+                write_key,
+                ..
+            } = self;
+            if let [connection] = connections.as_mut_slice() {
+                set_on(connection, write_key).await?;
+                return Ok(true);
+            }
+            let writes = connections
+                .iter_mut()
+                .map(|connection| set_on(connection, write_key));
+            for result in futures::future::join_all(writes).await {
+                result?;
+            }
             Ok(true)
         }
     }
@@ -434,10 +520,18 @@ mod zk_raw {
             self.client.check_stat(&self.parent).await?;
             Ok(true)
         }
+
+        /// The per-key parent is a persistent node unique to the run,
+        /// created by `connect` and deleted by `cleanup`: its data is the
+        /// write's target (the cycle only touches its children).
+        async fn write_round_trip(&mut self) -> Result<bool, BoxError> {
+            self.client.set_data(&self.parent, b"1", None).await?;
+            Ok(true)
+        }
     }
 
     /// Deletes the per-key parents (they are empty once their sessions'
-    /// ephemeral nodes are gone).
+    /// ephemeral nodes are gone); the raw writes' target goes with them.
     pub async fn cleanup(hosts: &str, keys: &[String]) {
         let Ok(client) = zk::Client::connect(hosts).await else {
             return;
@@ -456,7 +550,26 @@ mod etcd_raw {
     pub struct EtcdRaw {
         client: etcd::Client,
         key: String,
+        /// The raw write's key (apart from `key`, which the cycle creates).
+        write_key: String,
         lease: i64,
+    }
+
+    fn write_key_of(key: &str) -> String {
+        format!("dlock-bench-floor-write/{key}")
+    }
+
+    /// Deletes the raw writes' keys.
+    pub async fn cleanup(endpoints: &[String], keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        let Ok(mut client) = etcd::Client::connect(endpoints, None).await else {
+            return;
+        };
+        for key in keys {
+            let _ = client.delete(write_key_of(key), None).await;
+        }
     }
 
     impl EtcdRaw {
@@ -468,6 +581,7 @@ mod etcd_raw {
             Ok(EtcdRaw {
                 client,
                 key: format!("dlock-bench-floor/{key}"),
+                write_key: write_key_of(key),
                 lease,
             })
         }
@@ -497,6 +611,11 @@ mod etcd_raw {
 
         async fn round_trip(&mut self) -> Result<bool, BoxError> {
             self.client.get(self.key.as_str(), None).await?;
+            Ok(true)
+        }
+
+        async fn write_round_trip(&mut self) -> Result<bool, BoxError> {
+            self.client.put(self.write_key.as_str(), "1", None).await?;
             Ok(true)
         }
     }
