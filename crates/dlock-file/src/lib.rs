@@ -44,11 +44,9 @@
 //!   I/O and time enabled.
 //! - An OS lock has no TTL: the lock lives as long as the holder's process
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
-//!   `auto_renew`, the directory's watch (the same inotify thread) checks
-//!   a held lock whenever its file is deleted or renamed: if the name no
-//!   longer names the file this holder locked, `lost()` fires at once.
-//!   Where inotify is unavailable, the core checks with `stat` every
-//!   `ttl / 3` instead.
+//!   `auto_renew`, the core checks every `ttl / 3` that the lock file is
+//!   still the one this holder locked; if someone deleted or replaced it,
+//!   `lost()` fires.
 //! - Each [`FileLock`] opens its own file descriptions, so two `FileLock`s
 //!   in one process exclude each other like two processes do.
 //!
@@ -83,11 +81,11 @@ use async_trait::async_trait;
 use dlock_core::key::encode_component;
 use dlock_core::{
     Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard, LockOptions,
-    LostReason, Result, WeakLease,
+    Result,
 };
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 const BACKEND: &str = "file";
 
@@ -113,14 +111,15 @@ pub struct FileLock {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    /// The directory as errors name it.
+    endpoint: Arc<str>,
     /// The fencing counter. The mutex orders this client's own tasks (they
     /// share one file description, which `flock` does not exclude from
     /// itself); the `flock` orders clients and processes.
     counter: Mutex<File>,
     /// The process's inotify watch on the directory, shared with the
     /// process's other clients of it, taken by the first acquire that has
-    /// to wait or holds with renewal on (waiters poll and the core checks
-    /// held locks when inotify is unavailable).
+    /// to wait (waiters poll when inotify is unavailable).
     watcher: Mutex<WatcherState>,
 }
 
@@ -148,6 +147,7 @@ impl FileLock {
             .map_err(|err| Error::connection(BACKEND, &endpoint, err))?;
         Ok(FileLock {
             inner: Arc::new(Inner {
+                endpoint: endpoint.into(),
                 dir,
                 counter: Mutex::new(counter),
                 watcher: Mutex::default(),
@@ -201,8 +201,8 @@ impl FileLock {
             .join(format!("{}.lock", encode_component(key, MAX_NAME)))
     }
 
-    fn endpoint(&self) -> String {
-        self.inner.dir.display().to_string()
+    fn endpoint(&self) -> Arc<str> {
+        self.inner.endpoint.clone()
     }
 
     /// One attempt. Every step is a non-blocking system call on a local
@@ -214,7 +214,7 @@ impl FileLock {
     /// result, the locked file, which unlocks it: nothing is left behind.
     async fn attempt(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         let fail = |operation: &'static str, err: std::io::Error| {
-            Error::backend(BACKEND, self.endpoint(), operation, key, err)
+            Error::backend(BACKEND, &*self.endpoint(), operation, key, err)
         };
         let path = self.lock_path(key);
         // The file stays empty: `lslocks` (or /proc/locks) shows who holds
@@ -234,28 +234,19 @@ impl FileLock {
         };
         tracing::debug!(fencing_token, "acquired");
         let lease = Lease::new(key, fencing_token, options.ttl, None);
-        let identity = Identity::of(&metadata);
-        // Renewal here means noticing that someone deleted or replaced the
-        // lock file: the directory's watch does it on the event, for every
-        // held lock at once, instead of a task per lock polling with
-        // `stat` (which cost more than a tenth of the whole cycle).
-        let watched = match options.auto_renew {
-            true => self.watcher().map(|watcher| {
-                let name = path.file_name().unwrap_or_default().to_owned();
-                watcher.hold(name, identity, &lease)
-            }),
-            false => None,
-        };
-        let core_renewal = options.auto_renew && watched.is_none();
         let held = Arc::new(HeldFile {
             key: key.to_owned(),
             path,
-            identity,
+            identity: Identity::of(&metadata),
             endpoint: self.endpoint(),
             file: Mutex::new(Some(locked)),
-            watched: Mutex::new(watched),
         });
-        Ok(Some(LockGuard::new(BACKEND, lease, held, core_renewal)))
+        Ok(Some(LockGuard::new(
+            BACKEND,
+            lease,
+            held,
+            options.auto_renew,
+        )))
     }
 
     /// The client's directory watch, started on first use; `None` when
@@ -472,14 +463,9 @@ impl LockBackend for FileLock {
 #[derive(Debug)]
 struct Watcher {
     inotify: Inotify,
-    dir: PathBuf,
     watch: nix::sys::inotify::WatchDescriptor,
     /// Waiters per lock file name, with how many share the entry.
     waiters: Mutex<HashMap<OsString, (Arc<tokio::sync::Notify>, usize)>>,
-    /// Locks this process holds (with renewal on) per lock file name: the
-    /// inode each holder locked and its lease, marked lost when the name
-    /// is deleted or made to name another file.
-    held: Mutex<HashMap<OsString, Vec<(Identity, WeakLease)>>>,
     /// Set when the client is dropped (the thread exits) or reading
     /// failed (waiters poll).
     stopped: AtomicBool,
@@ -488,17 +474,11 @@ struct Watcher {
 impl Watcher {
     fn start(dir: &Path) -> std::io::Result<Arc<Self>> {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
-        // A rename away frees a name like a delete does; a rename onto a
-        // held name replaces its file.
-        let events =
-            AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO;
-        let watch = inotify.add_watch(dir, events)?;
+        let watch = inotify.add_watch(dir, AddWatchFlags::IN_DELETE)?;
         let watcher = Arc::new(Watcher {
             inotify,
-            dir: dir.to_owned(),
             watch,
             waiters: Mutex::default(),
-            held: Mutex::default(),
             stopped: AtomicBool::new(false),
         });
         let reader = watcher.clone();
@@ -522,14 +502,12 @@ impl Watcher {
                     tracing::debug!(error = %errno, "inotify read failed; waiters poll");
                     self.stopped.store(true, Ordering::Release);
                     self.wake_all();
-                    self.lose_all_held("the lock directory's watch failed");
                     return;
                 }
             };
             if self.stopped.load(Ordering::Acquire) {
                 return;
             }
-            self.check_held(&events);
             let waiters = self
                 .waiters
                 .lock()
@@ -542,8 +520,6 @@ impl Watcher {
                     waiters
                         .values()
                         .for_each(|(notify, _)| notify.notify_waiters());
-                    drop(waiters);
-                    self.lose_all_held("the lock directory's watch ended");
                     return;
                 } else if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                     // Events were lost: any waiter may have missed its own.
@@ -556,87 +532,6 @@ impl Watcher {
                     notify.notify_waiters();
                 }
             }
-        }
-    }
-
-    /// Marks lost every held lock whose file an event may have deleted
-    /// or replaced and whose name no longer names the inode it locked.
-    fn check_held(&self, events: &[InotifyEvent]) {
-        let overflow = events
-            .iter()
-            .any(|event| event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW));
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if held.is_empty() {
-            return;
-        }
-        let names: Vec<OsString> = if overflow {
-            held.keys().cloned().collect()
-        } else {
-            events
-                .iter()
-                .filter_map(|event| event.name.clone())
-                .filter(|name| held.contains_key(name))
-                .collect()
-        };
-        for name in names {
-            let Some(holders) = held.get_mut(&name) else {
-                continue;
-            };
-            // A later holder of the name (a new file) may already be in
-            // place: only a holder whose inode the name no longer names
-            // has lost its lock.
-            let now = match Identity::at(&self.dir.join(&name)) {
-                Ok(now) => now,
-                Err(err) => {
-                    tracing::debug!(error = %err, "could not check a held lock file");
-                    continue;
-                }
-            };
-            holders.retain(|(identity, lease)| {
-                if now == Some(*identity) {
-                    return true;
-                }
-                if let Some(lease) = lease.upgrade() {
-                    tracing::warn!(key = %lease.key(), "dlock: the lock file was deleted or replaced by someone else; the lock is lost");
-                    lease.mark_lost(LostReason::NotHeld);
-                }
-                false
-            });
-            if holders.is_empty() {
-                held.remove(&name);
-            }
-        }
-    }
-
-    /// Marks every held lock lost (the watch that vouched for them ended).
-    fn lose_all_held(&self, why: &str) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (_, lease) in held.drain().flat_map(|(_, holders)| holders) {
-            if let Some(lease) = lease.upgrade() {
-                lease.mark_lost(LostReason::RenewalFailed(why.to_owned()));
-            }
-        }
-    }
-
-    /// Watches a lock this process now holds; withdrawn with the
-    /// returned registration.
-    fn hold(self: Arc<Self>, name: OsString, identity: Identity, lease: &Lease) -> HeldWatch {
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(name.clone())
-            .or_default()
-            .push((identity, lease.downgrade()));
-        HeldWatch {
-            watcher: self,
-            name,
-            identity,
         }
     }
 
@@ -687,36 +582,6 @@ impl Drop for Interest {
             entry.1 -= 1;
             if entry.1 == 0 {
                 waiters.remove(&self.name);
-            }
-        }
-    }
-}
-
-/// A held lock's registration with the directory's watch; withdrawn on
-/// drop (before a release deletes the file, so the release's own event
-/// finds nothing to mark).
-struct HeldWatch {
-    watcher: Arc<Watcher>,
-    name: OsString,
-    identity: Identity,
-}
-
-impl Drop for HeldWatch {
-    fn drop(&mut self) {
-        let mut held = self
-            .watcher
-            .held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(holders) = held.get_mut(&self.name) {
-            if let Some(at) = holders
-                .iter()
-                .position(|(identity, _)| *identity == self.identity)
-            {
-                holders.swap_remove(at);
-            }
-            if holders.is_empty() {
-                held.remove(&self.name);
             }
         }
     }
@@ -792,17 +657,15 @@ struct HeldFile {
     key: String,
     path: PathBuf,
     identity: Identity,
-    endpoint: String,
+    endpoint: Arc<str>,
     file: Mutex<Option<Flock<File>>>,
-    /// The directory watch's registration, while renewal is on.
-    watched: Mutex<Option<HeldWatch>>,
 }
 
 impl HeldFile {
     fn still_ours(&self) -> Result<bool> {
         Identity::at(&self.path)
             .map(|current| current == Some(self.identity))
-            .map_err(|err| Error::backend(BACKEND, &self.endpoint, "stat", &self.key, err))
+            .map_err(|err| Error::backend(BACKEND, &*self.endpoint, "stat", &self.key, err))
     }
 }
 
@@ -817,14 +680,6 @@ impl HeldLock for HeldFile {
         else {
             return Err(Error::not_held(&self.key));
         };
-        // Stop watching before our own delete; the event it makes then
-        // concerns nobody.
-        drop(
-            self.watched
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take(),
-        );
         // Only the holder of the flock on the inode the path names deletes
         // the path, so this never deletes another holder's file (unless
         // someone outside dlock replaces files under us).
@@ -879,38 +734,6 @@ mod tests {
             let err = FileLock::from_url(bad).expect_err(bad);
             assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err}");
         }
-        fs::remove_dir_all(dir).unwrap();
-    }
-
-    /// A delete event read after the name's next holder took it (a new
-    /// file) leaves that holder alone; one read while the name names no
-    /// file, or another file, marks the holder lost. The events are fed
-    /// straight to the check, so the order is the test's, not the
-    /// thread's.
-    #[tokio::test]
-    async fn a_late_delete_event_spares_the_next_holder() {
-        let dir = std::env::temp_dir().join(format!("dlock-file-late-{:016x}", fastrand::u64(..)));
-        let first = FileLock::open(&dir).unwrap();
-        let second = FileLock::open(&dir).unwrap();
-        let options = LockOptions::new();
-        let watcher = first.watcher().expect("inotify");
-        let delete_of = |key: &str| InotifyEvent {
-            wd: watcher.watch,
-            mask: AddWatchFlags::IN_DELETE,
-            cookie: 0,
-            name: Some(OsString::from(format!("{key}.lock"))),
-        };
-
-        let guard = first.try_lock("k", &options).await.unwrap().unwrap();
-        guard.release().await.unwrap();
-        let next = second.try_lock("k", &options).await.unwrap().unwrap();
-        // The first holder's delete event, read only now.
-        watcher.check_held(&[delete_of("k")]);
-        assert!(next.is_held(), "{:?}", next.lease().lost_reason());
-
-        fs::remove_file(second.lock_path("k")).unwrap();
-        watcher.check_held(&[delete_of("k")]);
-        assert_eq!(next.lease().lost_reason(), Some(LostReason::NotHeld));
         fs::remove_dir_all(dir).unwrap();
     }
 }

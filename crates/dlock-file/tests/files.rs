@@ -181,20 +181,20 @@ async fn acquire_waits_for_a_busy_counter() {
 }
 
 /// A held lock's file deleted or replaced by hand (a rename onto its name)
-/// fires `lost()` with `NotHeld` on the directory watch's event, long
-/// before a `ttl / 3` check would run (the TTL is an hour here).
+/// fires `lost()` with `NotHeld` at the renewal's next check (every
+/// `ttl / 3`, 100 ms here), and the release then deletes nothing.
 #[tokio::test]
-async fn deleted_or_replaced_lock_file_is_lost_on_the_event() {
+async fn deleted_or_replaced_lock_file_is_lost_at_the_next_check() {
     let dir = temp_dir();
     let client = FileLock::open(&dir).unwrap();
-    let options = LockOptions::new().ttl(Duration::from_secs(3600));
+    let options = LockOptions::new().ttl(Duration::from_millis(300));
     let within = Duration::from_secs(10);
 
     let deleted = client.try_lock("deleted", &options).await.unwrap().unwrap();
     std::fs::remove_file(client.lock_path("deleted")).unwrap();
     let reason = tokio::time::timeout(within, deleted.lost())
         .await
-        .expect("lost() fires on the delete event");
+        .expect("lost() fires after the delete");
     assert_eq!(reason, dlock_core::LostReason::NotHeld);
     assert!(!deleted.is_held());
     assert!(deleted.release().await.unwrap_err().is_not_held());
@@ -209,7 +209,7 @@ async fn deleted_or_replaced_lock_file_is_lost_on_the_event() {
     std::fs::rename(&impostor, client.lock_path("replaced")).unwrap();
     let reason = tokio::time::timeout(within, replaced.lost())
         .await
-        .expect("lost() fires on the rename event");
+        .expect("lost() fires after the rename");
     assert_eq!(reason, dlock_core::LostReason::NotHeld);
     // The release must not delete a file it does not hold.
     assert!(replaced.release().await.unwrap_err().is_not_held());

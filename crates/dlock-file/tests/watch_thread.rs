@@ -1,6 +1,5 @@
 //! The file backend's watch thread: one per directory and process, started
-//! by the first waiter or renewed holder, ended with the directory's last
-//! client. Alone in its test binary, because it counts the threads of
+//! by the first waiter, ended with the directory's last client. Alone in its test binary, because it counts the threads of
 //! its process.
 
 use std::time::Duration;
@@ -21,29 +20,20 @@ fn watch_threads() -> usize {
         .count()
 }
 
-/// The first client that has to wait, or holds with renewal on (the watch
-/// notices a deleted lock file), starts the directory's watch thread;
-/// later waits and holds, by it or by other clients of the directory,
-/// share it; it ends when the clients are dropped.
+/// The first client that has to wait starts the directory's watch thread;
+/// later waits, by it or by other clients of the directory, share it; it
+/// ends when the clients are dropped.
 #[tokio::test(flavor = "current_thread")]
 async fn one_watch_thread_per_directory() {
     let dir = temp_dir();
     let (holder, waiter) = (FileLock::open(&dir).unwrap(), FileLock::open(&dir).unwrap());
     let other_waiter = FileLock::open(&dir).unwrap();
     let short = LockOptions::new().wait(Duration::from_millis(30));
-    let unrenewed = short.clone().auto_renew(false);
     let before = watch_threads();
-    let held = holder.try_lock("k", &unrenewed).await.unwrap().unwrap();
-    let free = waiter.lock("other", &unrenewed).await.unwrap();
+    let held = holder.try_lock("k", &short).await.unwrap().unwrap();
+    let free = waiter.lock("other", &short).await.unwrap();
     free.release().await.unwrap();
-    assert_eq!(
-        watch_threads(),
-        before,
-        "no watch while nothing waits or renews"
-    );
-    let renewed = waiter.lock("renewed", &short).await.unwrap();
-    assert_eq!(watch_threads(), before + 1, "a renewed hold starts it");
-    renewed.release().await.unwrap();
+    assert_eq!(watch_threads(), before, "no watch while nothing waits");
     for _ in 0..3 {
         assert!(waiter.lock("k", &short).await.is_err());
         assert!(other_waiter.lock("k", &short).await.is_err());

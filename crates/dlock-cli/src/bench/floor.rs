@@ -122,7 +122,7 @@ impl RawServer {
                 write_round_trip: None,
             },
             RawServer::File(_) => FloorInfo {
-                cycle: "open + flock(LOCK_EX|LOCK_NB) + counter (flock + pread + pwrite + unlock) + unlink + close",
+                cycle: "open + flock(LOCK_EX|LOCK_NB) + fstat (link check) + counter (flock + pread + pwrite + unlock) + unlink + close",
                 round_trip: None,
                 write_round_trip: None,
             },
@@ -243,9 +243,13 @@ impl RawClient for MemoryRaw {
 /// The file floor's fencing counter (the backend's is `.fencing_token`).
 const FILE_FLOOR_COUNTER: &str = ".dlock-bench-floor-counter";
 
-/// The file backend's protocol without its checks: lock the key's file,
-/// increment the directory's counter under its own `flock`, then delete
-/// and close the file.
+/// The smallest correct flock protocol: lock the key's file, check that
+/// the locked inode still has a link (a release deletes the file, and
+/// whoever locks the deleted inode it had opened must not think it holds
+/// the lock: without this check the protocol double-grants under
+/// contention), increment the directory's counter under its own `flock`,
+/// then delete and close the file. The backend adds to it a check that
+/// the path still names its file before deleting, and the lease.
 struct FileRaw {
     path: std::path::PathBuf,
     counter: std::fs::File,
@@ -282,6 +286,9 @@ impl RawClient for FileRaw {
             .open(&self.path)?;
         file.try_lock()
             .map_err(|err| format!("flock {}: {err}", self.path.display()))?;
+        if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) == 0 {
+            return Err(format!("{} was deleted under the floor", self.path.display()).into());
+        }
         self.increment()?;
         std::fs::remove_file(&self.path)?;
         drop(file);
