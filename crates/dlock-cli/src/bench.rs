@@ -29,7 +29,7 @@
 //!   to the single-worker rate.
 //!
 //! The raw floors (see `floor.rs`): Redis `SET NX PX` + an `EVALSHA`
-//! compare-and-delete (Redlock: on every instance in parallel), rtt =
+//! compare-and-delete (Redlock: the SETs on every instance in parallel, then the deletes), rtt =
 //! `PING`, write rtt = `SET <key> 1` (Redlock: every instance in
 //! parallel); ZooKeeper create ephemeral-sequential + getChildren +
 //! delete, rtt = exists, write rtt = setData of a persistent node; etcd
@@ -49,7 +49,10 @@
 //! `rtt_op`, `rtt_us` (a read), `write_rtt_op`, `write_rtt_us`; for
 //! `contended` also `hold_ms`, `pause_ms`, `handoffs`, `handoff_p50_us`,
 //! `handoff_p99_us`, `handoff_rtt_ratio`, `handoff_write_rtt_ratio`
-//! (handoff p50 / write rtt p50), `handoff_after_release_p50_us`,
+//! (handoff p50 / write rtt p50), `probe_rtt_us` and `probe_write_rtt_us`
+//! (raw round trips taken during the run by one more client, each after
+//! `--pause` idle, as a worker's requests start), `handoff_probe_rtt_ratio`,
+//! `handoff_probe_write_rtt_ratio`, `handoff_after_release_p50_us`,
 //! `handoff_after_release_p99_us` (per handoff: the grant minus the return
 //! of the same release, at least 0), `grants_before_release_reply` (the
 //! handoffs whose grant came before that return), `release_p50_us`,
@@ -305,6 +308,9 @@ struct RoundTrips {
 
 struct ContendedFigures {
     handoffs: Handoffs,
+    /// Raw round trips (reads, writes) a probe client made during the
+    /// run, each after a `pause` of its own like the workers'.
+    probe: (Samples, Samples),
     /// Latency of `release` alone: the part of a handoff before the lock
     /// is free on the server.
     releases: Samples,
@@ -708,6 +714,11 @@ impl Bench {
                 worker, locker, key, options, shared, deadline, hold, pause,
             )));
         }
+        let probe = tokio::spawn(round_trip_probe(
+            self.raw_client("rtt-probe").await?,
+            deadline,
+            self.pause,
+        ));
         let started = Instant::now();
         let mut lock = Measured::default();
         let mut per_worker = Vec::new();
@@ -724,8 +735,13 @@ impl Bench {
         let events = std::mem::take(&mut *shared.events.lock().unwrap_or_else(|p| p.into_inner()));
         report.violations = shared.violations.load(Ordering::SeqCst);
         report.lock = Some(lock);
+        let probe = probe
+            .await
+            .map_err(|err| format!("round-trip probe panicked: {err}"))?
+            .map_err(|err| format!("raw round trip to {}: {err}", self.redacted()))?;
         report.contended = Some(ContendedFigures {
             handoffs: handoffs(&events),
+            probe,
             releases,
             per_worker,
         });
@@ -817,6 +833,15 @@ impl Bench {
             );
             put("handoff_rtt_ratio", ratio_to(report.rtt.read_us));
             put("handoff_write_rtt_ratio", ratio_to(report.rtt.write_us));
+            let probe_read = contended.probe.0.quantile_us(0.5);
+            let probe_write = contended.probe.1.quantile_us(0.5);
+            put("probe_rtt_us", json!(probe_read.map(|v| round(v, 1))));
+            put(
+                "probe_write_rtt_us",
+                json!(probe_write.map(|v| round(v, 1))),
+            );
+            put("handoff_probe_rtt_ratio", ratio_to(probe_read));
+            put("handoff_probe_write_rtt_ratio", ratio_to(probe_write));
             put(
                 "handoff_after_release_p50_us",
                 json!(handoffs.after_release.quantile_us(0.5).map(|v| round(v, 1))),
@@ -1042,6 +1067,41 @@ fn handoffs(events: &[Event]) -> Handoffs {
     handoffs
 }
 
+/// Raw round trips during the contended run, on a client of its own: a
+/// read and a write, each after `pause` idle, like a worker's requests
+/// after its hold or pause. On a virtual machine a round trip that starts
+/// from idle costs several times one in a busy loop (the CPUs' idle
+/// exit), so a handoff, which starts from idle too, is compared with
+/// these as well as with the busy-loop `rtt_us`.
+async fn round_trip_probe(
+    mut client: Box<dyn RawClient>,
+    deadline: Instant,
+    pause: Duration,
+) -> Result<(Samples, Samples), BoxError> {
+    let (mut reads, mut writes) = (Samples::default(), Samples::default());
+    let mut with_write = true;
+    loop {
+        tokio::time::sleep(pause).await;
+        if Instant::now() >= deadline {
+            break;
+        }
+        let start = Instant::now();
+        if !client.round_trip().await? {
+            break;
+        }
+        reads.push(start.elapsed());
+        if with_write {
+            tokio::time::sleep(pause).await;
+            let start = Instant::now();
+            with_write = client.write_round_trip().await?;
+            if with_write {
+                writes.push(start.elapsed());
+            }
+        }
+    }
+    Ok((reads, writes))
+}
+
 /// One contended worker: lock, hold, release, pause, until `deadline`.
 /// Returns its acquisitions and the time each cycle spent inside dlock
 /// (waiting in `lock` plus `release`, not the hold or the pause) and the
@@ -1151,7 +1211,15 @@ fn print_table(bench: &Bench, values: &[Value]) {
                 fmt_opt(f("handoff_p99_us"), 1),
                 value["handoffs"],
                 fmt_opt(f("release_p50_us"), 1),
-                f("write_rtt_us").map_or_else(String::new, |write| format!("; write rtt {write:.1} µs")),
+                match (f("write_rtt_us"), f("probe_rtt_us")) {
+                    (write, Some(probe)) => format!(
+                        "{}; in-run round trips after a pause: {probe:.1} µs ({:.2}x){}",
+                        write.map_or_else(String::new, |write| format!("; write rtt {write:.1} µs")),
+                        f("handoff_probe_rtt_ratio").unwrap_or_default(),
+                        f("probe_write_rtt_us").map_or_else(String::new, |w| format!(", write {w:.1} µs ({:.2}x)", f("handoff_probe_write_rtt_ratio").unwrap_or_default())),
+                    ),
+                    (write, None) => write.map_or_else(String::new, |write| format!("; write rtt {write:.1} µs")),
+                },
                 fmt_opt(f("handoff_after_release_p50_us"), 1),
                 fmt_opt(f("handoff_after_release_p99_us"), 1),
                 value["grants_before_release_reply"],

@@ -88,10 +88,14 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
         early <= contended["handoffs"].as_u64().unwrap(),
         "{contended}"
     );
-    assert!(
-        contended["handoff_write_rtt_ratio"].is_null(),
-        "{contended}"
-    );
+    for field in [
+        "handoff_write_rtt_ratio",
+        "probe_rtt_us",
+        "probe_write_rtt_us",
+        "handoff_probe_rtt_ratio",
+    ] {
+        assert!(contended[field].is_null(), "{field}: {contended}");
+    }
 
     let spread = &lines[2];
     assert_eq!(spread["workers"], 4);
@@ -135,9 +139,10 @@ fn bad_input_is_a_one_line_error() {
 }
 
 /// On a server the raw write round trip is measured beside the read one,
-/// and its run-unique key is gone after the run.
+/// a probe client takes both during the contended run, and their
+/// run-unique keys are gone after the run.
 #[test]
-fn redis_measures_a_write_round_trip_and_leaves_no_key_behind() {
+fn redis_measures_write_and_in_run_round_trips_and_leaves_no_key_behind() {
     let ready = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -152,9 +157,11 @@ fn redis_measures_a_write_round_trip_and_leaves_no_key_behind() {
             "--url",
             "redis://127.0.0.1:6379",
             "--scenario",
-            "uncontended",
+            "contended",
+            "--workers",
+            "2",
             "--duration",
-            "200ms",
+            "300ms",
             "--key-prefix",
             "dlock-cli-bench-test",
             "--json",
@@ -177,6 +184,15 @@ fn redis_measures_a_write_round_trip_and_leaves_no_key_behind() {
     assert_eq!(line["write_rtt_op"], "SET key 1", "{line}");
     assert!(line["rtt_us"].as_f64().unwrap() > 0.0, "{line}");
     assert!(line["write_rtt_us"].as_f64().unwrap() > 0.0, "{line}");
+    assert_eq!(line["violations"], 0, "{line}");
+    for field in [
+        "probe_rtt_us",
+        "probe_write_rtt_us",
+        "handoff_probe_rtt_ratio",
+        "handoff_probe_write_rtt_ratio",
+    ] {
+        assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
+    }
 
     // The raw keys of a run are named after its process id.
     let Ok(scan) = Command::new("redis-cli")

@@ -128,7 +128,7 @@ impl RawServer {
             },
             #[cfg(feature = "redis")]
             RawServer::Redis(urls) if urls.len() > 1 => FloorInfo {
-                cycle: "SET NX PX + EVALSHA compare-and-delete, on every instance in parallel",
+                cycle: "SET NX PX on every instance in parallel, then EVALSHA compare-and-delete on every instance in parallel",
                 round_trip: Some("PING"),
                 write_round_trip: Some("SET key 1, on every instance in parallel"),
             },
@@ -383,6 +383,15 @@ return 0
             token: &str,
             script: &redis::Script,
         ) -> Result<(), BoxError> {
+            Self::set_on(connection, key, token).await?;
+            Self::delete_on(connection, key, token, script).await
+        }
+
+        async fn set_on(
+            connection: &mut redis::aio::MultiplexedConnection,
+            key: &str,
+            token: &str,
+        ) -> Result<(), BoxError> {
             let set: Option<String> = redis::cmd("SET")
                 .arg(key)
                 .arg(token)
@@ -394,6 +403,15 @@ return 0
             if set.is_none() {
                 return Err(format!("raw SET NX found {key} already set").into());
             }
+            Ok(())
+        }
+
+        async fn delete_on(
+            connection: &mut redis::aio::MultiplexedConnection,
+            key: &str,
+            token: &str,
+            script: &redis::Script,
+        ) -> Result<(), BoxError> {
             let deleted: i64 = script.key(key).arg(token).invoke_async(connection).await?;
             if deleted != 1 {
                 return Err(format!("raw compare-and-delete did not delete {key}").into());
@@ -415,10 +433,21 @@ return 0
             if let [connection] = connections.as_mut_slice() {
                 return Self::cycle_on(connection, key, token, script).await;
             }
-            let cycles = connections
+            // Two phases, as the protocol has them: the lock is held once
+            // every instance has answered the SET (a majority decides), and
+            // only then released everywhere. Running each instance's whole
+            // cycle on its own would end before the slowest SET + delete
+            // pair rather than the slowest SET plus the slowest delete.
+            let sets = connections
                 .iter_mut()
-                .map(|connection| Self::cycle_on(connection, key, token, script));
-            for result in futures::future::join_all(cycles).await {
+                .map(|connection| Self::set_on(connection, key, token));
+            for result in futures::future::join_all(sets).await {
+                result?;
+            }
+            let deletes = connections
+                .iter_mut()
+                .map(|connection| Self::delete_on(connection, key, token, script));
+            for result in futures::future::join_all(deletes).await {
                 result?;
             }
             Ok(())
