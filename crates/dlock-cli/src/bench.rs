@@ -34,9 +34,10 @@
 //! parallel); ZooKeeper create ephemeral-sequential + getChildren +
 //! delete, rtt = exists, write rtt = setData of a persistent node; etcd
 //! txn(create_revision == 0 -> put with a lease granted once per client) +
-//! delete, rtt = a one-key range, write rtt = a one-key put; memory an
-//! uncontended `tokio::sync::Mutex`; file open + `flock` + a fencing
-//! counter increment (`flock` + read + write) + unlink + close; no rtt for
+//! delete, rtt = a one-key range, write rtt = a one-key put; memory a
+//! keyed lease table (see `floor.rs`); file open + `flock` + a link check
+//! (`fstat`) + a fencing counter increment (`flock` + read + write) +
+//! unlink + close; no rtt for
 //! the last two. The read and the write round trip are measured once per
 //! run, before the scenarios, on one client, alternating sample by sample;
 //! their keys and nodes are unique to the run and removed after it.

@@ -5,7 +5,9 @@
 //! worker).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use dlock::BoxError;
@@ -39,8 +41,8 @@ pub struct FloorInfo {
 
 /// The raw side of the service a lock URL names.
 pub enum RawServer {
-    /// `memory://`: an uncontended tokio mutex per key.
-    Memory(Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>),
+    /// `memory://`: a keyed lease table shared by the run's clients.
+    Memory(Arc<LeaseTable>),
     /// `file:///dir`: open + flock of a file per key, a fencing counter
     /// increment, unlink + close.
     File(std::path::PathBuf),
@@ -117,7 +119,7 @@ impl RawServer {
     pub fn info(&self) -> FloorInfo {
         match self {
             RawServer::Memory(_) => FloorInfo {
-                cycle: "uncontended tokio::sync::Mutex lock + unlock",
+                cycle: "a keyed lease table: token counter + insert-if-free (owner, expiry) + owner-checked remove, under a std Mutex",
                 round_trip: None,
                 write_round_trip: None,
             },
@@ -157,15 +159,11 @@ impl RawServer {
     /// is unique to this run.
     pub async fn client(&self, key: &str) -> Result<Box<dyn RawClient>, BoxError> {
         match self {
-            RawServer::Memory(mutexes) => {
-                let mutex = mutexes
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .entry(key.to_owned())
-                    .or_default()
-                    .clone();
-                Ok(Box::new(MemoryRaw(mutex)))
-            }
+            RawServer::Memory(table) => Ok(Box::new(MemoryRaw {
+                table: table.clone(),
+                key: key.to_owned(),
+                owner: table.next_token.fetch_add(1, Ordering::Relaxed),
+            })),
             RawServer::File(dir) => {
                 std::fs::create_dir_all(dir)?;
                 // One counter for the directory, as the backend's; opened
@@ -222,13 +220,46 @@ fn file_floor_path(dir: &std::path::Path, key: &str) -> std::path::PathBuf {
     dir.join(format!(".dlock-bench-floor-{name}"))
 }
 
-struct MemoryRaw(Arc<tokio::sync::Mutex<()>>);
+/// The in-process analogue of `SET NX PX` + compare-and-delete: what any
+/// keyed lock with expiry and fencing tokens must do at the least (the
+/// key is copied into the table, as a lock service must).
+#[derive(Default)]
+pub struct LeaseTable {
+    /// Holder and expiry per key.
+    held: Mutex<HashMap<String, (u64, Instant)>>,
+    next_token: AtomicU64,
+}
+
+struct MemoryRaw {
+    table: Arc<LeaseTable>,
+    key: String,
+    owner: u64,
+}
 
 #[async_trait]
 impl RawClient for MemoryRaw {
     async fn cycle(&mut self) -> Result<(), BoxError> {
-        drop(self.0.lock().await);
-        Ok(())
+        let table = &self.table;
+        let _fencing_token = table.next_token.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        {
+            let mut held = table.held.lock().unwrap_or_else(|p| p.into_inner());
+            match held.get(&self.key) {
+                Some((_, expiry)) if *expiry > now => {
+                    return Err(format!("raw lease on {} already held", self.key).into())
+                }
+                _ => {
+                    held.insert(self.key.clone(), (self.owner, now + MEMORY_FLOOR_TTL));
+                }
+            }
+        }
+        let mut held = table.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(&self.key).map(|(owner, _)| *owner) == Some(self.owner) {
+            held.remove(&self.key);
+            Ok(())
+        } else {
+            Err(format!("raw lease on {} was not ours to remove", self.key).into())
+        }
     }
 
     async fn round_trip(&mut self) -> Result<bool, BoxError> {
@@ -239,6 +270,9 @@ impl RawClient for MemoryRaw {
         Ok(false)
     }
 }
+
+/// The memory floor's lease time (the lock's default TTL).
+const MEMORY_FLOOR_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The file floor's fencing counter (the backend's is `.fencing_token`).
 const FILE_FLOOR_COUNTER: &str = ".dlock-bench-floor-counter";
