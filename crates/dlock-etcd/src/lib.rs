@@ -56,7 +56,11 @@
 //! only every ~100 ms). When that key is deleted: if it was the oldest key
 //! when last read, the lock is ours at once (no key older than ours can
 //! appear, as a new key gets a newer revision); if it was a waiter (it may
-//! have given up while an older key still holds), one read tells. So
+//! have given up while an older key still holds), one read tells. While
+//! the predecessor waits too, the waiter also watches the key older than
+//! it and reads again when that one goes, while the predecessor, now
+//! usually the owner, holds: so down a queue each handoff is the release
+//! and its event, with the read done beforehand. So
 //! waiters queue in arrival order (FIFO), a release wakes exactly one
 //! waiter, a handoff is the holder's delete plus the watch event, and
 //! nobody polls. A dropped or timed-out `lock`
@@ -229,7 +233,8 @@ impl Binding {
     }
 }
 
-/// The key just older than ours: the only one a waiter watches.
+/// The key just older than ours, which a waiter watches (and, while that
+/// one waits too, the key just older than it).
 #[derive(Clone, Debug)]
 struct Predecessor {
     key: Vec<u8>,
@@ -240,19 +245,27 @@ struct Predecessor {
     /// can only go away (a new key gets a newer create revision), so once
     /// this one is deleted nothing older than ours is left.
     owner: bool,
+    /// The key just older than the predecessor, when it is not the owner.
+    older: Option<Vec<u8>>,
 }
+
+/// How many keys a queue read returns: ours, the predecessor and the one
+/// before it.
+const QUEUE_READ_LIMIT: i64 = 3;
 
 impl Predecessor {
     /// The predecessor in a range of the lock's keys, newest first and
-    /// limited to two, whose first key is ours.
+    /// limited to [`QUEUE_READ_LIMIT`], whose first key is ours.
     fn from_range(range: &etcd_client::GetResponse) -> Option<Self> {
-        range.kvs().get(1).map(|kv| Predecessor {
+        let kvs = range.kvs();
+        kvs.get(1).map(|kv| Predecessor {
             key: kv.key().to_vec(),
             create_revision: kv.create_revision(),
             lease: kv.lease(),
             // `more` is false when the limit cut nothing off (etcd sets it
             // after applying `max_create_revision`, unlike `count`).
-            owner: !range.more(),
+            owner: kvs.len() < 3 && !range.more(),
+            older: kvs.get(2).map(|older| older.key().to_vec()),
         })
     }
 
@@ -562,16 +575,16 @@ impl EtcdLock {
         lease_id: i64,
         pending: &mut PendingKey,
     ) -> Result<(i64, Position), Failure> {
-        let newest_two = GetOptions::new()
+        let newest = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(2)
+            .with_limit(QUEUE_READ_LIMIT)
             .with_keys_only();
         let txn = Txn::new()
             .when([Compare::create_revision(etcd_key, CompareOp::Equal, 0)])
             .and_then([
                 TxnOp::put(etcd_key, "", Some(PutOptions::new().with_lease(lease_id))),
-                TxnOp::get(dir, Some(newest_two)),
+                TxnOp::get(dir, Some(newest)),
             ])
             .or_else([TxnOp::get(
                 etcd_key,
@@ -685,7 +698,7 @@ impl EtcdLock {
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_max_create_revision(my_revision)
-            .with_limit(2)
+            .with_limit(QUEUE_READ_LIMIT)
             .with_keys_only();
         let range = self
             .call("wait", key, async {
@@ -716,15 +729,60 @@ impl EtcdLock {
         // catch-up lag), then read: the predecessor deleted before the
         // watch started shows in the read, any later delete in the watch.
         let mut watch = self.watch_key(key, &predecessor.key).await?;
-        let predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
+        // While the predecessor waits too, also watch the key older than
+        // it: when that one goes, read again while the predecessor (now
+        // perhaps the owner) holds, so that its release hands the lock
+        // over on the event alone, without a read after it.
+        let mut older_watch = match (&predecessor.older, predecessor.owner) {
+            (Some(older), false) => Some((older.clone(), self.watch_key(key, older).await?)),
+            _ => None,
+        };
+        let mut predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
             // The read may have found it the owner by now.
             Position::Behind(Some(now)) if now.same_key(predecessor) => now,
             other => return Ok(Some(other)),
         };
-        let deleted = tokio::select! {
-            deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
-            () = binding_lost(self, binding) => return Ok(None),
+        let deleted = loop {
+            let older = match &predecessor.older {
+                Some(older) if !predecessor.owner => older.clone(),
+                _ => {
+                    older_watch = None;
+                    break tokio::select! {
+                        deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
+                        () = binding_lost(self, binding) => return Ok(None),
+                    };
+                }
+            };
+            if older_watch.as_ref().map(|(watched, _)| watched) != Some(&older) {
+                // A new older key: watch it, then read again (it may have
+                // gone before the watch started).
+                older_watch = Some((older.clone(), self.watch_key(key, &older).await?));
+                predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
+                    Position::Behind(Some(now)) if now.same_key(&predecessor) => now,
+                    other => return Ok(Some(other)),
+                };
+                continue;
+            }
+            let (_, older_stream) = older_watch.as_mut().expect("watching the older key");
+            tokio::select! {
+                deleted = wait_for_delete(&mut watch, &predecessor.key) => break deleted,
+                older_deleted = wait_for_delete(older_stream, &older) => {
+                    if let Err(why) = older_deleted {
+                        return Err(Failure {
+                            error: self.error("wait", key, why),
+                            retry: true,
+                        });
+                    }
+                    older_watch = None;
+                    predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
+                        Position::Behind(Some(now)) if now.same_key(&predecessor) => now,
+                        other => return Ok(Some(other)),
+                    };
+                }
+                () = binding_lost(self, binding) => return Ok(None),
+            }
         };
+        drop(older_watch);
         drop(watch);
         if let Err(why) = deleted {
             return Err(Failure {

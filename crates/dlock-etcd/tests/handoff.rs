@@ -1,7 +1,8 @@
 //! Handoff paths, on a private etcd whose request counters only these
 //! clients move: a waiter behind the owner takes the lock on the owner's
-//! delete event without another read; a waiter behind a waiter that gave
-//! up reads again and keeps waiting for the owner.
+//! delete event without another read; so does a waiter behind a waiter,
+//! which reads while its predecessor holds; a waiter behind a waiter that
+//! gave up reads again and keeps waiting for the owner.
 
 mod support;
 
@@ -252,4 +253,60 @@ async fn a_waiter_dropped_at_the_moment_of_handoff_passes_the_lock_on() {
     }
     holder.release().await.unwrap();
     assert!(queue(&mut raw, &prefix).await.is_empty());
+}
+
+/// Two waiters queue behind the owner. The first takes the lock on the
+/// owner's delete event; the second, which also watched the owner, reads
+/// once while the first holds and then, on the first's release, takes the
+/// lock on the event alone: no read after the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_behind_a_waiter_takes_the_lock_without_a_read_after_the_release() {
+    let Some(Setup {
+        etcd,
+        mut raw,
+        prefix,
+        holder,
+        clients,
+    }) = setup("behind-waiter").await
+    else {
+        return;
+    };
+    let before = etcd.grpc_counters().await;
+    let first = wait_in_queue(&clients[1], "behind-waiter");
+    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    // Queueing behind a waiter: its txn, two watches, one read.
+    let before = etcd.grpc_counters().await;
+    let second = wait_in_queue(&clients[2], "behind-waiter");
+    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    assert_eq!(queue(&mut raw, &prefix).await.len(), 3);
+
+    let before_first = etcd.grpc_counters().await;
+    holder.release().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("first handoff")
+        .unwrap()
+        .unwrap();
+    // The second waiter's one read, made while the first holds.
+    handled_at_least(
+        &etcd,
+        &before_first,
+        &[("DeleteRange", 1.0), ("Range", 1.0)],
+    )
+    .await;
+    let before_second = etcd.grpc_counters().await;
+    let first_token = first.fencing_token();
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("second handoff")
+        .unwrap()
+        .unwrap();
+    let handoff = grown(&before_second, &etcd.grpc_counters().await);
+    assert!(second.is_held());
+    assert!(second.fencing_token() > first_token);
+    assert_eq!(handled(&handoff, "DeleteRange"), 1.0, "{handoff:?}");
+    assert_eq!(handled(&handoff, "Range"), 0.0, "{handoff:?}");
+    assert_eq!(handled(&handoff, "Txn"), 0.0, "{handoff:?}");
+    second.release().await.unwrap();
 }
