@@ -86,7 +86,9 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
         return;
     }
     let mut server = PrivateZooKeeper::start().await;
-    let url = server.url("session_timeout=20s");
+    // A grace (a third of the timeout, 20 s) that a JVM restart on a loaded
+    // machine stays within.
+    let url = server.url("session_timeout=60s");
     let a = ZooKeeperLock::connect(&url).await.unwrap();
     let key = "restarted";
     let guard = a
@@ -113,7 +115,7 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
     server.start_again().await;
     eventually(
         "the same session reconnects and vouches again",
-        Duration::from_secs(10),
+        Duration::from_secs(18),
         || async { guard.lease().valid_until().is_none() },
     )
     .await;
@@ -257,12 +259,14 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
         return;
     }
     let mut server = PrivateZooKeeper::start().await;
-    // A long session timeout: no idle pings inside the counted window.
-    let url = server.url("session_timeout=60s");
+    // A long session timeout: no idle pings inside the counted window, and
+    // a grace (a third of it, 40 s) that a server restart on a loaded
+    // machine stays well within.
+    let url = server.url("session_timeout=120s");
     let a = ZooKeeperLock::connect(&url).await.unwrap();
     let b = ZooKeeperLock::connect(&url).await.unwrap();
     let key = "reconnected-waiter";
-    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let options = LockOptions::new().ttl(Duration::from_secs(120));
     let held = a.lock(key, &options).await.unwrap();
     let waiter = tokio::spawn({
         let (b, options) = (b.clone(), options.clone());
@@ -278,9 +282,11 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
     // so the waiter must not take the holder's deletion alone as its turn.
     server.stop();
     server.start_again().await;
+    // A JVM restart plus the clients' reconnection backoff took over 15 s
+    // once under a loaded CI run.
     eventually(
         "both sessions are back and the waiter's watches are set again",
-        Duration::from_secs(15),
+        Duration::from_secs(35),
         || async { held.lease().valid_until().is_none() && server.watch_count().await == 2 },
     )
     .await;
