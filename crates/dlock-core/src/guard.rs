@@ -11,6 +11,7 @@ use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 use crate::lease::{Lease, LostReason};
+use crate::renewal::{RenewalScheduler, Scheduled};
 use crate::{Error, Result};
 
 /// What a backend does for one lock it granted. The core's [`LockGuard`]
@@ -41,8 +42,16 @@ pub struct LockGuard {
     backend: &'static str,
     lease: Lease,
     held: Option<Arc<dyn HeldLock>>,
-    renewal: Option<AbortHandle>,
+    renewal: Option<Renewal>,
     runtime: Option<Handle>,
+}
+
+/// Who renews a guard's lock.
+enum Renewal {
+    /// A task of its own.
+    Task(AbortHandle),
+    /// A client's scheduler, which starts a task when renewal falls due.
+    Scheduled(Scheduled),
 }
 
 impl fmt::Debug for LockGuard {
@@ -72,9 +81,48 @@ impl LockGuard {
         let runtime = Handle::try_current().ok();
         let renewal = match (&runtime, core_renewal) {
             (Some(runtime), true) => {
-                let task = runtime.spawn(renew_until_lost(backend, lease.clone(), held.clone()));
-                Some(task.abort_handle())
+                let first = lease.ttl() / 3;
+                let task = runtime.spawn(renew_until_lost(
+                    backend,
+                    lease.clone(),
+                    held.clone(),
+                    first,
+                ));
+                Some(Renewal::Task(task.abort_handle()))
             }
+            _ => None,
+        };
+        LockGuard {
+            backend,
+            lease,
+            held: Some(held),
+            renewal,
+            runtime,
+        }
+    }
+
+    /// Like [`new`](Self::new) with `core_renewal`, but the renewal (when
+    /// `renew`) is started by the client's `scheduler` once it falls due,
+    /// so a lock released within `ttl / 3` never has a task of its own.
+    /// For backends whose renewal needs nothing but the lock itself
+    /// (in-process state, a local file).
+    ///
+    /// Must be called within a tokio runtime.
+    pub fn scheduled(
+        backend: &'static str,
+        lease: Lease,
+        held: Arc<dyn HeldLock>,
+        scheduler: &RenewalScheduler,
+        renew: bool,
+    ) -> Self {
+        let runtime = Handle::try_current().ok();
+        let renewal = match (&runtime, renew) {
+            (Some(runtime), true) => Some(Renewal::Scheduled(scheduler.schedule(
+                backend,
+                &lease,
+                held.clone(),
+                runtime,
+            ))),
             _ => None,
         };
         LockGuard {
@@ -172,8 +220,10 @@ impl LockGuard {
     }
 
     fn stop_renewal(&mut self) {
-        if let Some(renewal) = self.renewal.take() {
-            renewal.abort();
+        match self.renewal.take() {
+            Some(Renewal::Task(task)) => task.abort(),
+            Some(Renewal::Scheduled(scheduled)) => scheduled.cancel(),
+            None => {}
         }
     }
 }
@@ -240,13 +290,20 @@ fn spawn_release(
     );
 }
 
-/// Renews `lease` through `held` about every `ttl / 3` until it is lost or
-/// the task is aborted. A refusal marks it lost at once; connection errors
-/// are retried with a short backoff until the local deadline, which then
-/// marks it lost.
-async fn renew_until_lost(backend: &'static str, lease: Lease, held: Arc<dyn HeldLock>) {
+/// Renews `lease` through `held` after `first`, then about every
+/// `ttl / 3`, until it is lost or the task is aborted. A refusal marks it
+/// lost at once; connection errors are retried with a short backoff until
+/// the local deadline, which then marks it lost.
+pub(crate) async fn renew_until_lost(
+    backend: &'static str,
+    lease: Lease,
+    held: Arc<dyn HeldLock>,
+    first: Duration,
+) {
+    let mut delay = first;
     loop {
-        tokio::time::sleep(lease.ttl() / 3).await;
+        tokio::time::sleep(delay).await;
+        delay = lease.ttl() / 3;
         let mut attempt: u32 = 0;
         loop {
             if !lease.is_held() {

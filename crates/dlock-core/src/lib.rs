@@ -36,6 +36,7 @@ pub mod key;
 pub mod lease;
 pub mod memory;
 pub mod options;
+pub mod renewal;
 pub mod url;
 
 use std::time::Duration;
@@ -47,6 +48,7 @@ pub use error::{BoxError, Error, Result};
 pub use guard::{HeldLock, LockGuard};
 pub use lease::{Lease, LostReason, WeakLease};
 pub use options::{Backoff, LockOptions};
+pub use renewal::RenewalScheduler;
 
 /// What a backend can promise. Tests and callers use these flags instead
 /// of guessing from the backend's name.

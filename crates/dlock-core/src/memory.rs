@@ -15,7 +15,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::lease::{validity_deadline, Lease, LostReason, WeakLease};
-use crate::{Capabilities, Error, HeldLock, LockBackend, LockGuard, LockOptions, Result};
+use crate::{
+    Capabilities, Error, HeldLock, LockBackend, LockGuard, LockOptions, RenewalScheduler, Result,
+};
 
 const BACKEND: &str = "memory";
 
@@ -38,6 +40,9 @@ impl std::fmt::Debug for MemoryLock {
 #[derive(Default)]
 struct Store {
     state: Mutex<StoreState>,
+    /// Starts a held lock's renewal once it is due (most are released
+    /// sooner).
+    renewals: RenewalScheduler,
 }
 
 #[derive(Default)]
@@ -234,7 +239,13 @@ impl MemoryLock {
             owner,
             lease: lease.clone(),
         });
-        LockGuard::new(BACKEND, lease, held, options.auto_renew)
+        LockGuard::scheduled(
+            BACKEND,
+            lease,
+            held,
+            &self.store.renewals,
+            options.auto_renew,
+        )
     }
 
     fn next_owner(&self) -> u64 {

@@ -46,7 +46,8 @@
 //!   (capability `ttl_expiry = false`, `session_based = true`). With
 //!   `auto_renew`, the core checks every `ttl / 3` that the lock file is
 //!   still the one this holder locked; if someone deleted or replaced it,
-//!   `lost()` fires.
+//!   `lost()` fires. The client's [`RenewalScheduler`] starts those checks
+//!   only for locks still held at their first `ttl / 3`.
 //! - Each [`FileLock`] opens its own file descriptions, so two `FileLock`s
 //!   in one process exclude each other like two processes do.
 //!
@@ -81,7 +82,7 @@ use async_trait::async_trait;
 use dlock_core::key::encode_component;
 use dlock_core::{
     Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard, LockOptions,
-    Result,
+    RenewalScheduler, Result,
 };
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -111,6 +112,9 @@ pub struct FileLock {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    /// Starts a held lock's ownership check once it is due (most locks
+    /// are released sooner).
+    renewals: RenewalScheduler,
     /// The directory as errors name it.
     endpoint: Arc<str>,
     /// The fencing counter. The mutex orders this client's own tasks (they
@@ -147,6 +151,7 @@ impl FileLock {
             .map_err(|err| Error::connection(BACKEND, &endpoint, err))?;
         Ok(FileLock {
             inner: Arc::new(Inner {
+                renewals: RenewalScheduler::new(),
                 endpoint: endpoint.into(),
                 dir,
                 counter: Mutex::new(counter),
@@ -241,10 +246,11 @@ impl FileLock {
             endpoint: self.endpoint(),
             file: Mutex::new(Some(locked)),
         });
-        Ok(Some(LockGuard::new(
+        Ok(Some(LockGuard::scheduled(
             BACKEND,
             lease,
             held,
+            &self.inner.renewals,
             options.auto_renew,
         )))
     }
