@@ -93,7 +93,10 @@
 //! so the guard vouches only for a third of the session timeout from the
 //! disconnect (which the client sees at most ~45% of the timeout after the
 //! last answer), then reports `lost()`; a reconnection of the same session in
-//! time brings it back to `None`. An expired or closed session fires
+//! time brings it back to `None`. A connection attempt is given up after a
+//! sixth of the session timeout, so two fit in that grace (the client
+//! crate's default, 2/5, is longer than the grace: one attempt hanging on
+//! a server that is still starting lost every lock of the session). An expired or closed session fires
 //! `lost()` on every guard at once (one watcher task per client drives all
 //! leases). After the session has ended, the next acquisition opens a new
 //! one.

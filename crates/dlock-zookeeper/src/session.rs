@@ -62,6 +62,13 @@ impl Session {
         let endpoint = config.connect_string();
         let connecting = zk::Client::connector()
             .with_session_timeout(config.session_timeout)
+            // The client's default gives up on a connection attempt after
+            // 2/5 of the session timeout, longer than the grace a held lock
+            // gets while suspended (1/3): one attempt that hangs (a server
+            // still starting accepts but does not answer) lost locks of a
+            // server that was back in seconds. A sixth fits two attempts
+            // in the grace.
+            .with_connection_timeout(connection_timeout(config.session_timeout))
             // Try each host once, then fail: a refused connection must not
             // make `connect` hang until the session timeout.
             .with_fail_eagerly()
@@ -199,4 +206,11 @@ async fn watch_session(weak: Weak<Session>, mut states: zk::StateWatcher) {
             return;
         }
     }
+}
+
+/// How long one connection attempt may take: a sixth of the session
+/// timeout (at least 500 ms), so that two attempts fit in the third of it
+/// that a suspended session's locks are vouched for.
+fn connection_timeout(session_timeout: Duration) -> Duration {
+    (session_timeout / 6).max(Duration::from_millis(500))
 }
