@@ -78,9 +78,12 @@ impl LockGuard {
         held: Arc<dyn HeldLock>,
         core_renewal: bool,
     ) -> Self {
-        let runtime = Handle::try_current().ok();
-        let renewal = match (&runtime, core_renewal) {
-            (Some(runtime), true) => {
+        Self::with_renewal(
+            backend,
+            lease,
+            held,
+            core_renewal,
+            |runtime, lease, held| {
                 let first = lease.ttl() / 3;
                 let task = runtime.spawn(renew_until_lost(
                     backend,
@@ -88,17 +91,9 @@ impl LockGuard {
                     held.clone(),
                     first,
                 ));
-                Some(Renewal::Task(task.abort_handle()))
-            }
-            _ => None,
-        };
-        LockGuard {
-            backend,
-            lease,
-            held: Some(held),
-            renewal,
-            runtime,
-        }
+                Renewal::Task(task.abort_handle())
+            },
+        )
     }
 
     /// Like [`new`](Self::new) with `core_renewal`, but the renewal (when
@@ -115,16 +110,25 @@ impl LockGuard {
         scheduler: &RenewalScheduler,
         renew: bool,
     ) -> Self {
+        Self::with_renewal(backend, lease, held, renew, |runtime, lease, held| {
+            Renewal::Scheduled(scheduler.schedule(backend, lease, held.clone(), runtime))
+        })
+    }
+
+    /// The guard, with its renewal started by `start` on the current
+    /// runtime when `renew` (and there is a runtime).
+    fn with_renewal(
+        backend: &'static str,
+        lease: Lease,
+        held: Arc<dyn HeldLock>,
+        renew: bool,
+        start: impl FnOnce(&Handle, &Lease, &Arc<dyn HeldLock>) -> Renewal,
+    ) -> Self {
         let runtime = Handle::try_current().ok();
-        let renewal = match (&runtime, renew) {
-            (Some(runtime), true) => Some(Renewal::Scheduled(scheduler.schedule(
-                backend,
-                &lease,
-                held.clone(),
-                runtime,
-            ))),
-            _ => None,
-        };
+        let renewal = runtime
+            .as_ref()
+            .filter(|_| renew)
+            .map(|runtime| start(runtime, &lease, &held));
         LockGuard {
             backend,
             lease,

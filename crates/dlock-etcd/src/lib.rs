@@ -737,10 +737,13 @@ impl EtcdLock {
             (Some(older), false) => Some((older.clone(), self.watch_key(key, older).await?)),
             _ => None,
         };
-        let mut predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
-            // The read may have found it the owner by now.
-            Position::Behind(Some(now)) if now.same_key(predecessor) => now,
-            other => return Ok(Some(other)),
+        // The read may have found it the owner by now.
+        let mut predecessor = match self
+            .still_behind(key, dir, etcd_key, my_revision, predecessor)
+            .await?
+        {
+            Ok(now) => now,
+            Err(moved) => return Ok(Some(moved)),
         };
         let deleted = loop {
             let older = match &predecessor.older {
@@ -757,9 +760,12 @@ impl EtcdLock {
                 // A new older key: watch it, then read again (it may have
                 // gone before the watch started).
                 older_watch = Some((older.clone(), self.watch_key(key, &older).await?));
-                predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
-                    Position::Behind(Some(now)) if now.same_key(&predecessor) => now,
-                    other => return Ok(Some(other)),
+                predecessor = match self
+                    .still_behind(key, dir, etcd_key, my_revision, &predecessor)
+                    .await?
+                {
+                    Ok(now) => now,
+                    Err(moved) => return Ok(Some(moved)),
                 };
                 continue;
             }
@@ -767,16 +773,14 @@ impl EtcdLock {
             tokio::select! {
                 deleted = wait_for_delete(&mut watch, &predecessor.key) => break deleted,
                 older_deleted = wait_for_delete(older_stream, &older) => {
-                    if let Err(why) = older_deleted {
-                        return Err(Failure {
-                            error: self.error("wait", key, why),
-                            retry: true,
-                        });
-                    }
+                    older_deleted.map_err(|why| self.watch_broke(key, why))?;
                     older_watch = None;
-                    predecessor = match self.position(key, dir, etcd_key, my_revision).await? {
-                        Position::Behind(Some(now)) if now.same_key(&predecessor) => now,
-                        other => return Ok(Some(other)),
+                    predecessor = match self
+                        .still_behind(key, dir, etcd_key, my_revision, &predecessor)
+                        .await?
+                    {
+                        Ok(now) => now,
+                        Err(moved) => return Ok(Some(moved)),
                     };
                 }
                 () = binding_lost(self, binding) => return Ok(None),
@@ -784,12 +788,7 @@ impl EtcdLock {
         };
         drop(older_watch);
         drop(watch);
-        if let Err(why) = deleted {
-            return Err(Failure {
-                error: self.error("wait", key, why),
-                retry: true,
-            });
-        }
+        deleted.map_err(|why| self.watch_broke(key, why))?;
         // The owner is gone and nothing older than our key can appear:
         // the lock is ours without another read. Our key is still there
         // unless our lease ended, which the grant checks (the session's
@@ -802,6 +801,33 @@ impl EtcdLock {
         // The predecessor was a waiter that may have given up: an older
         // key may still hold the lock.
         Ok(Some(self.position(key, dir, etcd_key, my_revision).await?))
+    }
+
+    /// Reads our position again: `Ok(now)` (its fresh view) while
+    /// `predecessor` is still the key just older than ours, `Err` with the
+    /// new position once that changed.
+    async fn still_behind(
+        &self,
+        key: &str,
+        dir: &str,
+        etcd_key: &str,
+        my_revision: i64,
+        predecessor: &Predecessor,
+    ) -> Result<std::result::Result<Predecessor, Position>, Failure> {
+        Ok(
+            match self.position(key, dir, etcd_key, my_revision).await? {
+                Position::Behind(Some(now)) if now.same_key(predecessor) => Ok(now),
+                moved => Err(moved),
+            },
+        )
+    }
+
+    /// A watch that ended or was cancelled while waiting: retried.
+    fn watch_broke(&self, key: &str, why: String) -> Failure {
+        Failure {
+            error: self.error("wait", key, why),
+            retry: true,
+        }
     }
 
     /// Opens a watch on `watched` at the current revision and waits until
