@@ -236,19 +236,22 @@ impl Shared {
         };
         let fence_ttl_ms = ttl_ms + FENCE_IDLE_TTL.as_millis() as u64;
         let sent_at = Instant::now();
+        let mut command = ACQUIRE.command(4);
+        command
+            .arg(&keys.lock)
+            .arg(&keys.fence)
+            .arg(&keys.queue)
+            .arg(&keys.waiters)
+            .arg(owner)
+            .arg(ttl_ms)
+            .arg(waiter)
+            .arg(waiter_ttl_ms)
+            .arg(fence_ttl_ms);
+        let command = &command;
         let results = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
                 ACQUIRE
-                    .key(&keys.lock)
-                    .key(&keys.fence)
-                    .key(&keys.queue)
-                    .key(&keys.waiters)
-                    .arg(owner)
-                    .arg(ttl_ms)
-                    .arg(waiter)
-                    .arg(waiter_ttl_ms)
-                    .arg(fence_ttl_ms)
-                    .invoke_async::<(i64, i64, String, i64)>(&mut conn)
+                    .run::<(i64, i64, String, i64)>(&mut conn, command)
                     .await
             })
             .await;
@@ -355,17 +358,16 @@ impl Shared {
     /// publishes a retry hint the releasing client itself ignores.
     async fn release_all(&self, keys: &LockKeys, owner: &str, ttl: Duration, wake: bool) {
         let channel = if wake { keys.channel.as_str() } else { "" };
-        let message = self.retry_message();
-        let message = message.as_str();
+        let mut command = RELEASE.command(1);
+        command
+            .arg(&keys.lock)
+            .arg(owner)
+            .arg(channel)
+            .arg(self.retry_message());
+        let command = &command;
         let _ = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
-                RELEASE
-                    .key(&keys.lock)
-                    .arg(owner)
-                    .arg(channel)
-                    .arg(message)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
+                RELEASE.run::<i64>(&mut conn, command).await
             })
             .await;
     }
@@ -384,32 +386,32 @@ impl Shared {
         owner: &str,
         ttl: Duration,
     ) -> Result<()> {
-        let fair = self.fair;
-        let fence_idle_ms = FENCE_IDLE_TTL.as_millis() as u64;
+        let (script, command) = if self.fair {
+            // Fair mode is one server only: hand the lock to the queue's
+            // head in the same script.
+            let mut command = RELEASE_FAIR.command(4);
+            command
+                .arg(&keys.lock)
+                .arg(&keys.fence)
+                .arg(&keys.queue)
+                .arg(&keys.waiters)
+                .arg(owner)
+                .arg(&keys.channel)
+                .arg(FENCE_IDLE_TTL.as_millis() as u64);
+            (&*RELEASE_FAIR, command)
+        } else {
+            let mut command = RELEASE.command(1);
+            command
+                .arg(&keys.lock)
+                .arg(owner)
+                .arg(&keys.channel)
+                .arg("");
+            (&*RELEASE, command)
+        };
+        let command = &command;
         let results = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
-                if fair {
-                    // Fair mode is one server only: hand the lock to the
-                    // queue's head in the same script.
-                    RELEASE_FAIR
-                        .key(&keys.lock)
-                        .key(&keys.fence)
-                        .key(&keys.queue)
-                        .key(&keys.waiters)
-                        .arg(owner)
-                        .arg(&keys.channel)
-                        .arg(fence_idle_ms)
-                        .invoke_async::<i64>(&mut conn)
-                        .await
-                } else {
-                    RELEASE
-                        .key(&keys.lock)
-                        .arg(owner)
-                        .arg(&keys.channel)
-                        .arg("")
-                        .invoke_async::<i64>(&mut conn)
-                        .await
-                }
+                script.run::<i64>(&mut conn, command).await
             })
             .await;
         let (mut deleted, mut refused, mut first_error) = (0, 0, None);
@@ -441,14 +443,12 @@ impl Shared {
     ) -> Result<()> {
         let ttl_ms = ttl.as_millis() as u64;
         let sent_at = Instant::now();
+        let mut command = EXTEND.command(1);
+        command.arg(&keys.lock).arg(owner).arg(ttl_ms);
+        let command = &command;
         let results = self
             .on_all(self.node_timeout(ttl), |mut conn| async move {
-                EXTEND
-                    .key(&keys.lock)
-                    .arg(owner)
-                    .arg(ttl_ms)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
+                EXTEND.run::<i64>(&mut conn, command).await
             })
             .await;
         let (mut extended, mut refused, mut first_error) = (0, 0, None);
@@ -504,17 +504,18 @@ impl Shared {
 
     /// Cleanup of an attempt whose outcome is unknown or unwanted.
     async fn abandon(&self, keys: &LockKeys, owner: &str, waiter: &str) {
+        let mut command = ABANDON.command(3);
+        command
+            .arg(&keys.lock)
+            .arg(&keys.queue)
+            .arg(&keys.waiters)
+            .arg(owner)
+            .arg(waiter)
+            .arg(&keys.channel);
+        let command = &command;
         let results = self
             .on_all(self.timeout, |mut conn| async move {
-                ABANDON
-                    .key(&keys.lock)
-                    .key(&keys.queue)
-                    .key(&keys.waiters)
-                    .arg(owner)
-                    .arg(waiter)
-                    .arg(&keys.channel)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
+                ABANDON.run::<i64>(&mut conn, command).await
             })
             .await;
         for result in results {

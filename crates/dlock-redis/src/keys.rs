@@ -29,12 +29,24 @@ pub(crate) struct LockKeys {
 impl LockKeys {
     pub fn new(prefix: &str, key: &str) -> Self {
         let tag = encode_component(key, MAX_ENCODED);
+        // Built by appending, not `format!`: this runs on every acquisition.
+        let mut base = String::with_capacity(prefix.len() + tag.len() + 4);
+        base.push_str(prefix);
+        base.push_str(":{");
+        base.push_str(&tag);
+        base.push_str("}:");
+        let name = |suffix: &str| {
+            let mut name = String::with_capacity(base.len() + suffix.len());
+            name.push_str(&base);
+            name.push_str(suffix);
+            name
+        };
         LockKeys {
-            lock: format!("{prefix}:{{{tag}}}:lock"),
-            fence: format!("{prefix}:{{{tag}}}:fence"),
-            queue: format!("{prefix}:{{{tag}}}:queue"),
-            waiters: format!("{prefix}:{{{tag}}}:waiters"),
-            channel: format!("{prefix}:{{{tag}}}:released"),
+            lock: name("lock"),
+            fence: name("fence"),
+            queue: name("queue"),
+            waiters: name("waiters"),
+            channel: name("released"),
         }
     }
 }

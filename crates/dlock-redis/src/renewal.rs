@@ -159,9 +159,9 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
         .map(|d| d.lease.ttl().as_millis() as u64)
         .collect();
     let mut pipe = redis::pipe();
-    pipe.load_script(&EXTEND).ignore();
+    pipe.load_script(EXTEND.script()).ignore();
     for (d, ttl_ms) in due.iter().zip(&ttls) {
-        pipe.invoke_script(EXTEND.key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
+        pipe.invoke_script(EXTEND.script().key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
     }
     let count = due.len();
     // One server: its reply timeout. Redlock: the per-instance bound of

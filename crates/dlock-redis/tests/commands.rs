@@ -334,3 +334,47 @@ async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
         .is_some());
     drop(waiter);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_the_server_lost_are_loaded_again() {
+    let server = PrivateRedis::start();
+    let mut admin = server.conn();
+    let mut monitor = Monitor::start(&server).await;
+    for fair in ["true", "false"] {
+        let client = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
+            .await
+            .unwrap();
+        // What a restart without persistence or a failover does to the
+        // script cache.
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut admin).unwrap();
+        monitor.section("flushed").await;
+        let guard = client
+            .try_lock("flushed", &LockOptions::new())
+            .await
+            .unwrap()
+            .expect("free");
+        let names: Vec<String> = monitor
+            .section("acquired")
+            .await
+            .iter()
+            .map(|l| command_name(l))
+            .collect();
+        assert_eq!(names, ["EVALSHA", "SCRIPT", "EVALSHA"], "fair={fair}");
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut admin).unwrap();
+        monitor.section("flushed-again").await;
+        guard.release().await.unwrap();
+        let names: Vec<String> = monitor
+            .section("released")
+            .await
+            .iter()
+            .map(|l| command_name(l))
+            .collect();
+        assert_eq!(names, ["EVALSHA", "SCRIPT", "EVALSHA"], "fair={fair}");
+        let holder: Option<String> = redis::cmd("KEYS")
+            .arg("*flushed*:lock")
+            .query::<Vec<String>>(&mut admin)
+            .unwrap()
+            .pop();
+        assert_eq!(holder, None, "fair={fair}: the release deleted the lock");
+    }
+}
