@@ -618,7 +618,16 @@ impl Shared {
                 // Subscribe, then attempt again: a release published
                 // between the failed attempt and the subscription is not
                 // missed.
-                subscriptions = self.subscribe_all(&keys.channel, options.ttl).await;
+                subscriptions = if self.fair {
+                    // A release hands a fair waiter the lock on a channel
+                    // of its own (one message, not one per waiting
+                    // client); the shared one carries plain releases.
+                    let own = keys.waiter_channel(waiter);
+                    self.subscribe_all(&[&keys.channel, &own], options.ttl)
+                        .await
+                } else {
+                    self.subscribe_all(&[&keys.channel], options.ttl).await
+                };
                 if !subscriptions.is_empty() {
                     continue;
                 }
@@ -674,7 +683,7 @@ impl Shared {
         }
     }
 
-    async fn subscribe_all(&self, channel: &str, ttl: Duration) -> Vec<Subscription> {
+    async fn subscribe_all(&self, channels: &[&str], ttl: Duration) -> Vec<Subscription> {
         // With Redlock, a paused instance must not hold up waiting on the
         // others.
         let bound = if self.nodes.len() > 1 {
@@ -683,7 +692,7 @@ impl Shared {
             self.timeout * 2
         };
         let results = join_all(self.nodes.iter().map(|node| async move {
-            let result = match tokio::time::timeout(bound, node.subscriber.subscribe(channel)).await {
+            let result = match tokio::time::timeout(bound, node.subscriber.subscribe(channels)).await {
                 Ok(result) => result,
                 Err(_) => Err(timed_out("SUBSCRIBE was not confirmed in time")),
             };
@@ -693,7 +702,11 @@ impl Shared {
             result
         }))
         .await;
-        results.into_iter().filter_map(|r| r.ok()).collect()
+        results
+            .into_iter()
+            .filter_map(|r| r.ok())
+            .flatten()
+            .collect()
     }
 }
 

@@ -27,6 +27,18 @@ pub(crate) struct LockKeys {
 }
 
 impl LockKeys {
+    /// The channel on which a fair release hands the lock to `waiter`:
+    /// `<channel>:<waiter id>`, as `RELEASE_FAIR` builds it.
+    pub fn waiter_channel(&self, waiter: &str) -> String {
+        let mut name = String::with_capacity(self.channel.len() + 1 + waiter.len());
+        name.push_str(&self.channel);
+        name.push(':');
+        name.push_str(waiter);
+        name
+    }
+}
+
+impl LockKeys {
     pub fn new(prefix: &str, key: &str) -> Self {
         let tag = encode_component(key, MAX_ENCODED);
         // Built by appending, not `format!`: this runs on every acquisition.

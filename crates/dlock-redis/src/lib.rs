@@ -59,9 +59,10 @@
 //!   entry expires after 3 s.
 //! - **Direct handoff** (fair mode): the release script itself makes the
 //!   queue's head (a waiter whose entry is fresh) the owner, with the TTL
-//!   that waiter asked for and a new fencing token, and publishes the grant;
-//!   the waiter holds the lock when the message arrives, without another
-//!   round trip. It vouches for the lease from the server clock reading of
+//!   that waiter asked for and a new fencing token, and publishes the grant
+//!   on that waiter's own channel (one message per handoff, however many
+//!   clients wait); the waiter holds the lock when the message arrives,
+//!   without another round trip. It vouches for the lease from the server clock reading of
 //!   its own last attempt (the grant carries the server time it was made
 //!   at). A waiter that misses the message (its pub/sub connection died, a
 //!   later message overwrote it) learns of the grant from its next attempt

@@ -197,8 +197,9 @@ return 0
 /// Stale queue heads (entry deadline passed) are dropped first. When the
 /// head is fresh, the lock becomes its own right here (`SET lock <head> PX
 /// <its ttl>`, fenced like an acquire), the head leaves the queue, and the
-/// grant is published as `grant <token> <server ms> <owner>`; the waiter
-/// holds the lock without another round trip. Otherwise the lock is deleted
+/// grant is published as `grant <token> <server ms> <owner>` on the head's
+/// own channel (`<channel>:<head>`, see `LockKeys::waiter_channel`); the
+/// waiter holds the lock without another round trip. Otherwise the lock is deleted
 /// and an empty message wakes the waiters. A head whose entry has no TTL
 /// (written by an older client) gets the plain release.
 pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> = LazyLock::new(|| {
@@ -232,7 +233,8 @@ while true do
     local token = grant_token(fence, fence_idle + tonumber(ttl))
     redis.call('LPOP', queue)
     redis.call('HDEL', waiters, head)
-    redis.call('PUBLISH', channel,
+    -- On the head's own channel: the other waiters have nothing to do.
+    redis.call('PUBLISH', channel .. ':' .. head,
       'grant ' .. string.format('%.0f', token) .. ' ' .. string.format('%.0f', now_ms) .. ' ' .. head)
     return 1
   end

@@ -1,6 +1,8 @@
 //! One pub/sub connection per client and server, shared by all its
 //! waiters: a waiter subscribes to its lock's release channel and wakes
-//! when a release (or an abandoned attempt) publishes on it.
+//! when a release (or an abandoned attempt) publishes on it; a fair waiter
+//! also subscribes to a channel of its own, where a release hands it the
+//! lock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,9 +69,13 @@ impl Subscriber {
         })
     }
 
-    /// Subscribes to `channel`; returns once the server confirmed it, so a
-    /// release published after this returns wakes the subscription.
-    pub async fn subscribe(self: &Arc<Self>, channel: &str) -> redis::RedisResult<Subscription> {
+    /// Subscribes to `channels` (one `SUBSCRIBE` for those this connection
+    /// is not subscribed to yet); returns once the server confirmed them,
+    /// so a message published after this returns wakes the subscription.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        channels: &[&str],
+    ) -> redis::RedisResult<Vec<Subscription>> {
         let mut current = self.current.lock().await;
         let conn = match current.as_ref().filter(|c| !c.dead.load(Ordering::Acquire)) {
             Some(conn) => conn.clone(),
@@ -79,31 +85,43 @@ impl Subscriber {
                 conn
             }
         };
-        let (wake, needs_subscribe) = {
-            let mut channels = conn.channels.lock().unwrap();
-            let entry = channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| Channel {
-                    refs: 0,
-                    subscribed: false,
-                    wake: watch::channel(Wake::default()).0,
-                });
-            entry.refs += 1;
-            (entry.wake.subscribe(), !entry.subscribed)
-        };
-        let subscription = Subscription {
-            subscriber: self.clone(),
-            conn: conn.clone(),
-            channel: channel.to_owned(),
-            wake,
-        };
-        if needs_subscribe {
+        let mut subscriptions = Vec::with_capacity(channels.len());
+        let mut to_subscribe = Vec::new();
+        for &channel in channels {
+            let (wake, needs_subscribe) = {
+                let mut entries = conn.channels.lock().unwrap();
+                let entry = entries
+                    .entry(channel.to_owned())
+                    .or_insert_with(|| Channel {
+                        refs: 0,
+                        subscribed: false,
+                        wake: watch::channel(Wake::default()).0,
+                    });
+                entry.refs += 1;
+                (entry.wake.subscribe(), !entry.subscribed)
+            };
+            // Made before the SUBSCRIBE: on failure, dropping it gives the
+            // reference back.
+            subscriptions.push(Subscription {
+                subscriber: self.clone(),
+                conn: conn.clone(),
+                channel: channel.to_owned(),
+                wake,
+            });
+            if needs_subscribe {
+                to_subscribe.push(channel);
+            }
+        }
+        if !to_subscribe.is_empty() {
             let mut sink = conn.sink.clone();
-            let confirmed = tokio::time::timeout(self.timeout, sink.subscribe(channel)).await;
+            let confirmed = tokio::time::timeout(self.timeout, sink.subscribe(&to_subscribe)).await;
             match confirmed {
                 Ok(Ok(())) => {
-                    if let Some(entry) = conn.channels.lock().unwrap().get_mut(channel) {
-                        entry.subscribed = true;
+                    let mut entries = conn.channels.lock().unwrap();
+                    for channel in to_subscribe {
+                        if let Some(entry) = entries.get_mut(channel) {
+                            entry.subscribed = true;
+                        }
                     }
                 }
                 Ok(Err(err)) => {
@@ -119,7 +137,7 @@ impl Subscriber {
                 }
             }
         }
-        Ok(subscription)
+        Ok(subscriptions)
     }
 
     async fn open(&self) -> redis::RedisResult<Arc<PubSubConn>> {

@@ -155,3 +155,92 @@ async fn queued(
         .unwrap();
     (len, hash)
 }
+
+/// A release hands the lock to the queue's head with one message, on the
+/// head's own channel: the other waiting clients are sent nothing (each
+/// used to read, and drop, every grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_is_one_message_to_the_head_only() {
+    if !ready().await {
+        return;
+    }
+    const WAITERS: usize = 3;
+    let holder = RedisLock::connect(URL).await.unwrap();
+    let key = dlock_testkit::unique_key("fair-one-message");
+    let guard = holder
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let lock_key = holder.redis_key(&key);
+    let shared = lock_key.replace(":lock", ":released");
+    let (queue, waiters) = (
+        lock_key.replace(":lock", ":queue"),
+        lock_key.replace(":lock", ":waiters"),
+    );
+    let server = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = server.get_multiplexed_async_connection().await.unwrap();
+    // Every channel of this lock: the shared one and the waiters' own.
+    let mut listener = server.get_async_pubsub().await.unwrap();
+    listener.psubscribe(format!("{shared}*")).await.unwrap();
+    let mut messages = listener.into_on_message();
+
+    let (granted_tx, mut granted_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for _ in 0..WAITERS {
+        let client = RedisLock::connect(URL).await.unwrap();
+        let (key, granted_tx) = (key.clone(), granted_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = client.lock(&key, &LockOptions::new()).await.unwrap();
+            let _ = granted_tx.send(guard);
+            std::future::pending::<()>().await;
+        }));
+    }
+    // Queued: no event reaches the test, so it reads the queue.
+    let started = std::time::Instant::now();
+    while queued(&mut conn, &queue, &waiters).await != (WAITERS as i64, WAITERS as i64) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waiters never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    guard.release().await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), granted_rx.recv())
+        .await
+        .expect("handed over")
+        .unwrap();
+    // One connection delivers in order: whatever the release published
+    // arrives before this marker.
+    let () = redis::cmd("PUBLISH")
+        .arg(&shared)
+        .arg("marker")
+        .query_async::<i64>(&mut conn)
+        .await
+        .map(|_| ())
+        .unwrap();
+    let mut before_marker = Vec::new();
+    loop {
+        let message = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut messages),
+        )
+        .await
+        .expect("the marker arrives")
+        .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        if payload == "marker" {
+            break;
+        }
+        before_marker.push((message.get_channel_name().to_owned(), payload));
+    }
+    assert_eq!(before_marker.len(), 1, "{before_marker:?}");
+    let (channel, payload) = &before_marker[0];
+    assert!(payload.starts_with("grant "), "{payload}");
+    let head_owner = payload.rsplit(' ').next().unwrap();
+    assert_eq!(channel, &format!("{shared}:{head_owner}"));
+    for task in tasks {
+        task.abort();
+    }
+    head.release().await.unwrap();
+}
