@@ -124,7 +124,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dlock_core::{Capabilities, DistributedLock, LockBackend, LockGuard, LockOptions, Result};
+use dlock_core::{
+    Capabilities, DistributedLock, LockBackend, LockGuard, LockOptions, RenewalScheduler, Result,
+};
 use zookeeper_client as zk;
 
 pub use config::ZooKeeperConfig;
@@ -154,6 +156,9 @@ struct Inner {
     session: Mutex<Arc<Session>>,
     /// Serialises opening a new session after the old one ended.
     reconnecting: tokio::sync::Mutex<()>,
+    /// Starts a held lock's checks when the first falls due (`ttl / 3`):
+    /// a lock released before then costs no task.
+    renewals: RenewalScheduler,
 }
 
 impl std::fmt::Debug for ZooKeeperLock {
@@ -180,6 +185,7 @@ impl ZooKeeperLock {
                 config,
                 session: Mutex::new(session),
                 reconnecting: tokio::sync::Mutex::new(()),
+                renewals: RenewalScheduler::new(),
             }),
         })
     }
@@ -290,7 +296,13 @@ impl ZooKeeperLock {
             _own_watch: own_watch,
         });
         tracing::debug!(fencing_token, node = %held.path, "acquired");
-        LockGuard::new(BACKEND, lease, held, options.auto_renew)
+        LockGuard::scheduled(
+            BACKEND,
+            lease,
+            held,
+            &self.inner.renewals,
+            options.auto_renew,
+        )
     }
 }
 
