@@ -236,12 +236,8 @@ impl Shared {
         };
         let fence_ttl_ms = ttl_ms + FENCE_IDLE_TTL.as_millis() as u64;
         let sent_at = Instant::now();
-        let mut command = ACQUIRE.command(4);
+        let mut command = keys.script_command(&ACQUIRE);
         command
-            .arg(&keys.lock)
-            .arg(&keys.fence)
-            .arg(&keys.queue)
-            .arg(&keys.waiters)
             .arg(owner)
             .arg(ttl_ms)
             .arg(waiter)
@@ -389,12 +385,8 @@ impl Shared {
         let (script, command) = if self.fair {
             // Fair mode is one server only: hand the lock to the queue's
             // head in the same script.
-            let mut command = RELEASE_FAIR.command(4);
+            let mut command = keys.script_command(&RELEASE_FAIR);
             command
-                .arg(&keys.lock)
-                .arg(&keys.fence)
-                .arg(&keys.queue)
-                .arg(&keys.waiters)
                 .arg(owner)
                 .arg(&keys.channel)
                 .arg(FENCE_IDLE_TTL.as_millis() as u64);

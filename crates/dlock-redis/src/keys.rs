@@ -7,6 +7,9 @@
 //! the tag and distinct keys never share names.
 
 use dlock_core::key::encode_component;
+use redis::Cmd;
+
+use crate::scripts::LuaScript;
 
 /// Longest encoded key kept verbatim; longer ones are hashed.
 const MAX_ENCODED: usize = 256;
@@ -27,6 +30,19 @@ pub(crate) struct LockKeys {
 }
 
 impl LockKeys {
+    /// `EVALSHA` of `script` with the four names as its keys, in the order
+    /// the acquire and fair release scripts take them: lock, fence, queue,
+    /// waiters. The caller appends the arguments.
+    pub fn script_command(&self, script: &LuaScript) -> Cmd {
+        let mut command = script.command(4);
+        command
+            .arg(&self.lock)
+            .arg(&self.fence)
+            .arg(&self.queue)
+            .arg(&self.waiters);
+        command
+    }
+
     /// The channel on which a fair release hands the lock to `waiter`:
     /// `<channel>:<waiter id>`, as `RELEASE_FAIR` builds it.
     pub fn waiter_channel(&self, waiter: &str) -> String {

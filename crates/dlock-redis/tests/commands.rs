@@ -55,6 +55,17 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// The names of the commands of [`section`](Self::section).
+    async fn section_names(&mut self, name: &str) -> Vec<String> {
+        self.section(name)
+            .await
+            .iter()
+            .map(|l| command_name(l))
+            .collect()
+    }
+}
+
 fn command_name(line: &str) -> String {
     line.split("] \"")
         .nth(1)
@@ -353,22 +364,12 @@ async fn scripts_the_server_lost_are_loaded_again() {
             .await
             .unwrap()
             .expect("free");
-        let names: Vec<String> = monitor
-            .section("acquired")
-            .await
-            .iter()
-            .map(|l| command_name(l))
-            .collect();
+        let names = monitor.section_names("acquired").await;
         assert_eq!(names, ["EVALSHA", "SCRIPT", "EVALSHA"], "fair={fair}");
         let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut admin).unwrap();
         monitor.section("flushed-again").await;
         guard.release().await.unwrap();
-        let names: Vec<String> = monitor
-            .section("released")
-            .await
-            .iter()
-            .map(|l| command_name(l))
-            .collect();
+        let names = monitor.section_names("released").await;
         assert_eq!(names, ["EVALSHA", "SCRIPT", "EVALSHA"], "fair={fair}");
         let holder: Option<String> = redis::cmd("KEYS")
             .arg("*flushed*:lock")
