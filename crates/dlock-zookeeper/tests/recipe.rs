@@ -8,9 +8,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlock_core::{DistributedLock, Error, LockOptions, LostReason};
+use dlock_core::{DistributedLock, Error, LockGuard, LockOptions, LostReason};
 use dlock_zookeeper::ZooKeeperLock;
-use support::eventually;
+use support::{eventually, spawn_waiter};
 use zookeeper_client as zk;
 
 const URL: &str = "zk://127.0.0.1:2181/dlock-recipe-tests?session_timeout=10s";
@@ -29,6 +29,22 @@ async fn clients(n: usize) -> Option<(Vec<ZooKeeperLock>, zk::Client)> {
     Some((clients, admin))
 }
 
+/// `n` clients, the admin client, a fresh key named after `name` and its lock directory.
+async fn clients_on_key(
+    n: usize,
+    name: &str,
+) -> Option<(Vec<ZooKeeperLock>, zk::Client, String, String)> {
+    let (clients, admin) = clients(n).await?;
+    let key = dlock_testkit::unique_key(name);
+    let dir = clients[0].lock_directory(&key);
+    Some((clients, admin, key, dir))
+}
+
+/// `key` taken by `client` with `try_lock`, which must find it free.
+async fn take_free(client: &ZooKeeperLock, key: &str, options: &LockOptions) -> LockGuard {
+    client.try_lock(key, options).await.unwrap().expect("free")
+}
+
 async fn children(admin: &zk::Client, dir: &str) -> Vec<String> {
     match admin.list_children(dir).await {
         Ok(children) => children,
@@ -39,16 +55,10 @@ async fn children(admin: &zk::Client, dir: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_try_lock_and_timed_out_lock_leave_no_node() {
-    let Some((c, admin)) = clients(2).await else {
+    let Some((c, admin, key, dir)) = clients_on_key(2, "orphans").await else {
         return;
     };
-    let key = dlock_testkit::unique_key("orphans");
-    let dir = c[0].lock_directory(&key);
-    let guard = c[0]
-        .try_lock(&key, &LockOptions::new())
-        .await
-        .unwrap()
-        .expect("free");
+    let guard = take_free(&c[0], &key, &LockOptions::new()).await;
     assert_eq!(children(&admin, &dir).await.len(), 1);
 
     // A failed try_lock deletes its node before it returns.
@@ -82,16 +92,10 @@ async fn failed_try_lock_and_timed_out_lock_leave_no_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_waiters_leave_no_node_even_mid_create() {
-    let Some((c, admin)) = clients(3).await else {
+    let Some((c, admin, key, dir)) = clients_on_key(3, "aborted").await else {
         return;
     };
-    let key = dlock_testkit::unique_key("aborted");
-    let dir = c[0].lock_directory(&key);
-    let guard = c[0]
-        .try_lock(&key, &LockOptions::new())
-        .await
-        .unwrap()
-        .expect("free");
+    let guard = take_free(&c[0], &key, &LockOptions::new()).await;
 
     // A waiter that queued and then was aborted.
     let task = tokio::spawn({
@@ -137,20 +141,14 @@ async fn aborted_waiters_leave_no_node_even_mid_create() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_are_protected_and_tokens_are_czxids() {
-    let Some((c, admin)) = clients(1).await else {
+    let Some((c, admin, key, dir)) = clients_on_key(1, "layout/with slash").await else {
         return;
     };
-    let key = dlock_testkit::unique_key("layout/with slash");
-    let dir = c[0].lock_directory(&key);
     assert!(
         dir.starts_with("/dlock-recipe-tests/dlock-test%2F"),
         "{dir}"
     );
-    let guard = c[0]
-        .try_lock(&key, &LockOptions::new())
-        .await
-        .unwrap()
-        .expect("free");
+    let guard = take_free(&c[0], &key, &LockOptions::new()).await;
     let names = children(&admin, &dir).await;
     assert_eq!(names.len(), 1);
     let name = &names[0];
@@ -176,19 +174,13 @@ async fn killed_session_fires_lost_and_the_waiter_takes_over() {
         return;
     };
     let key = dlock_testkit::unique_key("killed");
-    let held = c[0]
-        .try_lock(&key, &LockOptions::new())
-        .await
-        .unwrap()
-        .expect("free");
-    let other = c[0]
-        .try_lock(
-            &dlock_testkit::unique_key("killed-other"),
-            &LockOptions::new(),
-        )
-        .await
-        .unwrap()
-        .expect("free");
+    let held = take_free(&c[0], &key, &LockOptions::new()).await;
+    let other = take_free(
+        &c[0],
+        &dlock_testkit::unique_key("killed-other"),
+        &LockOptions::new(),
+    )
+    .await;
     let waiter = tokio::spawn({
         let (client, key) = (c[1].clone(), key.clone());
         async move {
@@ -235,17 +227,11 @@ async fn killed_session_fires_lost_and_the_waiter_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_node_is_noticed_by_the_ownership_check() {
-    let Some((c, admin)) = clients(1).await else {
+    let Some((c, admin, key, dir)) = clients_on_key(1, "deleted").await else {
         return;
     };
-    let key = dlock_testkit::unique_key("deleted");
-    let dir = c[0].lock_directory(&key);
     let ttl = Duration::from_millis(300);
-    let guard = c[0]
-        .try_lock(&key, &LockOptions::new().ttl(ttl))
-        .await
-        .unwrap()
-        .expect("free");
+    let guard = take_free(&c[0], &key, &LockOptions::new().ttl(ttl)).await;
     let name = children(&admin, &dir).await.pop().unwrap();
     // An operator deletes the lock node.
     admin.delete(&format!("{dir}/{name}"), None).await.unwrap();
@@ -292,20 +278,14 @@ async fn finishes_within<T>(task: &mut tokio::task::JoinHandle<T>, within: Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_ahead_that_abandons_does_not_let_the_next_one_in() {
-    let Some((c, admin)) = clients(3).await else {
+    let Some((c, admin, key, dir)) = clients_on_key(3, "abandoned-ahead").await else {
         return;
     };
-    let key = dlock_testkit::unique_key("abandoned-ahead");
-    let dir = c[0].lock_directory(&key);
     let options = LockOptions::new();
     let held = c[0].lock(&key, &options).await.unwrap();
-    let spawn_waiter = |client: ZooKeeperLock| {
-        let (key, options) = (key.clone(), options.clone());
-        tokio::spawn(async move { client.lock(&key, &options).await })
-    };
-    let middle = spawn_waiter(c[1].clone());
+    let middle = spawn_waiter(&c[1], &key, &options);
     queued(&admin, &dir, 2).await;
-    let mut last = spawn_waiter(c[2].clone());
+    let mut last = spawn_waiter(&c[2], &key, &options);
     queued(&admin, &dir, 3).await;
 
     // The middle waiter gives up: the last one's predecessor is deleted,
@@ -328,21 +308,15 @@ async fn a_waiter_ahead_that_abandons_does_not_let_the_next_one_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_node_is_deleted_is_never_granted() {
-    let Some((c, admin)) = clients(3).await else {
+    let Some((c, admin, key, dir)) = clients_on_key(3, "deleted-waiter").await else {
         return;
     };
-    let key = dlock_testkit::unique_key("deleted-waiter");
-    let dir = c[0].lock_directory(&key);
     let options = LockOptions::new();
     let held = c[0].lock(&key, &options).await.unwrap();
     let mut names = children(&admin, &dir).await;
-    let spawn_waiter = |client: ZooKeeperLock| {
-        let (key, options) = (key.clone(), options.clone());
-        tokio::spawn(async move { client.lock(&key, &options).await })
-    };
     // The first waiter's predecessor is the holder: the holder's deletion
     // alone would grant it, so it must notice its own node going.
-    let first_waiter = spawn_waiter(c[1].clone());
+    let first_waiter = spawn_waiter(&c[1], &key, &options);
     queued(&admin, &dir, 2).await;
     let waiter_node = children(&admin, &dir)
         .await
@@ -350,7 +324,7 @@ async fn a_waiter_whose_node_is_deleted_is_never_granted() {
         .find(|name| !names.contains(name))
         .unwrap();
     names.push(waiter_node.clone());
-    let mut second_waiter = spawn_waiter(c[2].clone());
+    let mut second_waiter = spawn_waiter(&c[2], &key, &options);
     queued(&admin, &dir, 3).await;
 
     // An operator deletes the first waiter's node.
@@ -395,13 +369,9 @@ async fn a_waiter_dropped_at_the_handoff_leaves_one_owner_at_a_time() {
         let key = dlock_testkit::unique_key(&format!("dropped-at-handoff-{round}"));
         let dir = c[0].lock_directory(&key);
         let held = c[0].lock(&key, &options).await.unwrap();
-        let spawn_waiter = |client: ZooKeeperLock| {
-            let (key, options) = (key.clone(), options.clone());
-            tokio::spawn(async move { client.lock(&key, &options).await })
-        };
-        let dropped = spawn_waiter(c[1].clone());
+        let dropped = spawn_waiter(&c[1], &key, &options);
         queued(&admin, &dir, 2).await;
-        let mut last = spawn_waiter(c[2].clone());
+        let mut last = spawn_waiter(&c[2], &key, &options);
         queued(&admin, &dir, 3).await;
 
         let token = held.fencing_token();

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use dlock_core::{DistributedLock, LockGuard, LockOptions};
+use dlock_zookeeper::ZooKeeperLock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
 
 const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
 const SLF4J_SIMPLE: &str = "/usr/share/java/slf4j-simple.jar";
@@ -272,4 +275,14 @@ where
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Spawns `client` waiting in `lock` on `key` with `options`.
+pub fn spawn_waiter(
+    client: &ZooKeeperLock,
+    key: &str,
+    options: &LockOptions,
+) -> JoinHandle<dlock_core::Result<LockGuard>> {
+    let (client, key, options) = (client.clone(), key.to_owned(), options.clone());
+    tokio::spawn(async move { client.lock(&key, &options).await })
 }
