@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use dlock_core::{DistributedLock, LockOptions};
 use dlock_zookeeper::ZooKeeperLock;
-use support::PrivateZooKeeper;
+use support::{spawn_waiter, PrivateZooKeeper};
 
 /// Requests the server received from clients since `before`, not counting
 /// the `mntr` that reads the counter.
@@ -19,19 +19,39 @@ async fn requests_since(server: &PrivateZooKeeper, before: u64) -> u64 {
     server.mntr("zk_packets_received").await - before - 1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acquire_release_and_handoff_cost_what_the_recipe_promises() {
+/// A private server and `N` clients of it with 60 s sessions; `None` when none can be started.
+async fn server_with_clients<const N: usize>() -> Option<(PrivateZooKeeper, [ZooKeeperLock; N])> {
     if !support::can_start() {
-        return;
+        return None;
     }
     let server = PrivateZooKeeper::start().await;
     let url = server.url("session_timeout=60s");
-    let a = ZooKeeperLock::connect(&url).await.expect("client a");
-    let b = ZooKeeperLock::connect(&url).await.expect("client b");
+    let mut clients = Vec::with_capacity(N);
+    for name in ('a'..='z').take(N) {
+        clients.push(
+            ZooKeeperLock::connect(&url)
+                .await
+                .unwrap_or_else(|err| panic!("client {name}: {err:?}")),
+        );
+    }
+    let Ok(clients) = clients.try_into() else {
+        unreachable!("{N} clients");
+    };
+    Some((server, clients))
+}
+
+/// A 60 s ttl, so the guards' ownership checks (every ttl/3) fall outside the measured window.
+fn options_renewing_after_the_window() -> LockOptions {
+    LockOptions::new().ttl(Duration::from_secs(60))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_release_and_handoff_cost_what_the_recipe_promises() {
+    let Some((server, [a, b])) = server_with_clients().await else {
+        return;
+    };
     let key = "round-trips";
-    // The guards renew (check ownership) every ttl/3: keep that out of the
-    // measured window.
-    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let options = options_renewing_after_the_window();
 
     // First use makes the prefix and the key's directory.
     a.try_lock(key, &options)
@@ -67,10 +87,7 @@ async fn acquire_release_and_handoff_cost_what_the_recipe_promises() {
     // Then nothing while the holder holds.
     let before = server.mntr("zk_packets_received").await;
     let watches = server.watch_count().await;
-    let waiter = tokio::spawn({
-        let (b, options) = (b.clone(), options.clone());
-        async move { b.lock(key, &options).await }
-    });
+    let waiter = spawn_waiter(&b, key, &options);
     let (four_letter, watching) = watches_set(&server, watches + 2).await;
     assert_eq!(watching, watches + 2, "the waiter's two watches");
     let queued = server.mntr("zk_packets_received").await;
@@ -129,31 +146,20 @@ async fn watches_set(server: &PrivateZooKeeper, at_least: u64) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_deeper_queue_each_waiter_lists_again_while_its_predecessor_holds() {
-    if !support::can_start() {
+    let Some((server, [a, b, c])) = server_with_clients().await else {
         return;
-    }
-    let server = PrivateZooKeeper::start().await;
-    let url = server.url("session_timeout=60s");
-    let a = ZooKeeperLock::connect(&url).await.expect("client a");
-    let b = ZooKeeperLock::connect(&url).await.expect("client b");
-    let c = ZooKeeperLock::connect(&url).await.expect("client c");
+    };
     let key = "deeper-queue";
-    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let options = options_renewing_after_the_window();
     let first = a.lock(key, &options).await.unwrap();
 
     let watches = server.watch_count().await;
-    let second = tokio::spawn({
-        let (b, options) = (b.clone(), options.clone());
-        async move { b.lock(key, &options).await }
-    });
+    let second = spawn_waiter(&b, key, &options);
     watches_set(&server, watches + 2).await;
     // The third waiter watches its own node, its predecessor (b) and the
     // node ahead of that (a, the holder).
     let before = server.mntr("zk_packets_received").await;
-    let third = tokio::spawn({
-        let (c, options) = (c.clone(), options.clone());
-        async move { c.lock(key, &options).await }
-    });
+    let third = spawn_waiter(&c, key, &options);
     let (four_letter, _) = watches_set(&server, watches + 5).await;
     let queued = server.mntr("zk_packets_received").await;
     assert_eq!(
@@ -189,18 +195,14 @@ async fn in_a_deeper_queue_each_waiter_lists_again_while_its_predecessor_holds()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_change_on_the_holders_node_is_not_taken_for_its_deletion() {
-    if !support::can_start() {
+    let Some((server, [a, b])) = server_with_clients().await else {
         return;
-    }
-    let server = PrivateZooKeeper::start().await;
-    let url = server.url("session_timeout=60s");
-    let a = ZooKeeperLock::connect(&url).await.expect("client a");
-    let b = ZooKeeperLock::connect(&url).await.expect("client b");
+    };
     let admin = zookeeper_client::Client::connect(&server.address())
         .await
         .expect("admin client");
     let key = "data-change";
-    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let options = options_renewing_after_the_window();
     let held = a.lock(key, &options).await.unwrap();
     let dir = a.lock_directory(key);
     let holder_node = format!(
@@ -209,10 +211,7 @@ async fn a_data_change_on_the_holders_node_is_not_taken_for_its_deletion() {
     );
 
     let watches = server.watch_count().await;
-    let mut waiter = tokio::spawn({
-        let (b, options) = (b.clone(), options.clone());
-        async move { b.lock(key, &options).await }
-    });
+    let mut waiter = spawn_waiter(&b, key, &options);
     watches_set(&server, watches + 2).await;
 
     // Someone writes to the holder's node: the waiter's watch fires, but
