@@ -80,54 +80,51 @@ fn wait_in_queue(locks: &EtcdLock, key: &str) -> JoinHandle<dlock_core::Result<L
     })
 }
 
-struct Setup {
-    etcd: PrivateEtcd,
-    raw: etcd_client::Client,
-    prefix: String,
-    holder: LockGuard,
-    clients: Vec<EtcdLock>,
+/// A waiter on `key` spawned on `locks`, returned once etcd has handled its txn and its read.
+async fn queued_waiter(
+    etcd: &PrivateEtcd,
+    locks: &EtcdLock,
+    key: &str,
+) -> JoinHandle<dlock_core::Result<LockGuard>> {
+    let before = etcd.grpc_counters().await;
+    let waiting = wait_in_queue(locks, key);
+    handled_at_least(etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    waiting
 }
 
+/// The private etcd, a raw client of it, the key's queue prefix, the holder's guard and three clients.
+type Setup = (
+    PrivateEtcd,
+    etcd_client::Client,
+    String,
+    LockGuard,
+    Vec<EtcdLock>,
+);
+
+/// A private etcd with three clients, the first holding `key`.
 async fn setup(key: &str) -> Option<Setup> {
     let etcd = PrivateEtcd::start().await?;
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(EtcdLock::connect(&etcd.url("")).await.unwrap());
     }
-    let raw = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
+    let raw = etcd.raw_client().await;
     let prefix = clients[0].lock_key_prefix(key);
     let holder = clients[0]
         .try_lock(key, &LockOptions::new())
         .await
         .unwrap()
         .unwrap();
-    Some(Setup {
-        etcd,
-        raw,
-        prefix,
-        holder,
-        clients,
-    })
+    Some((etcd, raw, prefix, holder, clients))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waiter_behind_the_owner_takes_the_lock_without_a_read() {
-    let Some(Setup {
-        etcd,
-        mut raw,
-        prefix,
-        holder,
-        clients,
-    }) = setup("behind-owner").await
-    else {
+    let Some((etcd, mut raw, prefix, holder, clients)) = setup("behind-owner").await else {
         return;
     };
     // Queueing: its txn, its watch and one read.
-    let before = etcd.grpc_counters().await;
-    let waiting = wait_in_queue(&clients[1], "behind-owner");
-    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    let waiting = queued_waiter(&etcd, &clients[1], "behind-owner").await;
     let token = holder.fencing_token();
     let before_handoff = etcd.grpc_counters().await;
     holder.release().await.unwrap();
@@ -155,23 +152,12 @@ async fn the_waiter_behind_the_owner_takes_the_lock_without_a_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_behind_a_waiter_that_gave_up_keeps_waiting_for_the_owner() {
-    let Some(Setup {
-        etcd,
-        mut raw,
-        prefix,
-        holder,
-        clients,
-    }) = setup("behind-waiter").await
-    else {
+    let Some((etcd, mut raw, prefix, holder, clients)) = setup("behind-waiter").await else {
         return;
     };
-    let before = etcd.grpc_counters().await;
-    let first = wait_in_queue(&clients[1], "behind-waiter");
-    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    let first = queued_waiter(&etcd, &clients[1], "behind-waiter").await;
     // The second waiter queues: its txn, its watch and one read.
-    let before = etcd.grpc_counters().await;
-    let second = wait_in_queue(&clients[2], "behind-waiter");
-    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    let second = queued_waiter(&etcd, &clients[2], "behind-waiter").await;
     let keys = queue(&mut raw, &prefix).await;
     assert_eq!(keys.len(), 3, "{keys:?}");
 
@@ -213,14 +199,7 @@ async fn a_waiter_behind_a_waiter_that_gave_up_keeps_waiting_for_the_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_dropped_at_the_moment_of_handoff_passes_the_lock_on() {
-    let Some(Setup {
-        etcd: _etcd,
-        mut raw,
-        prefix,
-        holder,
-        clients,
-    }) = setup("dropped-at-handoff").await
-    else {
+    let Some((_etcd, mut raw, prefix, holder, clients)) = setup("dropped-at-handoff").await else {
         return;
     };
     let mut holder = holder;
@@ -261,23 +240,12 @@ async fn a_waiter_dropped_at_the_moment_of_handoff_passes_the_lock_on() {
 /// lock on the event alone: no read after the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_behind_a_waiter_takes_the_lock_without_a_read_after_the_release() {
-    let Some(Setup {
-        etcd,
-        mut raw,
-        prefix,
-        holder,
-        clients,
-    }) = setup("behind-waiter").await
-    else {
+    let Some((etcd, mut raw, prefix, holder, clients)) = setup("behind-waiter").await else {
         return;
     };
-    let before = etcd.grpc_counters().await;
-    let first = wait_in_queue(&clients[1], "behind-waiter");
-    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    let first = queued_waiter(&etcd, &clients[1], "behind-waiter").await;
     // Queueing behind a waiter: its txn, two watches, one read.
-    let before = etcd.grpc_counters().await;
-    let second = wait_in_queue(&clients[2], "behind-waiter");
-    handled_at_least(&etcd, &before, &[("Txn", 1.0), ("Range", 1.0)]).await;
+    let second = queued_waiter(&etcd, &clients[2], "behind-waiter").await;
     assert_eq!(queue(&mut raw, &prefix).await.len(), 3);
 
     let before_first = etcd.grpc_counters().await;

@@ -123,6 +123,13 @@ impl PrivateEtcd {
         format!("127.0.0.1:{}", self.client_port)
     }
 
+    /// A plain etcd client of this server, to read or change keys behind the locks' backs.
+    pub async fn raw_client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .unwrap()
+    }
+
     /// `etcd://127.0.0.1:<port>/<prefix>?<query>`.
     pub fn url(&self, query: &str) -> String {
         format!("etcd://{}/dlock-test?{query}", self.endpoint())
