@@ -5,25 +5,32 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use dlock_core::{DistributedLock, Error, LockOptions, LostReason};
+use dlock_core::{DistributedLock, Error, LockGuard, LockOptions, LostReason};
 use dlock_etcd::EtcdLock;
 use support::{grown, PrivateEtcd};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_the_session_lease_fires_lost() {
-    let Some(etcd) = PrivateEtcd::start().await else {
-        return;
-    };
+/// A private etcd with 3 s sessions and two clients of it, the first holding `key`: `(etcd, a, b, guard)`.
+async fn two_clients_first_holding(
+    key: &str,
+    options: &LockOptions,
+) -> Option<(PrivateEtcd, EtcdLock, EtcdLock, LockGuard)> {
+    let etcd = PrivateEtcd::start().await?;
     let url = etcd.url("session_ttl=3s");
     let (a, b) = (
         EtcdLock::connect(&url).await.unwrap(),
         EtcdLock::connect(&url).await.unwrap(),
     );
+    let guard = a.try_lock(key, options).await.unwrap().unwrap();
+    Some((etcd, a, b, guard))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_session_lease_fires_lost() {
     let options = LockOptions::new().ttl(Duration::from_secs(3));
-    let guard = a.try_lock("revoked", &options).await.unwrap().unwrap();
-    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
+    let Some((etcd, a, b, guard)) = two_clients_first_holding("revoked", &options).await else {
+        return;
+    };
+    let mut raw = etcd.raw_client().await;
     raw.lease_revoke(a.session_lease_id()).await.unwrap();
     // The next keep-alive (every session_ttl / 3) learns it.
     let reason = tokio::time::timeout(Duration::from_secs(3), guard.lost())
@@ -150,16 +157,10 @@ async fn connection_refused_is_a_clear_error_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_session_is_revoked_queues_again() {
-    let Some(etcd) = PrivateEtcd::start().await else {
+    let options = LockOptions::new().ttl(Duration::from_secs(3));
+    let Some((etcd, a, b, guard)) = two_clients_first_holding("requeue", &options).await else {
         return;
     };
-    let url = etcd.url("session_ttl=3s");
-    let (a, b) = (
-        EtcdLock::connect(&url).await.unwrap(),
-        EtcdLock::connect(&url).await.unwrap(),
-    );
-    let options = LockOptions::new().ttl(Duration::from_secs(3));
-    let guard = a.try_lock("requeue", &options).await.unwrap().unwrap();
     let waiting = tokio::spawn({
         let (b, options) = (b.clone(), options.clone());
         async move {
@@ -167,9 +168,7 @@ async fn a_waiter_whose_session_is_revoked_queues_again() {
                 .await
         }
     });
-    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
+    let mut raw = etcd.raw_client().await;
     let prefix = a.lock_key_prefix("requeue");
     let queue = |raw: &mut etcd_client::Client| {
         let mut raw = raw.clone();
@@ -234,9 +233,7 @@ async fn credentials_in_the_url_reach_an_etcd_with_auth_on() {
     let Some(etcd) = PrivateEtcd::start().await else {
         return;
     };
-    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
+    let mut raw = etcd.raw_client().await;
     raw.user_add("root", "r00t pw", None).await.unwrap();
     raw.user_grant_role("root", "root").await.unwrap();
     raw.auth_enable().await.unwrap();
@@ -305,9 +302,7 @@ async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_i
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(queued, "the waiter did not queue");
-    let mut raw = etcd_client::Client::connect([etcd.endpoint()], None)
-        .await
-        .unwrap();
+    let mut raw = etcd.raw_client().await;
     let prefix = locks.lock_key_prefix("same-session");
     let list = etcd_client::GetOptions::new().with_prefix();
     let old_session = locks.session_lease_id();
