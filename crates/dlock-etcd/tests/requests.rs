@@ -16,22 +16,28 @@ fn counts(pairs: &[(&str, f64)]) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncontended_try_lock_and_release_are_two_round_trips() {
-    let Some(etcd) = PrivateEtcd::start().await else {
-        return;
-    };
+/// A private etcd and a client of it that has taken and released one lock, so its connection is open.
+async fn warmed_up_client() -> Option<(PrivateEtcd, EtcdLock)> {
+    let etcd = PrivateEtcd::start().await?;
     let locks = EtcdLock::connect(&etcd.url("")).await.unwrap();
-    let options = LockOptions::new();
     // Warm up: the first request may open the connection.
     locks
-        .try_lock("warm-up", &options)
+        .try_lock("warm-up", &LockOptions::new())
         .await
         .unwrap()
         .unwrap()
         .release()
         .await
         .unwrap();
+    Some((etcd, locks))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_try_lock_and_release_are_two_round_trips() {
+    let Some((etcd, locks)) = warmed_up_client().await else {
+        return;
+    };
+    let options = LockOptions::new();
 
     let before = etcd.grpc_counters().await;
     let guard = locks
@@ -143,18 +149,9 @@ async fn a_waiter_makes_no_requests_while_its_predecessor_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_with_its_own_ttl_costs_one_lease_grant_more() {
-    let Some(etcd) = PrivateEtcd::start().await else {
+    let Some((etcd, locks)) = warmed_up_client().await else {
         return;
     };
-    let locks = EtcdLock::connect(&etcd.url("")).await.unwrap();
-    locks
-        .try_lock("warm-up", &LockOptions::new())
-        .await
-        .unwrap()
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
     // 7 s is not the session's 30 s: the lock gets a lease of its own.
     let options = LockOptions::new().ttl(Duration::from_secs(7));
 
