@@ -1271,36 +1271,39 @@ fn print_table(bench: &Bench, values: &[Value]) {
 mod tests {
     use super::*;
 
-    /// An event `micros` after `origin`.
-    fn at(origin: Instant, micros: u64, worker: usize, kind: EventKind) -> Event {
-        Event {
-            at: origin + Duration::from_micros(micros),
-            worker,
-            kind,
-        }
+    /// Events `(micros, worker, kind)`, each `micros` after one origin.
+    fn timeline(events: &[(u64, usize, EventKind)]) -> Vec<Event> {
+        let origin = Instant::now();
+        events
+            .iter()
+            .map(|&(micros, worker, kind)| Event {
+                at: origin + Duration::from_micros(micros),
+                worker,
+                kind,
+            })
+            .collect()
     }
 
     #[test]
     fn a_handoff_splits_at_the_return_of_its_release() {
         use EventKind::{Grant, ReleaseReturn, ReleaseStart};
-        let origin = Instant::now();
-        let mut events = vec![
+        let mut events = timeline(&[
             // Worker 0 releases (300 µs); worker 1's grant comes 200 µs
             // after that release returned.
-            at(origin, 0, 0, Grant),
-            at(origin, 1_000, 0, ReleaseStart),
-            at(origin, 1_300, 0, ReleaseReturn),
-            at(origin, 1_500, 1, Grant),
+            (0, 0, Grant),
+            (1_000, 0, ReleaseStart),
+            (1_300, 0, ReleaseReturn),
+            (1_500, 1, Grant),
             // Worker 2 is granted before worker 1 sees its release's
             // reply: the part after the release saturates at 0 and counts.
-            at(origin, 2_500, 1, ReleaseStart),
-            at(origin, 2_700, 2, Grant),
-            at(origin, 2_900, 1, ReleaseReturn),
+            (2_500, 1, ReleaseStart),
+            (2_700, 2, Grant),
+            (2_900, 1, ReleaseReturn),
             // Worker 2 takes its own lock again: a regrant, no handoff.
-            at(origin, 3_700, 2, ReleaseStart),
-            at(origin, 3_900, 2, ReleaseReturn),
-            at(origin, 4_000, 2, Grant),
-        ];
+            (3_700, 2, ReleaseStart),
+            (3_900, 2, ReleaseReturn),
+            (4_000, 2, Grant),
+        ]);
         // The log's order is not the clock's under a multi-thread runtime.
         events.reverse();
 
@@ -1318,17 +1321,16 @@ mod tests {
     #[test]
     fn overlapping_releases_pair_with_their_own_worker() {
         use EventKind::{Grant, ReleaseReturn, ReleaseStart};
-        let origin = Instant::now();
         // Worker 1 is granted and starts its own release before worker 0's
         // release returns: each handoff measures against its own release.
-        let events = vec![
-            at(origin, 0, 0, ReleaseStart),
-            at(origin, 100, 1, Grant),
-            at(origin, 150, 1, ReleaseStart),
-            at(origin, 400, 2, Grant),
-            at(origin, 500, 0, ReleaseReturn),
-            at(origin, 600, 1, ReleaseReturn),
-        ];
+        let events = timeline(&[
+            (0, 0, ReleaseStart),
+            (100, 1, Grant),
+            (150, 1, ReleaseStart),
+            (400, 2, Grant),
+            (500, 0, ReleaseReturn),
+            (600, 1, ReleaseReturn),
+        ]);
         let mut handoffs = handoffs(&events);
         // 0 -> 1: 100 µs, 1 -> 2: 250 µs; both grants precede the reply.
         assert_eq!(handoffs.samples.quantile_us(0.0), Some(100.0));
