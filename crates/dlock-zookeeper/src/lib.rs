@@ -161,6 +161,16 @@ struct Inner {
     renewals: RenewalScheduler,
 }
 
+/// An attempt's node, created and queued (see [`ZooKeeperLock::enqueue`]).
+struct Enqueued {
+    session: Arc<Session>,
+    /// The key's lock directory.
+    dir: String,
+    created: recipe::Created,
+    /// Deletes the node unless disarmed.
+    pending: PendingNode,
+}
+
 impl std::fmt::Debug for ZooKeeperLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ZooKeeperLock")
@@ -277,6 +287,24 @@ impl ZooKeeperLock {
         Ok(fresh)
     }
 
+    /// Creates this attempt's node in `key`'s lock directory. Until
+    /// `pending` is disarmed, dropping it (or this future, mid-create)
+    /// deletes the node, one whose create answer was lost included.
+    async fn enqueue(&self, key: &str) -> Result<Enqueued> {
+        let session = self.session().await?;
+        let dir = self.lock_directory(key);
+        let protected = recipe::protected_prefix();
+        let mut pending = PendingNode::new(session.clone(), dir.clone(), protected.clone());
+        let created = recipe::create_node(&session, &dir, &protected, key).await?;
+        pending.created(&created.name);
+        Ok(Enqueued {
+            session,
+            dir,
+            created,
+            pending,
+        })
+    }
+
     fn grant(
         &self,
         session: Arc<Session>,
@@ -323,12 +351,12 @@ impl LockBackend for ZooKeeperLock {
     }
 
     async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
-        let session = self.session().await?;
-        let dir = self.lock_directory(key);
-        let protected = recipe::protected_prefix();
-        let mut pending = PendingNode::new(session.clone(), dir.clone(), protected.clone());
-        let created = recipe::create_node(&session, &dir, &protected, key).await?;
-        pending.created(&created.name);
+        let Enqueued {
+            session,
+            dir,
+            created,
+            mut pending,
+        } = self.enqueue(key).await?;
         match recipe::position(&session, &dir, &created, key).await? {
             Position::First => {
                 pending.disarm();
@@ -350,12 +378,12 @@ impl LockBackend for ZooKeeperLock {
     }
 
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        let session = self.session().await?;
-        let dir = self.lock_directory(key);
-        let protected = recipe::protected_prefix();
-        let mut pending = PendingNode::new(session.clone(), dir.clone(), protected.clone());
-        let created = recipe::create_node(&session, &dir, &protected, key).await?;
-        pending.created(&created.name);
+        let Enqueued {
+            session,
+            dir,
+            created,
+            mut pending,
+        } = self.enqueue(key).await?;
         let own_watch = recipe::wait_turn(&session, &dir, &created, key).await?;
         // No await between here and the grant: a drop of this future
         // either deletes our node (the pending guard) or hands it over.
