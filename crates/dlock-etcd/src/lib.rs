@@ -115,7 +115,7 @@ use dlock_core::key::encode_component;
 use dlock_core::lease::validity_deadline;
 use dlock_core::{
     BoxError, Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard,
-    LockOptions, LostReason, Result,
+    LockOptions, LostReason, RenewalScheduler, Result,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
@@ -170,6 +170,9 @@ struct Inner {
     /// key) until a compaction, and each acquire's range walks them all:
     /// fresh names per attempt made a much-used lock slower and slower.
     free_seqs: Mutex<Vec<u64>>,
+    /// Starts the keep-alives of locks on leases of their own when the
+    /// first is due (`ttl / 3`); session-bound locks ride the session's.
+    renewals: RenewalScheduler,
 }
 
 impl Inner {
@@ -338,6 +341,7 @@ impl EtcdLock {
                 new_session: tokio::sync::Mutex::new(()),
                 seq: AtomicU64::new(0),
                 free_seqs: Mutex::new(Vec::new()),
+                renewals: RenewalScheduler::new(),
             }),
         })
     }
@@ -557,10 +561,11 @@ impl EtcdLock {
             lease: lease.clone(),
         });
         tracing::debug!(fencing_token, "dlock: etcd lock granted");
-        Ok(Outcome::Granted(LockGuard::new(
+        Ok(Outcome::Granted(LockGuard::scheduled(
             NAME,
             lease,
             held,
+            &self.inner.renewals,
             core_renewal,
         )))
     }
