@@ -28,6 +28,23 @@ async fn revoke_leases_of(key: String) {
     }
 }
 
+/// The keys queued on `key`'s lock behind the holder's: its waiters.
+async fn waiting_keys(key: String) -> usize {
+    let locks = EtcdLock::connect(URL).await.expect("connect");
+    let prefix = locks.lock_key_prefix(&key);
+    let mut client = etcd_client::Client::connect([ENDPOINT], None)
+        .await
+        .expect("raw client");
+    let keys = client
+        .get(
+            prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("count the lock's keys");
+    (keys.count() as usize).saturating_sub(1)
+}
+
 async fn harness() -> Option<Harness> {
     if !dlock_testkit::service_ready("etcd", ENDPOINT).await {
         return None;
@@ -37,6 +54,7 @@ async fn harness() -> Option<Harness> {
             Ok(Arc::new(EtcdLock::connect(URL).await?) as _)
         })
         .with_fault(revoke_leases_of)
+        .with_queue_probe(waiting_keys)
         // etcd 3.4's minimum lease TTL (1.5 election timeouts, rounded up).
         .with_short_ttl(Duration::from_secs(2)),
     )

@@ -54,15 +54,35 @@ async fn harness(
     )
 }
 
+/// The length of `key`'s fair queue (a list next to the lock).
+async fn queue_length(url: &str, key: &str) -> usize {
+    let client = RedisLock::connect(url).await.unwrap();
+    let queue = client.redis_key(key).replace(":lock", ":queue");
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("LLEN")
+        .arg(queue)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 mod redis_fair {
     use super::*;
     async fn fair() -> Option<Harness> {
-        harness(
-            "redis (fair)",
-            format!("redis://{SINGLE}?prefix=dlock-test"),
-            &[SINGLE],
+        let url = format!("redis://{SINGLE}?prefix=dlock-test");
+        let probe_url = url.clone();
+        Some(
+            harness("redis (fair)", url, &[SINGLE])
+                .await?
+                .with_queue_probe(move |key| {
+                    let url = probe_url.clone();
+                    async move { queue_length(&url, &key).await }
+                }),
         )
-        .await
     }
     dlock_testkit::conformance_tests!(fair());
 }

@@ -473,6 +473,29 @@ pub async fn thousand_locks_one_client(harness: &Harness) {
         .unwrap_or_else(|err| panic!("{}: releasing 1000 locks: {err}", harness.name()));
 }
 
+/// Polls the harness's queue probe until `count` waiters are queued on
+/// `key` (no event tells; the server's queue is the truth).
+async fn wait_until_queued(harness: &Harness, key: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued = harness.queued(key).await.unwrap_or_else(|| {
+            panic!(
+                "{}: a fair backend's harness needs with_queue_probe",
+                harness.name()
+            )
+        });
+        if queued >= count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {queued} of {count} waiters queued after 10 s",
+            harness.name()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waiters are granted in arrival order where the backend declares
 /// fairness.
 pub async fn fifo_fairness(harness: &Harness) {
@@ -491,19 +514,21 @@ pub async fn fifo_fairness(harness: &Harness) {
     let mut tasks = Vec::new();
     for index in 0..WAITERS {
         let client = harness.client().await;
-        let (key, order) = (key.clone(), order.clone());
+        let (waiter_key, order) = (key.clone(), order.clone());
         tasks.push(tokio::spawn(async move {
             let guard = client
-                .lock(&key, &LockOptions::new().wait(Duration::from_secs(30)))
+                .lock(
+                    &waiter_key,
+                    &LockOptions::new().wait(Duration::from_secs(30)),
+                )
                 .await
                 .expect("waiter's lock");
             order.lock().unwrap().push(index);
             guard.release().await.expect("waiter's release");
         }));
-        // Arrival order is what is tested: give each waiter time to queue
-        // on the server before the next one starts (the API exposes no
-        // "queued" event to await).
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Arrival order is what is tested: the next waiter starts once this
+        // one is queued on the server.
+        wait_until_queued(harness, &key, index + 1).await;
     }
     guard.release().await.expect("release");
     for task in tasks {

@@ -18,7 +18,10 @@
 //! ```
 //!
 //! Cases that need a capability the backend does not declare (fairness,
-//! TTL expiry, a fault hook) return early with a note on stderr.
+//! TTL expiry, a fault hook) return early with a note on stderr. A backend
+//! that declares fairness also gives a queue probe
+//! ([`Harness::with_queue_probe`]): the FIFO case starts each waiter once
+//! the previous one is queued on the server.
 
 pub mod cases;
 
@@ -38,12 +41,17 @@ pub type ConnectFn =
 /// (deletes the key, revokes the lease, expires the session...).
 pub type FaultFn = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// Counts the waiters queued on a key, as the backend's server (or store)
+/// records them.
+pub type QueueProbeFn = Arc<dyn Fn(String) -> BoxFuture<'static, usize> + Send + Sync>;
+
 /// How the suite reaches one backend.
 #[derive(Clone)]
 pub struct Harness {
     name: String,
     connect: ConnectFn,
     take_away: Option<FaultFn>,
+    queue_probe: Option<QueueProbeFn>,
     short_ttl: Duration,
 }
 
@@ -58,6 +66,7 @@ impl Harness {
             name: name.into(),
             connect: Arc::new(move || Box::pin(connect())),
             take_away: None,
+            queue_probe: None,
             short_ttl: Duration::from_millis(800),
         }
     }
@@ -69,6 +78,18 @@ impl Harness {
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.take_away = Some(Arc::new(move |key| Box::pin(take_away(key))));
+        self
+    }
+
+    /// Adds the probe with which the `fifo_fairness` case sees each waiter
+    /// queued before the next one arrives (the API has no "queued" event).
+    /// Required when the backend declares fairness.
+    pub fn with_queue_probe<F, Fut>(mut self, probe: F) -> Self
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = usize> + Send + 'static,
+    {
+        self.queue_probe = Some(Arc::new(move |key| Box::pin(probe(key))));
         self
     }
 
@@ -104,6 +125,14 @@ impl Harness {
                 true
             }
             None => false,
+        }
+    }
+
+    /// How many waiters are queued on `key`; `None` without a probe.
+    pub async fn queued(&self, key: &str) -> Option<usize> {
+        match &self.queue_probe {
+            Some(probe) => Some(probe(key.to_owned()).await),
+            None => None,
         }
     }
 

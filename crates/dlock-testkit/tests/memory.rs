@@ -10,6 +10,7 @@ async fn harness() -> Option<Harness> {
     // One store per test; each client is a clone sharing it.
     let store = MemoryLock::new();
     let revoker = store.clone();
+    let prober = store.clone();
     Some(
         Harness::new("memory", move || {
             let client = store.clone();
@@ -20,6 +21,10 @@ async fn harness() -> Option<Harness> {
             async move {
                 assert!(revoker.revoke(&key), "nothing to revoke on {key}");
             }
+        })
+        .with_queue_probe(move |key| {
+            let prober = prober.clone();
+            async move { prober.waiters(&key) }
         })
         .with_short_ttl(Duration::from_millis(300)),
     )

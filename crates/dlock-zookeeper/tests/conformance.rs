@@ -17,6 +17,7 @@ async fn harness() -> Option<Harness> {
     }
     let clients: Arc<Mutex<Vec<ZooKeeperLock>>> = Arc::default();
     let registry = clients.clone();
+    let probed = clients.clone();
     Some(
         Harness::new("zookeeper", move || {
             let registry = registry.clone();
@@ -29,6 +30,10 @@ async fn harness() -> Option<Harness> {
         .with_fault(move |key| {
             let clients = clients.clone();
             async move { delete_holder_node(&clients, &key).await }
+        })
+        .with_queue_probe(move |key| {
+            let clients = probed.clone();
+            async move { waiting_nodes(&clients, &key).await }
         })
         .with_short_ttl(Duration::from_millis(600)),
     )
@@ -56,6 +61,19 @@ async fn delete_holder_node(clients: &Mutex<Vec<ZooKeeperLock>>, key: &str) {
         .delete(&format!("{dir}/{first}"), None)
         .await
         .expect("delete the holder's node");
+}
+
+/// The nodes in `key`'s directory behind the holder's: its waiters.
+async fn waiting_nodes(clients: &Mutex<Vec<ZooKeeperLock>>, key: &str) -> usize {
+    let dir = clients.lock().unwrap()[0].lock_directory(key);
+    let admin = zk::Client::connect("127.0.0.1:2181")
+        .await
+        .expect("admin session");
+    let children = admin
+        .list_children(&dir)
+        .await
+        .expect("list lock directory");
+    children.len().saturating_sub(1)
 }
 
 mod zookeeper {
