@@ -35,6 +35,16 @@ async fn eight_contenders_take_turns() {
         .await
         .unwrap()
         .unwrap();
+    let lock_key = clients[0].redis_key(&key);
+    let (queue, waiters) = (
+        lock_key.replace(":lock", ":queue"),
+        lock_key.replace(":lock", ":waiters"),
+    );
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for (worker, client) in clients.into_iter().enumerate() {
         let (key, grants) = (key.clone(), grants.clone());
@@ -52,8 +62,15 @@ async fn eight_contenders_take_turns() {
             }
         }));
     }
-    // Let every worker queue (no event says it has).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every worker queued (no event says so; the server's queue does).
+    let started = std::time::Instant::now();
+    while queued(&mut conn, &queue, &waiters).await != (WORKERS as i64, WORKERS as i64) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "workers never all queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.release().await.unwrap();
     for task in tasks {
         task.await.unwrap();

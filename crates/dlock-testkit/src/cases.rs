@@ -326,9 +326,13 @@ pub async fn dropped_lock_future_leaves_nothing(harness: &Harness) {
                 .map(|guard| guard.fencing_token())
         }
     });
-    // Let the waiter reach the server before it is aborted; no event
-    // tells from outside that it has.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The waiter must reach the server before it is aborted: the queue
+    // probe tells where the harness has one; otherwise only time does.
+    if harness.has_queue_probe() {
+        wait_until_queued(harness, &key, 1).await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     guard.release().await.expect("release");

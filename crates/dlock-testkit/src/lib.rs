@@ -136,6 +136,11 @@ impl Harness {
         }
     }
 
+    /// Whether a queue probe is set.
+    pub fn has_queue_probe(&self) -> bool {
+        self.queue_probe.is_some()
+    }
+
     /// Whether a fault hook is set.
     pub fn has_fault_hook(&self) -> bool {
         self.take_away.is_some()
