@@ -81,7 +81,10 @@
 //! sent, the TTL is what etcd answered). `lost()` fires when etcd answers
 //! that the lease is gone (revoked or expired) or when no keep-alive
 //! succeeds before that deadline. A session-lease lock learns of a
-//! revocation at the next keep-alive, within `session_ttl / 3`.
+//! revocation at the next keep-alive, within `session_ttl / 3`, and a lock
+//! held longer than `session_ttl / 3` reads its key back every
+//! `session_ttl / 3` (one count-only range), so that a key deleted by hand
+//! fires `lost()` with `NotHeld` too.
 //!
 //! # Why not etcd's Lock RPC
 //!
@@ -170,8 +173,9 @@ struct Inner {
     /// key) until a compaction, and each acquire's range walks them all:
     /// fresh names per attempt made a much-used lock slower and slower.
     free_seqs: Mutex<Vec<u64>>,
-    /// Starts the keep-alives of locks on leases of their own when the
-    /// first is due (`ttl / 3`); session-bound locks ride the session's.
+    /// Starts the periodic work of a held lock when it first falls due
+    /// (`ttl / 3`): a lease of its own is kept alive; a session-bound lock
+    /// (kept alive by the session) checks that its key is still there.
     renewals: RenewalScheduler,
 }
 
@@ -513,7 +517,11 @@ impl EtcdLock {
                     Lease::new(key, fencing_token, session.ttl, Some(valid_until))
                 });
                 match lease {
-                    Some(lease) => (lease, false),
+                    // The session's keep-alive keeps it valid; the checks
+                    // every ttl / 3 (started when due) see a key deleted
+                    // behind our back, as an operator or a stray cleanup
+                    // would, and fire `lost()`.
+                    Some(lease) => (lease, true),
                     None => {
                         pending.remove_now().await;
                         return Ok(Outcome::Restart);

@@ -327,3 +327,35 @@ async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_i
     assert!(next.is_held());
     next.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_locks_key_deleted_by_hand_fires_lost() {
+    // Session-bound: the lock's TTL is the session's 3 s.
+    let options = LockOptions::new().ttl(Duration::from_secs(3));
+    let Some((etcd, a, b, guard)) = two_clients_first_holding("deleted", &options).await else {
+        return;
+    };
+    let mut raw = etcd.raw_client().await;
+    let prefix = a.lock_key_prefix("deleted");
+    let deleted = raw
+        .delete(
+            prefix.as_str(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted(), 1, "the holder's key");
+    // The session is fine; the check every ttl / 3 finds the key gone.
+    let reason = tokio::time::timeout(Duration::from_secs(3), guard.lost())
+        .await
+        .expect("lost() did not fire after the lock's key was deleted");
+    assert_eq!(reason, LostReason::NotHeld, "{reason}");
+    assert!(!guard.is_held());
+    let next = b
+        .try_lock("deleted", &options)
+        .await
+        .unwrap()
+        .expect("the key is free");
+    assert!(matches!(guard.release().await, Err(Error::NotHeld { .. })));
+    next.release().await.unwrap();
+}
