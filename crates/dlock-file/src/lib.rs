@@ -18,13 +18,16 @@
 //! - Fencing tokens come from one counter file for the whole directory
 //!   (`.fencing_token`), incremented under its own `flock` while the key's
 //!   lock is held: tokens are strictly increasing per key (and across keys)
-//!   and survive the lock files' deletion. The counter is not synced to
-//!   disk: a process crash loses nothing, but a host crash may lose the
-//!   last increments, so tokens after the reboot may repeat tokens of
-//!   holders that died with the host. That is the price of a lock cycle in
-//!   microseconds rather than milliseconds (one `fsync` each); a resource
-//!   that outlives the host and must never see a token twice needs a
-//!   backend with durable state.
+//!   and survive the lock files' deletion. A token is the larger of the
+//!   last one plus one and the system clock in microseconds since the
+//!   epoch. The counter is not synced to disk (a process crash loses
+//!   nothing; an `fsync` per cycle would cost milliseconds): a host crash
+//!   may lose its last increments, and the clock is what keeps tokens after
+//!   the reboot above those of the holders that died with the host, so a
+//!   resource that kept the highest token it saw does not refuse the new
+//!   holders. That takes a clock that does not go back across the reboot;
+//!   a resource that must never see a token twice whatever the clock does
+//!   needs a backend with durable state.
 //! - An attempt is a handful of non-blocking system calls (open, `flock`,
 //!   an `fstat`, the counter's read and write), run on the calling task;
 //!   only a wait for the counter's lock, held by another client, moves to
@@ -349,14 +352,14 @@ impl Inner {
 
 /// Reads, increments and writes back the counter, whose `flock` the
 /// caller took (this client's mutex orders its own tasks, which share one
-/// file description); unlocks it.
+/// file description); unlocks it. The new token is `max(last + 1, the
+/// clock in µs)`.
 ///
-/// Not synced to disk: the lock files and their holders do not outlive the
-/// host, so a host crash that loses the last increments can only make
-/// tokens issued after the reboot repeat tokens of holders that died in
-/// that crash. A process crash loses nothing (the page cache keeps the
-/// write). An fsync per acquisition would cost milliseconds, a thousand
-/// times the rest of the cycle.
+/// Not synced to disk: a process crash loses nothing (the page cache keeps
+/// the write), and an fsync per acquisition would cost milliseconds, a
+/// thousand times the rest of the cycle. A host crash that loses the last
+/// increments is what the clock is for: tokens after the reboot still
+/// exceed those of the holders that died in it.
 fn increment_locked(counter: &File) -> std::io::Result<u64> {
     let incremented = (|| -> std::io::Result<u64> {
         let mut buf = [0u8; 64];
@@ -379,9 +382,12 @@ fn increment_locked(counter: &File) -> std::io::Result<u64> {
                 )
             })?,
         };
-        let next = last.checked_add(1).ok_or_else(|| {
-            std::io::Error::new(ErrorKind::InvalidData, "the fencing counter overflowed")
-        })?;
+        let next = last
+            .checked_add(1)
+            .ok_or_else(|| {
+                std::io::Error::new(ErrorKind::InvalidData, "the fencing counter overflowed")
+            })?
+            .max(clock_micros());
         // Fixed width: the new value overwrites the old in one write.
         let line = format!("{next:0width$}\n", width = COUNTER_WIDTH);
         counter.write_all_at(line.as_bytes(), 0)?;
@@ -391,6 +397,15 @@ fn increment_locked(counter: &File) -> std::io::Result<u64> {
     let next = incremented?;
     unlocked?;
     Ok(next)
+}
+
+/// The system clock in microseconds since the epoch (0 before it).
+fn clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+        })
 }
 
 /// Connects to the service named by `url` (`file:///some/dir`).

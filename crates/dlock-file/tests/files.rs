@@ -52,27 +52,37 @@ async fn release_leaves_only_the_counter() {
         }),
         "no flock by pid {pid} on inode {inode} in /proc/locks:\n{locks}"
     );
+    let mut tokens = vec![held.fencing_token()];
     held.release().await.unwrap();
     let mut tasks = Vec::new();
     for client in clients {
         let options = options.clone();
         tasks.push(tokio::spawn(async move {
+            let mut tokens = Vec::new();
             for round in 0..50 {
                 let guard = client
                     .lock(&format!("k{}", round % 3), &options)
                     .await
                     .unwrap();
+                tokens.push(guard.fencing_token());
                 tokio::task::yield_now().await;
                 guard.release().await.unwrap();
             }
+            tokens
         }));
     }
     for task in tasks {
-        task.await.unwrap();
+        tokens.extend(task.await.unwrap());
     }
     assert_eq!(names(&dir), [".fencing_token"]);
+    // Every grant took its own token from the counter, which keeps the
+    // last one.
     let counter = std::fs::read_to_string(dir.join(".fencing_token")).unwrap();
-    assert_eq!(counter.trim().parse::<u64>().unwrap(), 1 + 4 * 50);
+    let last = tokens.iter().copied().max().unwrap();
+    assert_eq!(counter.trim().parse::<u64>().unwrap(), last);
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1 + 4 * 50, "a token was given twice");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -146,7 +156,7 @@ async fn dropped_waiter_does_not_stop_the_wakeup_of_others() {
 }
 
 /// While another client increments the fencing counter, an acquire waits
-/// for it (off the runtime's thread) and then gets the next token.
+/// for it (off the runtime's thread) and then gets a larger token.
 #[tokio::test(flavor = "current_thread")]
 async fn acquire_waits_for_a_busy_counter() {
     let dir = temp_dir();
@@ -175,7 +185,7 @@ async fn acquire_waits_for_a_busy_counter() {
     assert!(!attempt.is_finished(), "the counter is locked");
     counter.unlock().unwrap();
     let second = attempt.await.unwrap().unwrap().expect("b is free");
-    assert_eq!(second.fencing_token(), first_token + 1);
+    assert!(second.fencing_token() > first_token);
     second.release().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -214,5 +224,35 @@ async fn deleted_or_replaced_lock_file_is_lost_at_the_next_check() {
     // The release must not delete a file it does not hold.
     assert!(replaced.release().await.unwrap_err().is_not_held());
     assert!(client.lock_path("replaced").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A counter that lost its last increments (a host crash: it is not
+/// synced to disk) still gives tokens above those issued before, from the
+/// clock.
+#[tokio::test(flavor = "current_thread")]
+async fn tokens_keep_growing_when_the_counter_loses_its_increments() {
+    let dir = temp_dir();
+    let client = FileLock::open(&dir).unwrap();
+    let first = client
+        .try_lock("a", &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let first_token = first.fencing_token();
+    first.release().await.unwrap();
+    // What the disk may hold after a crash: an older value.
+    std::fs::write(dir.join(".fencing_token"), "0\n").unwrap();
+    let second = client
+        .try_lock("a", &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        second.fencing_token() > first_token,
+        "{} after {first_token}",
+        second.fencing_token()
+    );
+    second.release().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
