@@ -10,14 +10,19 @@ use etcd_client::GetOptions;
 const ENDPOINT: &str = "127.0.0.1:2379";
 const URL: &str = "etcd://127.0.0.1:2379/dlock-test";
 
+/// The prefix under which `key`'s lock queues, and a raw etcd client.
+async fn queue_prefix_and_raw_client(key: &str) -> (String, etcd_client::Client) {
+    let locks = EtcdLock::connect(URL).await.expect("connect");
+    let client = etcd_client::Client::connect([ENDPOINT], None)
+        .await
+        .expect("raw client");
+    (locks.lock_key_prefix(key), client)
+}
+
 /// Revokes the lease of every key queued on `key`'s lock: the fault a
 /// server-side lease revocation (or expiry) is.
 async fn revoke_leases_of(key: String) {
-    let locks = EtcdLock::connect(URL).await.expect("connect");
-    let prefix = locks.lock_key_prefix(&key);
-    let mut client = etcd_client::Client::connect([ENDPOINT], None)
-        .await
-        .expect("raw client");
+    let (prefix, mut client) = queue_prefix_and_raw_client(&key).await;
     let keys = client
         .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
         .await
@@ -30,11 +35,7 @@ async fn revoke_leases_of(key: String) {
 
 /// The keys queued on `key`'s lock behind the holder's: its waiters.
 async fn waiting_keys(key: String) -> usize {
-    let locks = EtcdLock::connect(URL).await.expect("connect");
-    let prefix = locks.lock_key_prefix(&key);
-    let mut client = etcd_client::Client::connect([ENDPOINT], None)
-        .await
-        .expect("raw client");
+    let (prefix, mut client) = queue_prefix_and_raw_client(&key).await;
     let keys = client
         .get(
             prefix.as_str(),
