@@ -581,7 +581,15 @@ impl Shared {
         // A fair waiter's queue id is its owner value: unique per attempt.
         let waiter = if self.fair { owner.as_str() } else { "" };
         let mut abandon = Abandon::new(self, &keys, &owner, waiter);
-        let mut subscriptions: Vec<Subscription> = Vec::new();
+        // A release hands a fair waiter the lock on its client's channel
+        // (one message, not one per waiting client); the shared one
+        // carries plain releases.
+        let grant_channel = self.fair.then(|| keys.grant_channel(&self.client_id));
+        let mut channels = vec![keys.channel.as_str()];
+        channels.extend(grant_channel.as_deref());
+        // Subscriptions left from this client's last wait on the lock, if
+        // any: then one attempt is all it takes to start waiting.
+        let mut subscriptions = self.live_subscriptions(&channels);
         let mut polls: u32 = 0;
         // The latest attempt's view of the server's clock (fair mode).
         let mut clock: Option<ServerClock> = None;
@@ -610,16 +618,7 @@ impl Shared {
                 // Subscribe, then attempt again: a release published
                 // between the failed attempt and the subscription is not
                 // missed.
-                subscriptions = if self.fair {
-                    // A release hands a fair waiter the lock on a channel
-                    // of its own (one message, not one per waiting
-                    // client); the shared one carries plain releases.
-                    let own = keys.waiter_channel(waiter);
-                    self.subscribe_all(&[&keys.channel, &own], options.ttl)
-                        .await
-                } else {
-                    self.subscribe_all(&[&keys.channel], options.ttl).await
-                };
+                subscriptions = self.subscribe_all(&channels, options.ttl).await;
                 if !subscriptions.is_empty() {
                     continue;
                 }
@@ -673,6 +672,19 @@ impl Shared {
                 return Ok(self.make_guard(key, keys, owner, grant.token, valid_until, options));
             }
         }
+    }
+
+    /// Live subscriptions to `channels` on every node (see
+    /// [`Subscriber::live`](crate::subscriber::Subscriber::live)), or none.
+    fn live_subscriptions(&self, channels: &[&str]) -> Vec<Subscription> {
+        let mut live = Vec::new();
+        for node in &self.nodes {
+            match node.subscriber.live(channels) {
+                Some(subscriptions) => live.extend(subscriptions),
+                None => return Vec::new(),
+            }
+        }
+        live
     }
 
     async fn subscribe_all(&self, channels: &[&str], ttl: Duration) -> Vec<Subscription> {

@@ -43,13 +43,15 @@ impl LockKeys {
         command
     }
 
-    /// The channel on which a fair release hands the lock to `waiter`:
-    /// `<channel>:<waiter id>`, as `RELEASE_FAIR` builds it.
-    pub fn waiter_channel(&self, waiter: &str) -> String {
-        let mut name = String::with_capacity(self.channel.len() + 1 + waiter.len());
+    /// The channel on which a fair release hands the lock to a waiter of
+    /// the client `client_id`: `<channel>:<client id>`, as `RELEASE_FAIR`
+    /// builds it from the waiter id (`<client id>:<attempt>`). Per client,
+    /// not per attempt, so that it can stay subscribed between waits.
+    pub fn grant_channel(&self, client_id: &str) -> String {
+        let mut name = String::with_capacity(self.channel.len() + 1 + client_id.len());
         name.push_str(&self.channel);
         name.push(':');
-        name.push_str(waiter);
+        name.push_str(client_id);
         name
     }
 }

@@ -47,7 +47,9 @@
 //! - **Waiting is notified**: release publishes on the lock's channel;
 //!   all waiters of a client share one pub/sub connection per server. A
 //!   waiter subscribes, then tries again (so a release between its failed
-//!   try and its subscription is not missed). Expiry publishes nothing, so
+//!   try and its subscription is not missed). A subscription nobody uses
+//!   stays on for 2 s: a client that waits on the same lock again within
+//!   that time starts waiting with its one failed try. Expiry publishes nothing, so
 //!   a waiter also retries when the holder's remaining TTL (returned by the
 //!   failed try) runs out, with jitter. A dropped `lock` future
 //!   unsubscribes and, in fair mode, leaves the queue (in the background).
@@ -60,9 +62,9 @@
 //! - **Direct handoff** (fair mode): the release script itself makes the
 //!   queue's head (a waiter whose entry is fresh) the owner, with the TTL
 //!   that waiter asked for and a new fencing token, and publishes the grant
-//!   on that waiter's own channel (one message per handoff, however many
-//!   clients wait); the waiter holds the lock when the message arrives,
-//!   without another round trip. It vouches for the lease from the server clock reading of
+//!   on the channel of that waiter's client (one message per handoff,
+//!   however many clients wait); the waiter holds the lock when the message
+//!   arrives, without another round trip. It vouches for the lease from the server clock reading of
 //!   its own last attempt (the grant carries the server time it was made
 //!   at). A waiter that misses the message (its pub/sub connection died, a
 //!   later message overwrote it) learns of the grant from its next attempt

@@ -197,9 +197,10 @@ return 0
 /// Stale queue heads (entry deadline passed) are dropped first. When the
 /// head is fresh, the lock becomes its own right here (`SET lock <head> PX
 /// <its ttl>`, fenced like an acquire), the head leaves the queue, and the
-/// grant is published as `grant <token> <server ms> <owner>` on the head's
-/// own channel (`<channel>:<head>`, see `LockKeys::waiter_channel`); the
-/// waiter holds the lock without another round trip. Otherwise the lock is deleted
+/// grant is published as `grant <token> <server ms> <owner>` on the
+/// channel of the head's client (`<channel>:<client id>`, see
+/// `LockKeys::grant_channel`); the waiter holds the lock without another
+/// round trip. Otherwise the lock is deleted
 /// and an empty message wakes the waiters. A head whose entry has no TTL
 /// (written by an older client) gets the plain release.
 pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> = LazyLock::new(|| {
@@ -233,8 +234,9 @@ while true do
     local token = grant_token(fence, fence_idle + tonumber(ttl))
     redis.call('LPOP', queue)
     redis.call('HDEL', waiters, head)
-    -- On the head's own channel: the other waiters have nothing to do.
-    redis.call('PUBLISH', channel .. ':' .. head,
+    -- On the channel of the head's client (the waiter id up to its last
+    -- ':'): the other clients have nothing to do.
+    redis.call('PUBLISH', channel .. ':' .. (string.match(head, '^(.*):') or head),
       'grant ' .. string.format('%.0f', token) .. ' ' .. string.format('%.0f', now_ms) .. ' ' .. head)
     return 1
   end

@@ -6,12 +6,18 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How long a subscription nobody uses stays on: a client that waits for
+/// the same lock again within this time (a contended lock, taken in a
+/// loop) starts waiting without a `SUBSCRIBE` and a second attempt.
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
 /// Subscriptions of one client to one server.
 pub(crate) struct Subscriber {
@@ -38,6 +44,12 @@ struct Channel {
     refs: usize,
     /// Whether the server confirmed the subscription.
     subscribed: bool,
+    /// When `refs` last fell to 0: the subscription lingers for
+    /// [`LINGER`] after that, for the client's next wait on the lock.
+    idle_since: Instant,
+    /// Whether a task is waiting to end the subscription once it has been
+    /// idle for [`LINGER`].
+    sweeping: bool,
     /// Set on every message (its payload) and when the connection dies
     /// (`None`). Only the latest is kept: a waiter that misses a message
     /// still wakes and asks the server.
@@ -95,6 +107,8 @@ impl Subscriber {
                     .or_insert_with(|| Channel {
                         refs: 0,
                         subscribed: false,
+                        idle_since: Instant::now(),
+                        sweeping: false,
                         wake: watch::channel(Wake::default()).0,
                     });
                 entry.refs += 1;
@@ -138,6 +152,41 @@ impl Subscriber {
             }
         }
         Ok(subscriptions)
+    }
+
+    /// Subscriptions to `channels` without a round trip, if the current
+    /// connection is alive and the server has confirmed every one of them
+    /// (a subscription still lingering from an earlier wait): then any
+    /// message published after this returns reaches them. `None` otherwise
+    /// (or while another task is subscribing).
+    pub fn live(self: &Arc<Self>, channels: &[&str]) -> Option<Vec<Subscription>> {
+        let current = self.current.try_lock().ok()?;
+        let conn = current
+            .as_ref()
+            .filter(|c| !c.dead.load(Ordering::Acquire))?
+            .clone();
+        drop(current);
+        let mut entries = conn.channels.lock().unwrap();
+        if !channels
+            .iter()
+            .all(|channel| entries.get(*channel).is_some_and(|e| e.subscribed))
+        {
+            return None;
+        }
+        let subscriptions = channels
+            .iter()
+            .map(|&channel| {
+                let entry = entries.get_mut(channel).expect("checked above");
+                entry.refs += 1;
+                Subscription {
+                    subscriber: self.clone(),
+                    conn: conn.clone(),
+                    channel: channel.to_owned(),
+                    wake: entry.wake.subscribe(),
+                }
+            })
+            .collect();
+        Some(subscriptions)
     }
 
     async fn open(&self) -> redis::RedisResult<Arc<PubSubConn>> {
@@ -196,17 +245,53 @@ impl Subscriber {
         Ok(conn)
     }
 
+    /// Ends `channel`'s subscription once nobody has used it for
+    /// [`LINGER`]; stops early when it is in use again. Holds the client's
+    /// subscriber and connection weakly while it waits, so that a dropped
+    /// client closes its connection at once.
+    async fn sweep(subscriber: Weak<Subscriber>, conn: Weak<PubSubConn>, channel: String) {
+        loop {
+            let Some(strong_conn) = conn.upgrade() else {
+                return;
+            };
+            let due = {
+                let mut channels = strong_conn.channels.lock().unwrap();
+                match channels.get_mut(&channel) {
+                    None => return,
+                    Some(entry) if entry.refs > 0 => {
+                        entry.sweeping = false;
+                        return;
+                    }
+                    Some(entry) => entry.idle_since + LINGER,
+                }
+            };
+            if Instant::now() >= due {
+                if let Some(subscriber) = subscriber.upgrade() {
+                    subscriber.release(strong_conn, channel).await;
+                }
+                return;
+            }
+            drop(strong_conn);
+            tokio::time::sleep_until(due).await;
+        }
+    }
+
     async fn release(&self, conn: Arc<PubSubConn>, channel: String) {
         let current = self.current.lock().await;
         let unsubscribe = {
             let mut channels = conn.channels.lock().unwrap();
-            match channels.get(&channel) {
+            match channels.get_mut(&channel) {
                 Some(entry) if entry.refs == 0 => {
                     let was_subscribed = entry.subscribed;
                     channels.remove(&channel);
                     was_subscribed
                 }
-                _ => false,
+                // In use again: its next drop to no users sweeps it.
+                Some(entry) => {
+                    entry.sweeping = false;
+                    false
+                }
+                None => false,
             }
         };
         let is_current = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn));
@@ -249,24 +334,38 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let last = {
+        // The last user starts the linger, and its sweep unless one waits.
+        let start_sweep = {
             let mut channels = self.conn.channels.lock().unwrap();
             match channels.get_mut(&self.channel) {
                 Some(entry) => {
                     entry.refs -= 1;
-                    entry.refs == 0
+                    if entry.refs == 0 {
+                        entry.idle_since = Instant::now();
+                    }
+                    let start = entry.refs == 0 && !entry.sweeping;
+                    entry.sweeping |= start;
+                    start
                 }
                 None => false,
             }
         };
-        if last {
+        if start_sweep {
             let (subscriber, conn, channel) = (
-                self.subscriber.clone(),
-                self.conn.clone(),
+                Arc::downgrade(&self.subscriber),
+                Arc::downgrade(&self.conn),
                 std::mem::take(&mut self.channel),
             );
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { subscriber.release(conn, channel).await });
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(Subscriber::sweep(subscriber, conn, channel));
+                }
+                // No runtime to sweep from: let a later drop start it.
+                Err(_) => {
+                    if let Some(entry) = self.conn.channels.lock().unwrap().get_mut(&channel) {
+                        entry.sweeping = false;
+                    }
+                }
             }
         }
     }

@@ -379,3 +379,107 @@ async fn scripts_the_server_lost_are_loaded_again() {
         assert_eq!(holder, None, "fair={fair}: the release deleted the lock");
     }
 }
+
+impl Monitor {
+    /// Client commands from now until (and with) the first that `stop`
+    /// accepts.
+    async fn until(&mut self, mut stop: impl FnMut(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next())
+                .await
+                .expect("MONITOR went quiet")
+                .expect("MONITOR ended");
+            if line.contains(" lua]") || line.contains("dlock-marker-") {
+                continue;
+            }
+            let done = stop(&line);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+/// A client that waits on a lock again soon (a contended lock taken in a
+/// loop) finds its subscription still on: its wait starts with one attempt,
+/// without SUBSCRIBE and a second attempt. Unused, the subscription ends
+/// after the linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_wait_soon_after_reuses_the_subscription() {
+    let server = PrivateRedis::start();
+    let mut monitor = Monitor::start(&server).await;
+    let mut admin = server.conn();
+    for fair in ["true", "false"] {
+        let url = format!("{}?fair={fair}", server.url());
+        let holder = RedisLock::connect(&url).await.unwrap();
+        let waiter = RedisLock::connect(&url).await.unwrap();
+        let key = format!("linger-{fair}");
+        let channel = holder.redis_key(&key).replace(":lock", ":released");
+        let mut waits = Vec::new();
+        for round in 0..2 {
+            let guard = holder
+                .try_lock(&key, &LockOptions::new())
+                .await
+                .unwrap()
+                .expect("free");
+            monitor.section("held").await;
+            let task = tokio::spawn({
+                let (waiter, key) = (waiter.clone(), key.clone());
+                async move { waiter.lock(&key, &LockOptions::new()).await }
+            });
+            // Waiting once it sent an attempt after its subscription was
+            // confirmed: SUBSCRIBE then EVALSHA, or (lingering) EVALSHA.
+            let mut subscribed = round == 1;
+            let commands = monitor
+                .until(|line| {
+                    let name = command_name(line);
+                    subscribed |= name == "SUBSCRIBE";
+                    subscribed && name == "EVALSHA"
+                })
+                .await;
+            let mut names: Vec<String> = commands.iter().map(|l| command_name(l)).collect();
+            guard.release().await.unwrap();
+            let granted = tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("handed over")
+                .unwrap()
+                .unwrap();
+            granted.release().await.unwrap();
+            // The rest of the round: the releases (and, had the waiter
+            // subscribed again, its SUBSCRIBE).
+            names.extend(monitor.section_names("round-end").await);
+            waits.push(names);
+        }
+        assert_eq!(
+            waits[0][..3],
+            ["EVALSHA", "SUBSCRIBE", "EVALSHA"],
+            "fair={fair}: first wait: {:?}",
+            waits[0]
+        );
+        assert!(
+            !waits[1].iter().any(|name| name == "SUBSCRIBE"),
+            "fair={fair}: the second wait subscribed again: {:?}",
+            waits[1]
+        );
+        // Nobody waits any more: the subscription ends after the linger
+        // (2 s); nothing tells from outside, so the server is asked.
+        let started = std::time::Instant::now();
+        loop {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query(&mut admin)
+                .unwrap();
+            if subscribers == 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "fair={fair}: still subscribed after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
