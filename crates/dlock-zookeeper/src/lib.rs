@@ -161,6 +161,10 @@ struct Inner {
     renewals: RenewalScheduler,
 }
 
+/// How long `kill_session` waits for one close to end the session before
+/// it steals the session again.
+const KILL_ROUND: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An attempt's node, created and queued (see [`ZooKeeperLock::enqueue`]).
 struct Enqueued {
     session: Arc<Session>,
@@ -233,37 +237,57 @@ impl ZooKeeperLock {
     pub async fn kill_session(&self) -> Result<()> {
         let session = self.current();
         let mut states = session.client.state_watcher();
-        let thief = zk::Client::connector()
-            .with_session(session.client.session().clone())
-            .with_session_timeout(session.timeout)
-            // No fail-fast: our own client's reconnection can bump the
-            // thief's first connection; it retries until attached.
-            .connect(&session.endpoint)
-            .await
-            .map_err(|err| dlock_core::Error::connection(BACKEND, session.endpoint.clone(), err))?;
-        // Dropping the only handle sends closeSession from the thief's
-        // connection.
-        drop(thief);
-        let ended = async {
-            let mut state = states.state();
-            while !state.is_terminated() {
-                state = states.changed().await;
+        let deadline = tokio::time::Instant::now() + session.timeout * 2;
+        loop {
+            let thief = zk::Client::connector()
+                .with_session(session.client.session().clone())
+                .with_session_timeout(session.timeout)
+                // No fail-fast: our own client's reconnection can bump the
+                // thief's first connection; it retries until attached.
+                .connect(&session.endpoint)
+                .await;
+            match thief {
+                // Dropping the only handle sends closeSession from the
+                // thief's connection.
+                Ok(thief) => drop(thief),
+                // An earlier round's close went through.
+                Err(zk::Error::SessionExpired) => {}
+                Err(err) => {
+                    return Err(dlock_core::Error::connection(
+                        BACKEND,
+                        session.endpoint.clone(),
+                        err,
+                    ))
+                }
             }
-            // The watcher task does the same; doing it here too means every
-            // lease is marked by the time we return.
-            session.on_state(state);
-        };
-        tokio::time::timeout(session.timeout * 2, ended)
-            .await
-            .map_err(|_| {
-                dlock_core::Error::backend(
+            let ended = async {
+                let mut state = states.state();
+                while !state.is_terminated() {
+                    state = states.changed().await;
+                }
+                state
+            };
+            // The close is lost when our own client takes the session back
+            // first (it reconnects when the thief attaches): steal again.
+            let round =
+                KILL_ROUND.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if let Ok(state) = tokio::time::timeout(round, ended).await {
+                // The watcher task does the same; doing it here too means
+                // every lease is marked by the time we return.
+                session.on_state(state);
+                return Ok(());
+            }
+            tracing::debug!(endpoint = %session.endpoint, "zookeeper session outlived its close; stealing it again");
+            if tokio::time::Instant::now() >= deadline {
+                return Err(dlock_core::Error::backend(
                     BACKEND,
                     session.endpoint.clone(),
                     "kill_session",
                     "",
                     "the session did not end within twice its timeout",
-                )
-            })
+                ));
+            }
+        }
     }
 
     fn current(&self) -> Arc<Session> {
