@@ -62,8 +62,9 @@ struct Wake {
     message: Option<Arc<str>>,
 }
 
-/// A waiter's subscription to one channel; dropping it unsubscribes when
-/// it was the last one (in the background).
+/// A waiter's subscription to one channel; when the last one is dropped,
+/// the channel is unsubscribed after [`LINGER`] unless used again by then
+/// (in the background).
 pub(crate) struct Subscription {
     subscriber: Arc<Subscriber>,
     conn: Arc<PubSubConn>,
