@@ -88,7 +88,6 @@ use dlock_core::{
     RenewalScheduler, Result,
 };
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 const BACKEND: &str = "file";
@@ -293,7 +292,10 @@ type FailedStep = (&'static str, std::io::Error);
 /// holds it. Retries when what it locked is no longer the file `path`
 /// names (the holder it raced released and deleted it). Returns the
 /// locked file and its metadata.
-fn lock_file(path: &Path) -> std::result::Result<Option<(Flock<File>, fs::Metadata)>, FailedStep> {
+///
+/// The lock is `flock(2)` through std's `File::try_lock`: closing the file
+/// (its only descriptor) releases it, so a release needs no unlock call.
+fn lock_file(path: &Path) -> std::result::Result<Option<(File, fs::Metadata)>, FailedStep> {
     // A few rounds at most: each retry means a holder released (and
     // deleted the file) between our open and our lock.
     loop {
@@ -305,11 +307,12 @@ fn lock_file(path: &Path) -> std::result::Result<Option<(Flock<File>, fs::Metada
             .mode(0o644)
             .open(path)
             .map_err(|err| ("open lock file", err))?;
-        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(locked) => locked,
-            Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
-            Err((_, errno)) => return Err(("flock", errno.into())),
-        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(err)) => return Err(("flock", err)),
+        }
+        let locked = file;
         let metadata = locked.metadata().map_err(|err| ("fstat", err))?;
         // Only a release unlinks a lock file, and it does so while still
         // holding the flock; so a locked inode with a link left is the one
@@ -365,12 +368,14 @@ fn increment_locked(counter: &File) -> std::io::Result<u64> {
         let mut buf = [0u8; 64];
         let mut len = 0;
         loop {
+            let wanted = buf.len() - len;
             let read = counter.read_at(&mut buf[len..], len as u64)?;
-            if read == 0 || len + read == buf.len() {
-                len += read;
+            len += read;
+            // A regular file reads short only at its end: no second call
+            // to find it (one syscall per grant saved).
+            if read == 0 || read < wanted {
                 break;
             }
-            len += read;
         }
         let text = std::str::from_utf8(&buf[..len]).unwrap_or("?");
         let last: u64 = match text.trim() {
@@ -679,7 +684,7 @@ struct HeldFile {
     path: PathBuf,
     identity: Identity,
     endpoint: Arc<str>,
-    file: Mutex<Option<Flock<File>>>,
+    file: Mutex<Option<File>>,
 }
 
 impl HeldFile {
