@@ -41,21 +41,41 @@ impl Monitor {
             .unwrap();
         let mut seen = Vec::new();
         loop {
-            let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next())
-                .await
-                .expect("MONITOR went quiet")
-                .expect("MONITOR ended");
+            let line = self.next_line().await;
             if line.contains(&marker) {
                 return seen;
             }
-            if !line.contains(" lua]") && !line.contains("dlock-marker-") {
+            if is_client_command(&line) {
                 seen.push(line);
             }
         }
     }
-}
 
-impl Monitor {
+    /// Client commands from now until (and with) the first that `stop`
+    /// accepts.
+    async fn until(&mut self, mut stop: impl FnMut(&str) -> bool) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = self.next_line().await;
+            if !is_client_command(&line) {
+                continue;
+            }
+            let done = stop(&line);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// The next line MONITOR shows.
+    async fn next_line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(5), self.lines.next())
+            .await
+            .expect("MONITOR went quiet")
+            .expect("MONITOR ended")
+    }
+
     /// The names of the commands of [`section`](Self::section).
     async fn section_names(&mut self, name: &str) -> Vec<String> {
         self.section(name)
@@ -64,6 +84,12 @@ impl Monitor {
             .map(|l| command_name(l))
             .collect()
     }
+}
+
+/// A command a client sent: not one a script ran (`[0 lua]`), nor a
+/// section marker.
+fn is_client_command(line: &str) -> bool {
+    !line.contains(" lua]") && !line.contains("dlock-marker-")
 }
 
 fn command_name(line: &str) -> String {
@@ -377,28 +403,6 @@ async fn scripts_the_server_lost_are_loaded_again() {
             .unwrap()
             .pop();
         assert_eq!(holder, None, "fair={fair}: the release deleted the lock");
-    }
-}
-
-impl Monitor {
-    /// Client commands from now until (and with) the first that `stop`
-    /// accepts.
-    async fn until(&mut self, mut stop: impl FnMut(&str) -> bool) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next())
-                .await
-                .expect("MONITOR went quiet")
-                .expect("MONITOR ended");
-            if line.contains(" lua]") || line.contains("dlock-marker-") {
-                continue;
-            }
-            let done = stop(&line);
-            seen.push(line);
-            if done {
-                return seen;
-            }
-        }
     }
 }
 
