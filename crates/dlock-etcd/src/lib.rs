@@ -158,6 +158,15 @@ impl std::fmt::Debug for EtcdLock {
     }
 }
 
+/// Where one attempt queues: the lock's key (for errors), the lock's
+/// prefix in etcd and the attempt's own key under it.
+#[derive(Clone, Copy)]
+struct Slot<'a> {
+    key: &'a str,
+    dir: &'a str,
+    etcd_key: &'a str,
+}
+
 struct Inner {
     client: Client,
     config: EtcdConfig,
@@ -456,6 +465,11 @@ impl EtcdLock {
         let dir = self.lock_key_prefix(key);
         let seq = self.inner.take_seq();
         let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
+        let slot = Slot {
+            key,
+            dir: &dir,
+            etcd_key: &etcd_key,
+        };
         let mut pending = PendingKey {
             inner: self.inner.clone(),
             etcd_key: etcd_key.clone(),
@@ -464,9 +478,8 @@ impl EtcdLock {
             txns: Vec::new(),
             armed: true,
         };
-        let (my_revision, mut position) = self
-            .enqueue(key, &dir, &etcd_key, binding.lease_id(), &mut pending)
-            .await?;
+        let (my_revision, mut position) =
+            self.enqueue(slot, binding.lease_id(), &mut pending).await?;
         if my_revision == 0 {
             if let Binding::Session(session) = &binding {
                 session.close(&self.inner.client, "etcd says the session lease is gone");
@@ -489,7 +502,7 @@ impl EtcdLock {
             }
             waited = true;
             match self
-                .wait_for(key, &dir, &etcd_key, my_revision, &predecessor, &binding)
+                .wait_for(slot, my_revision, &predecessor, &binding)
                 .await
             {
                 Ok(Some(next)) => {
@@ -584,12 +597,11 @@ impl EtcdLock {
     /// after it finished.
     async fn enqueue(
         &self,
-        key: &str,
-        dir: &str,
-        etcd_key: &str,
+        slot: Slot<'_>,
         lease_id: i64,
         pending: &mut PendingKey,
     ) -> Result<(i64, Position), Failure> {
+        let Slot { key, dir, etcd_key } = slot;
         let newest = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
@@ -653,16 +665,15 @@ impl EtcdLock {
                 }
             }
         };
-        self.read_enqueued(key, dir, etcd_key, response).await
+        self.read_enqueued(slot, response).await
     }
 
     async fn read_enqueued(
         &self,
-        key: &str,
-        dir: &str,
-        etcd_key: &str,
+        slot: Slot<'_>,
         response: TxnResponse,
     ) -> Result<(i64, Position), Failure> {
+        let Slot { key, etcd_key, .. } = slot;
         let malformed = |what: &str| Failure {
             error: self.error("acquire", key, format!("unexpected txn response: {what}")),
             retry: false,
@@ -683,7 +694,7 @@ impl EtcdLock {
                     Ok((revision, Position::Behind(Predecessor::from_range(range))))
                 }
                 // Not expected; a plain read places us instead.
-                _ => Ok((revision, self.position(key, dir, etcd_key, revision).await?)),
+                _ => Ok((revision, self.position(slot, revision).await?)),
             }
         } else {
             // The key already existed: a retried transaction whose first
@@ -694,7 +705,7 @@ impl EtcdLock {
             match range.kvs().first() {
                 Some(kv) => {
                     let mine = kv.create_revision();
-                    Ok((mine, self.position(key, dir, etcd_key, mine).await?))
+                    Ok((mine, self.position(slot, mine).await?))
                 }
                 None => Ok((revision, Position::Gone)),
             }
@@ -702,13 +713,8 @@ impl EtcdLock {
     }
 
     /// One read: is our key still there, and which key is just older?
-    async fn position(
-        &self,
-        key: &str,
-        dir: &str,
-        etcd_key: &str,
-        my_revision: i64,
-    ) -> Result<Position, Failure> {
+    async fn position(&self, slot: Slot<'_>, my_revision: i64) -> Result<Position, Failure> {
+        let Slot { key, dir, etcd_key } = slot;
         let options = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Descend)
@@ -733,13 +739,12 @@ impl EtcdLock {
     /// `None` when our lease is lost meanwhile.
     async fn wait_for(
         &self,
-        key: &str,
-        dir: &str,
-        etcd_key: &str,
+        slot: Slot<'_>,
         my_revision: i64,
         predecessor: &Predecessor,
         binding: &Binding,
     ) -> Result<Option<Position>, Failure> {
+        let key = slot.key;
         // Watch from the current revision (etcd's synced watcher group, no
         // catch-up lag; see `watch_key`), then read: the predecessor deleted
         // before the watch started shows in the read, any later delete in
@@ -754,10 +759,7 @@ impl EtcdLock {
             _ => None,
         };
         // The read may have found it the owner by now.
-        let mut predecessor = match self
-            .still_behind(key, dir, etcd_key, my_revision, predecessor)
-            .await?
-        {
+        let mut predecessor = match self.still_behind(slot, my_revision, predecessor).await? {
             Ok(now) => now,
             Err(moved) => return Ok(Some(moved)),
         };
@@ -776,10 +778,7 @@ impl EtcdLock {
                 // A new older key: watch it, then read again (it may have
                 // gone before the watch started).
                 older_watch = Some((older.clone(), self.watch_key(key, &older).await?));
-                predecessor = match self
-                    .still_behind(key, dir, etcd_key, my_revision, &predecessor)
-                    .await?
-                {
+                predecessor = match self.still_behind(slot, my_revision, &predecessor).await? {
                     Ok(now) => now,
                     Err(moved) => return Ok(Some(moved)),
                 };
@@ -792,7 +791,7 @@ impl EtcdLock {
                     older_deleted.map_err(|why| self.watch_broke(key, why))?;
                     older_watch = None;
                     predecessor = match self
-                        .still_behind(key, dir, etcd_key, my_revision, &predecessor)
+                        .still_behind(slot, my_revision, &predecessor)
                         .await?
                     {
                         Ok(now) => now,
@@ -816,7 +815,7 @@ impl EtcdLock {
         }
         // The predecessor was a waiter that may have given up: an older
         // key may still hold the lock.
-        Ok(Some(self.position(key, dir, etcd_key, my_revision).await?))
+        Ok(Some(self.position(slot, my_revision).await?))
     }
 
     /// Reads our position again: `Ok(now)` (its fresh view) while
@@ -824,18 +823,14 @@ impl EtcdLock {
     /// new position once that changed.
     async fn still_behind(
         &self,
-        key: &str,
-        dir: &str,
-        etcd_key: &str,
+        slot: Slot<'_>,
         my_revision: i64,
         predecessor: &Predecessor,
     ) -> Result<std::result::Result<Predecessor, Position>, Failure> {
-        Ok(
-            match self.position(key, dir, etcd_key, my_revision).await? {
-                Position::Behind(Some(now)) if now.same_key(predecessor) => Ok(now),
-                moved => Err(moved),
-            },
-        )
+        Ok(match self.position(slot, my_revision).await? {
+            Position::Behind(Some(now)) if now.same_key(predecessor) => Ok(now),
+            moved => Err(moved),
+        })
     }
 
     /// A watch that ended or was cancelled while waiting: retried.
