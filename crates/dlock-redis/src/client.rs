@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::keys::LockKeys;
 use crate::node::{timed_out, Node};
 use crate::renewal::Renewals;
-use crate::scripts::{ABANDON, ACQUIRE, EXTEND, RELEASE, RELEASE_FAIR};
+use crate::scripts::{LuaScript, ABANDON, ACQUIRE, EXTEND, RELEASE, RELEASE_FAIR};
 use crate::subscriber::Subscription;
 
 /// How long a fair waiter's queue entry lives without a refresh: a waiter
@@ -218,6 +218,19 @@ impl Shared {
         .await
     }
 
+    /// Runs `script`'s `command` on every node at once (see [`on_all`](Self::on_all)).
+    async fn script_on_all<T: redis::FromRedisValue>(
+        &self,
+        per_node: Duration,
+        script: &LuaScript,
+        command: &redis::Cmd,
+    ) -> Vec<redis::RedisResult<T>> {
+        self.on_all(per_node, |mut conn| async move {
+            script.run::<T>(&mut conn, command).await
+        })
+        .await
+    }
+
     /// One acquisition attempt; `waiter` is the queue id of a fair waiter
     /// (empty for `try_lock` and unfair clients).
     async fn attempt(
@@ -243,13 +256,8 @@ impl Shared {
             .arg(waiter)
             .arg(waiter_ttl_ms)
             .arg(fence_ttl_ms);
-        let command = &command;
         let results = self
-            .on_all(self.node_timeout(ttl), |mut conn| async move {
-                ACQUIRE
-                    .run::<(i64, i64, String, i64)>(&mut conn, command)
-                    .await
-            })
+            .script_on_all::<(i64, i64, String, i64)>(self.node_timeout(ttl), &ACQUIRE, &command)
             .await;
         let mut token = 0u64;
         let mut granted = 0usize;
@@ -360,11 +368,8 @@ impl Shared {
             .arg(owner)
             .arg(channel)
             .arg(self.retry_message());
-        let command = &command;
         let _ = self
-            .on_all(self.node_timeout(ttl), |mut conn| async move {
-                RELEASE.run::<i64>(&mut conn, command).await
-            })
+            .script_on_all::<i64>(self.node_timeout(ttl), &RELEASE, &command)
             .await;
     }
 
@@ -400,11 +405,8 @@ impl Shared {
                 .arg("");
             (&*RELEASE, command)
         };
-        let command = &command;
         let results = self
-            .on_all(self.node_timeout(ttl), |mut conn| async move {
-                script.run::<i64>(&mut conn, command).await
-            })
+            .script_on_all::<i64>(self.node_timeout(ttl), script, &command)
             .await;
         let (mut deleted, mut refused, mut first_error) = (0, 0, None);
         for result in results {
@@ -437,11 +439,8 @@ impl Shared {
         let sent_at = Instant::now();
         let mut command = EXTEND.command(1);
         command.arg(&keys.lock).arg(owner).arg(ttl_ms);
-        let command = &command;
         let results = self
-            .on_all(self.node_timeout(ttl), |mut conn| async move {
-                EXTEND.run::<i64>(&mut conn, command).await
-            })
+            .script_on_all::<i64>(self.node_timeout(ttl), &EXTEND, &command)
             .await;
         let (mut extended, mut refused, mut first_error) = (0, 0, None);
         for result in results {
@@ -504,11 +503,8 @@ impl Shared {
             .arg(owner)
             .arg(waiter)
             .arg(&keys.channel);
-        let command = &command;
         let results = self
-            .on_all(self.timeout, |mut conn| async move {
-                ABANDON.run::<i64>(&mut conn, command).await
-            })
+            .script_on_all::<i64>(self.timeout, &ABANDON, &command)
             .await;
         for result in results {
             if let Err(err) = result {
