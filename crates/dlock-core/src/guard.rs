@@ -99,8 +99,8 @@ impl LockGuard {
     /// Like [`new`](Self::new) with `core_renewal`, but the renewal (when
     /// `renew`) is started by the client's `scheduler` once it falls due,
     /// so a lock released within `ttl / 3` never has a task of its own.
-    /// For backends whose renewal needs nothing but the lock itself
-    /// (in-process state, a local file).
+    /// The memory, file, ZooKeeper and etcd backends use it; `new` with
+    /// `core_renewal` spawns the task at once.
     ///
     /// Must be called within a tokio runtime.
     pub fn scheduled(
