@@ -14,6 +14,8 @@ use redis::aio::PubSubSink;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::node::timed_out;
+
 /// How long a subscription nobody uses stays on: a client that waits for
 /// the same lock again within this time (a contended lock, taken in a
 /// loop) starts waiting without a `SUBSCRIBE` and a second attempt.
@@ -145,10 +147,7 @@ impl Subscriber {
                 }
                 Err(_) => {
                     conn.dead.store(true, Ordering::Release);
-                    return Err(redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "SUBSCRIBE was not confirmed in time",
-                    )));
+                    return Err(timed_out("SUBSCRIBE was not confirmed in time"));
                 }
             }
         }
@@ -194,12 +193,7 @@ impl Subscriber {
         let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
         {
             Ok(result) => result?,
-            Err(_) => {
-                return Err(redis::RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "pub/sub connection timed out",
-                )))
-            }
+            Err(_) => return Err(timed_out("pub/sub connection timed out")),
         };
         let (sink, mut stream) = pubsub.split();
         let (closer, mut closed) = tokio::sync::oneshot::channel::<()>();
