@@ -211,7 +211,7 @@ impl LockGuard {
         let mut pending = ReleaseOnDrop {
             held: Some(held.clone()),
             runtime: self.runtime.clone(),
-            key: self.key().to_owned(),
+            lease: self.lease.clone(),
             backend: self.backend,
         };
         let result = held.release().instrument(span).await;
@@ -237,12 +237,7 @@ impl Drop for LockGuard {
         self.stop_renewal();
         if let Some(held) = self.held.take() {
             self.lease.mark_lost(LostReason::Released);
-            spawn_release(
-                self.runtime.clone(),
-                held,
-                self.key().to_owned(),
-                self.backend,
-            );
+            spawn_release(self.runtime.clone(), held, &self.lease, self.backend);
         }
     }
 }
@@ -251,19 +246,16 @@ impl Drop for LockGuard {
 struct ReleaseOnDrop {
     held: Option<Arc<dyn HeldLock>>,
     runtime: Option<Handle>,
-    key: String,
+    /// Names the key in the log (a clone, so a release that finishes
+    /// allocates nothing for it).
+    lease: Lease,
     backend: &'static str,
 }
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         if let Some(held) = self.held.take() {
-            spawn_release(
-                self.runtime.clone(),
-                held,
-                std::mem::take(&mut self.key),
-                self.backend,
-            );
+            spawn_release(self.runtime.clone(), held, &self.lease, self.backend);
         }
     }
 }
@@ -271,9 +263,10 @@ impl Drop for ReleaseOnDrop {
 fn spawn_release(
     runtime: Option<Handle>,
     held: Arc<dyn HeldLock>,
-    key: String,
+    lease: &Lease,
     backend: &'static str,
 ) {
+    let key = lease.key();
     let runtime = Handle::try_current().ok().or(runtime);
     let Some(runtime) = runtime else {
         tracing::warn!(backend, %key, "dlock: guard dropped outside a runtime; the lock stays until its TTL");

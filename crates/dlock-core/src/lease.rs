@@ -4,10 +4,10 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Why a lease stopped being held.
@@ -67,7 +67,32 @@ struct LeaseInner {
     key: String,
     fencing_token: u64,
     ttl_ms: AtomicU64,
-    state: watch::Sender<LeaseState>,
+    state: Mutex<LeaseState>,
+    /// Wakes the `lost()` futures after every change of `state`. One
+    /// `Notify` rather than a `watch` channel: a watch notifies eight
+    /// shards on every send, which was a sixth of an in-process cycle,
+    /// and most leases are never watched.
+    changed: Notify,
+}
+
+impl LeaseInner {
+    fn state(&self) -> MutexGuard<'_, LeaseState> {
+        // Every critical section is a plain field update: a panic cannot
+        // leave it half made.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies `change`; wakes the watchers if it says it changed
+    /// something.
+    fn update(&self, change: impl FnOnce(&mut LeaseState) -> bool) -> bool {
+        let changed = change(&mut self.state());
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
 }
 
 /// One holding of one lock: key, fencing token, validity and the lost
@@ -80,7 +105,7 @@ pub struct Lease {
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.inner.state.borrow();
+        let state = self.inner.state().clone();
         f.debug_struct("Lease")
             .field("key", &self.inner.key)
             .field("fencing_token", &self.inner.fencing_token)
@@ -100,16 +125,16 @@ impl Lease {
         ttl: Duration,
         valid_until: Option<Instant>,
     ) -> Self {
-        let (state, _) = watch::channel(LeaseState {
-            valid_until,
-            lost: None,
-        });
         Lease {
             inner: Arc::new(LeaseInner {
                 key: key.into(),
                 fencing_token,
                 ttl_ms: AtomicU64::new(ttl.as_millis().min(u64::MAX as u128) as u64),
-                state,
+                state: Mutex::new(LeaseState {
+                    valid_until,
+                    lost: None,
+                }),
+                changed: Notify::new(),
             }),
         }
     }
@@ -139,7 +164,7 @@ impl Lease {
 
     /// Until when the lock is vouched for (`None`: by a live session).
     pub fn valid_until(&self) -> Option<Instant> {
-        self.inner.state.borrow().valid_until
+        self.inner.state().valid_until
     }
 
     /// Records a successful renewal (or a session's suspension, with a
@@ -149,7 +174,7 @@ impl Lease {
     pub fn set_valid_until(&self, valid_until: Option<Instant>) {
         let now = Instant::now();
         let mut expired = false;
-        self.inner.state.send_if_modified(|state| {
+        self.inner.update(|state| {
             if state.lost.is_some() || state.valid_until == valid_until {
                 return false;
             }
@@ -167,7 +192,7 @@ impl Lease {
 
     /// Marks the lease lost. The first reason wins; later calls do nothing.
     pub fn mark_lost(&self, reason: LostReason) {
-        let marked = self.inner.state.send_if_modified(|state| {
+        let marked = self.inner.update(|state| {
             if state.lost.is_some() {
                 return false;
             }
@@ -182,7 +207,7 @@ impl Lease {
     /// Why the lease ended, if it has; a passed deadline counts as
     /// [`LostReason::Expired`].
     pub fn lost_reason(&self) -> Option<LostReason> {
-        let state = self.inner.state.borrow();
+        let state = self.inner.state();
         if let Some(reason) = &state.lost {
             return Some(reason.clone());
         }
@@ -212,10 +237,14 @@ impl Lease {
     pub fn lost(&self) -> impl Future<Output = LostReason> + Send + 'static {
         let lease = self.clone();
         async move {
-            let mut rx = lease.inner.state.subscribe();
             loop {
+                // Registered before the state is read, so a change made
+                // after the read still wakes it.
+                let changed = lease.inner.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
                 let deadline = {
-                    let state = rx.borrow_and_update();
+                    let state = lease.inner.state();
                     if let Some(reason) = &state.lost {
                         return reason.clone();
                     }
@@ -229,13 +258,10 @@ impl Lease {
                                     lease.mark_lost(LostReason::Expired);
                                 }
                             }
-                            _ = rx.changed() => {}
+                            _ = changed => {}
                         }
                     }
-                    None => {
-                        // The sender lives in `lease`, so this cannot fail.
-                        let _ = rx.changed().await;
-                    }
+                    None => changed.await,
                 }
             }
         }

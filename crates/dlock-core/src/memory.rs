@@ -186,15 +186,23 @@ fn forget_if_idle(keys: &mut HashMap<String, KeyState>, key: &str) {
     }
 }
 
+/// What one look at a key found.
+enum Attempt {
+    /// The lock is ours, as `owner`.
+    Granted(u64, Lease),
+    /// Another owner holds it until `expires_at`; `queued` is our place in
+    /// the queue (owner and grant receiver) when we asked to wait.
+    Held {
+        expires_at: Instant,
+        queued: Option<(u64, oneshot::Receiver<Lease>)>,
+    },
+}
+
 impl MemoryLock {
-    /// Takes the lock if free; otherwise queues `queue_as` (if given) and
-    /// returns the holder's expiry.
-    fn attempt(
-        &self,
-        key: &str,
-        ttl: Duration,
-        queue_as: Option<(u64, oneshot::Sender<Lease>)>,
-    ) -> std::result::Result<(u64, Lease), Option<Instant>> {
+    /// Takes the lock if free; otherwise, with `wait`, queues a new owner.
+    /// One critical section either way: the owner id and the grant channel
+    /// are made only when they are needed.
+    fn attempt(&self, key: &str, ttl: Duration, wait: bool) -> Attempt {
         let mut state = self.store.lock();
         let StoreState {
             keys,
@@ -204,20 +212,17 @@ impl MemoryLock {
         let now = Instant::now();
         let entry = keys.entry(key.to_owned()).or_default();
         expire_if_due(key, entry, last_fencing_token, now);
+        *last_owner += 1;
+        let owner = *last_owner;
         if let Some(holder) = &entry.holder {
             let expires_at = holder.expires_at;
-            if let Some((owner, grant)) = queue_as {
+            let queued = wait.then(|| {
+                let (grant, granted) = oneshot::channel();
                 entry.waiters.push_back(Waiter { owner, ttl, grant });
-            }
-            return Err(Some(expires_at));
+                (owner, granted)
+            });
+            return Attempt::Held { expires_at, queued };
         }
-        let owner = match queue_as {
-            Some((owner, _)) => owner,
-            None => {
-                *last_owner += 1;
-                *last_owner
-            }
-        };
         *last_fencing_token += 1;
         let lease = Lease::new(
             key,
@@ -230,7 +235,7 @@ impl MemoryLock {
             expires_at: now + ttl,
             lease: lease.downgrade(),
         });
-        Ok((owner, lease))
+        Attempt::Granted(owner, lease)
     }
 
     fn guard(&self, owner: u64, lease: Lease, options: &LockOptions) -> LockGuard {
@@ -246,12 +251,6 @@ impl MemoryLock {
             &self.store.renewals,
             options.auto_renew,
         )
-    }
-
-    fn next_owner(&self) -> u64 {
-        let mut state = self.store.lock();
-        state.last_owner += 1;
-        state.last_owner
     }
 }
 
@@ -272,22 +271,25 @@ impl LockBackend for MemoryLock {
     }
 
     async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
-        match self.attempt(key, options.ttl, None) {
-            Ok((owner, lease)) => Ok(Some(self.guard(owner, lease, options))),
-            Err(_) => {
-                forget_if_idle(&mut self.store.lock().keys, key);
-                Ok(None)
-            }
+        match self.attempt(key, options.ttl, false) {
+            Attempt::Granted(owner, lease) => Ok(Some(self.guard(owner, lease, options))),
+            // A key with a holder is not idle: nothing to forget.
+            Attempt::Held { .. } => Ok(None),
         }
     }
 
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        let owner = self.next_owner();
-        let (grant_tx, mut grant_rx) = oneshot::channel();
-        let mut holder_expires_at = match self.attempt(key, options.ttl, Some((owner, grant_tx))) {
-            Ok((owner, lease)) => return Ok(self.guard(owner, lease, options)),
-            Err(expiry) => expiry,
-        };
+        let (owner, mut grant_rx, mut holder_expires_at) =
+            match self.attempt(key, options.ttl, true) {
+                Attempt::Granted(owner, lease) => return Ok(self.guard(owner, lease, options)),
+                Attempt::Held {
+                    expires_at,
+                    queued: Some((owner, granted)),
+                } => (owner, granted, Some(expires_at)),
+                Attempt::Held { queued: None, .. } => {
+                    unreachable!("an attempt that may wait queues when held")
+                }
+            };
         // From here we are queued: the ticket takes us out of the queue, or
         // passes on a lock granted to us, if this future is dropped.
         let mut ticket = QueueTicket {
