@@ -15,6 +15,7 @@
 //! pending).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -62,14 +63,40 @@ impl Shared {
 struct State {
     next_id: u64,
     /// Locks whose first renewal is not due yet.
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, Pending, IdHash>,
     /// Locks whose renewal task runs.
-    renewing: HashMap<u64, AbortHandle>,
+    renewing: HashMap<u64, AbortHandle, IdHash>,
     /// The generation of the scheduler task that runs, if one does.
     running: Option<u64>,
     generations: u64,
     /// When that task plans to wake.
     target: Option<Instant>,
+}
+
+/// Hashes the scheduler's ids, which it makes itself (sequential, never
+/// chosen by a caller), with one multiplication: SipHash's resistance to
+/// chosen keys buys nothing here and cost two hashes per lock.
+type IdHash = BuildHasherDefault<IdHasher>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(self.0 ^ u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // Fibonacci hashing spreads sequential ids over both the low bits
+        // (the bucket) and the high bits (the control byte).
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 struct Pending {

@@ -203,9 +203,11 @@ impl FileLock {
     /// The path of `key`'s lock file (it exists only while the lock is held
     /// or being taken).
     pub fn lock_path(&self, key: &str) -> PathBuf {
-        self.inner
-            .dir
-            .join(format!("{}.lock", encode_component(key, MAX_NAME)))
+        let name = lock_file_name(key);
+        let mut path = PathBuf::with_capacity(self.inner.dir.as_os_str().len() + 1 + name.len());
+        path.push(&self.inner.dir);
+        path.push(name);
+        path
     }
 
     fn endpoint(&self) -> Arc<str> {
@@ -283,6 +285,13 @@ impl FileLock {
             }
         }
     }
+}
+
+/// The name of `key`'s lock file in the directory.
+fn lock_file_name(key: &str) -> String {
+    let mut name = encode_component(key, MAX_NAME);
+    name.push_str(".lock");
+    name
 }
 
 /// A failed system call: which step, and why.
@@ -393,15 +402,26 @@ fn increment_locked(counter: &File) -> std::io::Result<u64> {
                 std::io::Error::new(ErrorKind::InvalidData, "the fencing counter overflowed")
             })?
             .max(clock_micros());
-        // Fixed width: the new value overwrites the old in one write.
-        let line = format!("{next:0width$}\n", width = COUNTER_WIDTH);
-        counter.write_all_at(line.as_bytes(), 0)?;
+        counter.write_all_at(&counter_line(next), 0)?;
         Ok(next)
     })();
     let unlocked = File::unlock(counter);
     let next = incremented?;
     unlocked?;
     Ok(next)
+}
+
+/// The counter file's text for `value`: zero-padded to a fixed width, so
+/// a new value overwrites the old in one write. Built on the stack: a
+/// `format!` was a tenth of the cycle's user time.
+fn counter_line(mut value: u64) -> [u8; COUNTER_WIDTH + 1] {
+    let mut line = [b'0'; COUNTER_WIDTH + 1];
+    line[COUNTER_WIDTH] = b'\n';
+    for digit in line[..COUNTER_WIDTH].iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    line
 }
 
 /// The system clock in microseconds since the epoch (0 before it).
@@ -447,7 +467,7 @@ impl LockBackend for FileLock {
         // next attempt, so a release between attempt and wait is not
         // missed. A holder that dies leaves its file: the backoff timer
         // covers that.
-        let name = format!("{}.lock", encode_component(key, MAX_NAME));
+        let name = lock_file_name(key);
         let interest = self.watcher().map(|watcher| watcher.register(name.into()));
         let mut delays = options.backoff.delays();
         // Each attempt is self-contained and the interest is withdrawn on
@@ -748,6 +768,17 @@ impl HeldLock for HeldFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_lines_are_zero_padded_decimal() {
+        for value in [0, 7, 1_764_000_000_000_000, u64::MAX] {
+            let line = counter_line(value);
+            assert_eq!(
+                std::str::from_utf8(&line).unwrap(),
+                format!("{value:0width$}\n", width = COUNTER_WIDTH)
+            );
+        }
+    }
 
     #[test]
     fn urls_name_a_local_directory() {
