@@ -66,6 +66,7 @@
 
 mod floor;
 mod stats;
+mod steal;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -298,6 +299,8 @@ struct Report {
     rtt: RoundTrips,
     contended: Option<ContendedFigures>,
     spread: Option<SpreadFigures>,
+    /// The share of CPU time the hypervisor took while it ran (Linux).
+    steal_pct: Option<f64>,
 }
 
 /// p50s of the raw read and write round trips, `None` without a server.
@@ -481,11 +484,15 @@ impl Bench {
         let rtt = self.measure_round_trips().await?;
         let mut values = Vec::new();
         for &scenario in scenarios {
+            let cpu_before = steal::CpuTimes::now();
             let mut report = match scenario {
                 Scenario::Uncontended => self.uncontended().await?,
                 Scenario::Contended => self.contended().await?,
                 Scenario::Spread => self.spread().await?,
             };
+            report.steal_pct = steal::CpuTimes::now()
+                .zip(cpu_before)
+                .and_then(|(after, before)| after.steal_pct_since(before));
             report.rtt = rtt;
             let value = self.to_json(&mut report);
             if json_lines {
@@ -763,6 +770,10 @@ impl Bench {
         put("duration_s", json!(self.duration.as_secs_f64()));
         put("floor_only", json!(self.floor_only));
         put("auto_renew", json!(self.options.auto_renew));
+        put(
+            "host_steal_pct",
+            json!(report.steal_pct.map(|pct| round(pct, 1))),
+        );
         let (p50, p99) = match &mut report.lock {
             Some(lock) => (
                 lock.samples.quantile_us(0.5),
@@ -1253,6 +1264,22 @@ fn print_table(bench: &Bench, values: &[Value]) {
             }
             _ => {}
         }
+    }
+    let steal: Vec<String> = values
+        .iter()
+        .filter_map(|value| {
+            let pct = value.get("host_steal_pct")?.as_f64()?;
+            Some(format!(
+                "{} {pct:.1}%",
+                value["scenario"].as_str().unwrap_or_default()
+            ))
+        })
+        .collect();
+    if !steal.is_empty() {
+        notes.push(format!(
+            "CPU time taken by the hypervisor (steal) while each scenario ran: {}; runs with much steal are not comparable",
+            steal.join(", ")
+        ));
     }
     for note in notes {
         println!("{note}");
