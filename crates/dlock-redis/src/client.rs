@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::lease::validity_deadline;
-use dlock_core::{Error, HeldLock, Lease, LockGuard, LockOptions, Result, WeakLease};
+use dlock_core::{Error, HeldLock, Lease, LockGuard, LockOptions, LostReason, Result, WeakLease};
 use futures::future::join_all;
 use redis::aio::ConnectionManager;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::keys::LockKeys;
 use crate::node::{timed_out, Node};
@@ -23,6 +24,11 @@ use crate::subscriber::Subscription;
 /// How long a fair waiter's queue entry lives without a refresh: a waiter
 /// that crashed delays the ones behind it by at most this long.
 pub(crate) const WAITER_TTL: Duration = Duration::from_secs(3);
+/// The longest a release hands the queue's head the lock for (fair mode):
+/// a head that died since its last refresh blocks the lock this long, not
+/// for its whole TTL. A live head extends the lock to its TTL as soon as
+/// it gets the grant.
+pub(crate) const HANDOFF_CLAIM: Duration = WAITER_TTL;
 /// How often a fair waiter refreshes its queue entry while it waits.
 pub(crate) const WAITER_REFRESH: Duration = Duration::from_secs(1);
 /// How long the fence counter outlives the last grant. Tokens stay
@@ -51,10 +57,7 @@ impl Drop for Shared {
 
 /// What one attempt found.
 pub(crate) enum Outcome {
-    Granted {
-        token: u64,
-        valid_until: Instant,
-    },
+    Granted(Granted),
     /// Held elsewhere; `retry_in` is the holder's remaining TTL when known.
     Busy {
         retry_in: Option<Duration>,
@@ -62,6 +65,16 @@ pub(crate) enum Outcome {
         /// while it ran, to bound a later handed-off grant's validity.
         clock: Option<ServerClock>,
     },
+}
+
+/// A lock the server gave this owner.
+pub(crate) struct Granted {
+    token: u64,
+    /// Until when this client vouches for it.
+    valid_until: Instant,
+    /// What the server set the lock's TTL to: less than asked for when a
+    /// release handed it over (see [`HANDOFF_CLAIM`]).
+    granted_for: Duration,
 }
 
 /// A local instant no later than the moment the server's clock read
@@ -78,19 +91,25 @@ pub(crate) struct Grant<'a> {
     pub token: u64,
     /// The server's clock (ms) when it set the lock for the waiter.
     pub server_ms: i64,
+    /// The TTL (ms) the release set: the waiter's, capped by the claim
+    /// window.
+    pub granted_ms: u64,
     pub owner: &'a str,
 }
 
 impl<'a> Grant<'a> {
-    /// Parses `grant <token> <server ms> <owner>` (see `RELEASE_FAIR`).
+    /// Parses `grant <token> <server ms> <px> <owner>` (see
+    /// `RELEASE_FAIR`).
     pub fn parse(message: &'a str) -> Option<Self> {
-        let mut parts = message.strip_prefix("grant ")?.splitn(3, ' ');
+        let mut parts = message.strip_prefix("grant ")?.splitn(4, ' ');
         let token = parts.next()?.parse().ok()?;
         let server_ms = parts.next()?.parse().ok()?;
+        let granted_ms = parts.next()?.parse().ok()?;
         let owner = parts.next()?;
         Some(Grant {
             token,
             server_ms,
+            granted_ms,
             owner,
         })
     }
@@ -279,10 +298,11 @@ impl Shared {
                     let pttl = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
                     let valid_until = validity_deadline(sent_at, pttl);
                     if Instant::now() < valid_until {
-                        return Ok(Outcome::Granted {
+                        return Ok(Outcome::Granted(Granted {
                             token: value.max(0) as u64,
                             valid_until,
-                        });
+                            granted_for: pttl,
+                        }));
                     }
                     // Too little left to vouch for: give it back.
                     self.release(key, keys, owner, ttl).await.ok();
@@ -308,7 +328,11 @@ impl Shared {
         }
         let valid_until = validity_deadline(sent_at, ttl);
         if granted >= self.quorum && Instant::now() < valid_until {
-            return Ok(Outcome::Granted { token, valid_until });
+            return Ok(Outcome::Granted(Granted {
+                token,
+                valid_until,
+                granted_for: ttl,
+            }));
         }
         // A holder with a majority: wait for its release or expiry.
         let majority_holder = holders
@@ -394,7 +418,8 @@ impl Shared {
             command
                 .arg(owner)
                 .arg(&keys.channel)
-                .arg(FENCE_IDLE_TTL.as_millis() as u64);
+                .arg(FENCE_IDLE_TTL.as_millis() as u64)
+                .arg(HANDOFF_CLAIM.as_millis() as u64);
             (&*RELEASE_FAIR, command)
         } else {
             let mut command = RELEASE.command(1);
@@ -513,16 +538,20 @@ impl Shared {
         }
     }
 
+    /// The guard of a granted lock. `granted_for` is the TTL the server
+    /// set; when a handoff set less than `options.ttl` (the claim window),
+    /// the lock is extended to `options.ttl` at once, in the background:
+    /// the guard is usable meanwhile, vouched for by the shorter validity.
     fn make_guard(
         self: &Arc<Self>,
         key: &str,
         keys: LockKeys,
         owner: String,
-        token: u64,
-        valid_until: Instant,
+        granted: Granted,
         options: &LockOptions,
     ) -> LockGuard {
-        let lease = Lease::new(key, token, options.ttl, Some(valid_until));
+        let lease = Lease::new(key, granted.token, options.ttl, Some(granted.valid_until));
+        let claimed = granted.granted_for < options.ttl;
         let renewal_id = options.auto_renew.then(|| {
             Renewals::register(
                 &self.renewals,
@@ -530,8 +559,12 @@ impl Shared {
                 &lease,
                 keys.lock.clone(),
                 owner.clone(),
+                claimed,
             )
         });
+        if claimed && !options.auto_renew {
+            self.extend_once(key, &keys, &owner, &lease);
+        }
         let held = Arc::new(RedisHeld {
             shared: self.clone(),
             key: key.to_owned(),
@@ -543,6 +576,34 @@ impl Shared {
         LockGuard::new(self.name, lease, held, false)
     }
 
+    /// Extends a handed-over lock to its lease's TTL once, in the
+    /// background (a guard without auto-renewal still gets the TTL it
+    /// asked for). A refusal marks the lease lost; an error leaves it to
+    /// expire at the claim window's end.
+    fn extend_once(self: &Arc<Self>, key: &str, keys: &LockKeys, owner: &str, lease: &Lease) {
+        let (shared, key, keys, owner) =
+            (self.clone(), key.to_owned(), keys.clone(), owner.to_owned());
+        let (lease, ttl) = (lease.downgrade(), lease.ttl());
+        let span =
+            tracing::debug_span!("dlock.renew", backend = self.name, key = %key, claim = true);
+        tokio::spawn(
+            async move {
+                match shared.extend(&key, &keys, &owner, ttl, &lease).await {
+                    Ok(()) => {}
+                    Err(err) if err.is_not_held() => {
+                        if let Some(lease) = lease.upgrade() {
+                            lease.mark_lost(LostReason::NotHeld);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "dlock: could not extend a handed-over lock; it ends with its claim window");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
     pub async fn try_acquire(
         self: &Arc<Self>,
         key: &str,
@@ -552,17 +613,10 @@ impl Shared {
         let owner = self.new_owner();
         let mut abandon = Abandon::new(self, &keys, &owner, "");
         match self.attempt(key, &keys, &owner, "", options.ttl).await? {
-            Outcome::Granted { token, valid_until } => {
+            Outcome::Granted(granted) => {
                 abandon.disarm();
                 drop(abandon);
-                Ok(Some(self.make_guard(
-                    key,
-                    keys,
-                    owner,
-                    token,
-                    valid_until,
-                    options,
-                )))
+                Ok(Some(self.make_guard(key, keys, owner, granted, options)))
             }
             Outcome::Busy { .. } => {
                 abandon.disarm();
@@ -597,10 +651,10 @@ impl Shared {
                 .attempt(key, &keys, &owner, waiter, options.ttl)
                 .await?
             {
-                Outcome::Granted { token, valid_until } => {
+                Outcome::Granted(granted) => {
                     abandon.disarm();
                     drop(abandon);
-                    return Ok(self.make_guard(key, keys, owner, token, valid_until, options));
+                    return Ok(self.make_guard(key, keys, owner, granted, options));
                 }
                 Outcome::Busy {
                     retry_in,
@@ -659,13 +713,19 @@ impl Shared {
                 // Ours, without another round trip, if we can vouch for it;
                 // otherwise the attempt finds out (and the lock is ours or
                 // gone by then).
-                let Some(valid_until) = clock.and_then(|c| grant.valid_until(c, options.ttl))
+                let granted_for = Duration::from_millis(grant.granted_ms);
+                let Some(valid_until) = clock.and_then(|c| grant.valid_until(c, granted_for))
                 else {
                     break;
                 };
                 abandon.disarm();
                 drop(abandon);
-                return Ok(self.make_guard(key, keys, owner, grant.token, valid_until, options));
+                let granted = Granted {
+                    token: grant.token,
+                    valid_until,
+                    granted_for,
+                };
+                return Ok(self.make_guard(key, keys, owner, granted, options));
             }
         }
     }
@@ -810,19 +870,23 @@ mod tests {
 
     #[test]
     fn grant_messages_parse() {
-        let grant = Grant::parse("grant 1795245658116459 1795245658116 abc:1f").unwrap();
+        let grant = Grant::parse("grant 1795245658116459 1795245658116 3000 abc:1f").unwrap();
         assert_eq!(
             grant,
             Grant {
                 token: 1795245658116459,
                 server_ms: 1795245658116,
+                granted_ms: 3000,
                 owner: "abc:1f",
             }
         );
         assert_eq!(Grant::parse(""), None);
         assert_eq!(Grant::parse("retry:abc"), None);
-        assert_eq!(Grant::parse("grant x 1 abc"), None);
-        assert_eq!(Grant::parse("grant 1 2"), None);
+        assert_eq!(Grant::parse("grant x 1 2 abc"), None);
+        assert_eq!(Grant::parse("grant 1 2 3"), None);
+        // An older release's message (no TTL) is not taken for a grant:
+        // its waiter learns of it from its next attempt.
+        assert_eq!(Grant::parse("grant 1 2 abc:1f"), None);
     }
 
     #[test]
@@ -838,6 +902,7 @@ mod tests {
         let grant = Grant {
             token: 1,
             server_ms: 1_002_000,
+            granted_ms: 10_000,
             owner: "o",
         };
         let valid_until = grant.valid_until(clock, ttl).unwrap();

@@ -60,8 +60,9 @@
 //!   waiter refreshes its queue entry every second; a crashed waiter's
 //!   entry expires after 3 s.
 //! - **Direct handoff** (fair mode): the release script itself makes the
-//!   queue's head (a waiter whose entry is fresh) the owner, with the TTL
-//!   that waiter asked for and a new fencing token, and publishes the grant
+//!   queue's head (a waiter whose entry is fresh) the owner, for the TTL
+//!   that waiter asked for but at most 3 s (the claim window), with a new
+//!   fencing token, and publishes the grant
 //!   on the channel of that waiter's client (one message per handoff,
 //!   however many clients wait); the waiter holds the lock when the message
 //!   arrives, without another round trip. It vouches for the lease from the server clock reading of
@@ -70,9 +71,14 @@
 //!   later message overwrote it) learns of the grant from its next attempt
 //!   (on any wake-up, at the latest after a second); a waiter dropped at the
 //!   moment of the handoff deletes the lock it was given and wakes the next
-//!   one. A waiter whose process died within 3 s of its last refresh can be
-//!   handed the lock and, like a holder that died, blocks it until its TTL
-//!   ends.
+//!   one. The waiter extends the lock to its TTL as soon as it has the
+//!   grant, in the background (with or without auto-renewal); the guard is
+//!   usable at once, vouched for by the claim window until then. A waiter
+//!   whose process died within 3 s of its last refresh can still be handed
+//!   the lock, and then blocks it for the claim window, not for its TTL.
+//!   (A waiter of an older dlock version does not read the new grant
+//!   message; it finds the lock is its own at its next attempt, within a
+//!   second, and its lease then lasts the claim window.)
 //! - **Renewal is batched**: one task per client renews all of its
 //!   auto-renewed locks with one pipeline per server and tick (about
 //!   `ttl / 3`). A lock the server no longer has for this owner is marked

@@ -49,15 +49,21 @@ struct Due {
 
 impl Renewals {
     /// Adds a lease to the client's renewal; returns its id for
-    /// [`remove`](Self::remove).
+    /// [`remove`](Self::remove). `due_now`: renew at once (a lock handed
+    /// over for less than its TTL), else after a third of the TTL.
     pub fn register(
         this: &Arc<Self>,
         shared: &Arc<Shared>,
         lease: &Lease,
         lock_key: String,
         owner: String,
+        due_now: bool,
     ) -> u64 {
-        let next_due = Instant::now() + lease.ttl() / 3;
+        let next_due = if due_now {
+            Instant::now()
+        } else {
+            Instant::now() + lease.ttl() / 3
+        };
         let mut state = this.state.lock().unwrap();
         let id = state.next_id;
         state.next_id += 1;

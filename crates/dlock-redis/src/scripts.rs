@@ -192,15 +192,20 @@ return 0
 /// Owner-checked release with direct handoff (fair mode, one server).
 ///
 /// KEYS: lock, fence, queue, waiters. ARGV: owner, channel, fence idle TTL
-/// in ms. Returns 1 if released, 0 if not ours.
+/// in ms, claim window in ms. Returns 1 if released, 0 if not ours.
 ///
 /// Stale queue heads (entry deadline passed) are dropped first. When the
 /// head is fresh, the lock becomes its own right here (`SET lock <head> PX
-/// <its ttl>`, fenced like an acquire), the head leaves the queue, and the
-/// grant is published as `grant <token> <server ms> <owner>` on the
+/// <px>`, fenced like an acquire), the head leaves the queue, and the
+/// grant is published as `grant <token> <server ms> <px> <owner>` on the
 /// channel of the head's client (`<channel>:<client id>`, see
 /// `LockKeys::grant_channel`); the waiter holds the lock without another
-/// round trip. Otherwise the lock is deleted
+/// round trip. `px` is the TTL the head asked for, capped by the claim
+/// window: a head that died since its last refresh then holds the lock
+/// for that window, not for its whole TTL, and a live head extends it to
+/// its TTL at once (in the background). Older clients read the message
+/// as someone else's grant and learn of theirs from their next attempt.
+/// Otherwise the lock is deleted
 /// and an empty message wakes the waiters. A head whose entry has no TTL
 /// (written by an older client) gets the plain release.
 pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> = LazyLock::new(|| {
@@ -208,6 +213,7 @@ pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> = LazyLock::new(|| {
         r#"
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, channel, fence_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local claim = tonumber(ARGV[4])
 if redis.call('GET', lock) ~= owner then
   return 0
 end
@@ -230,14 +236,16 @@ while true do
   end
   if deadline and deadline > now_ms then
     if ttl == '' then break end
-    redis.call('SET', lock, head, 'PX', ttl)
+    local px = math.min(tonumber(ttl), claim)
+    redis.call('SET', lock, head, 'PX', px)
     local token = grant_token(fence, fence_idle + tonumber(ttl))
     redis.call('LPOP', queue)
     redis.call('HDEL', waiters, head)
     -- On the channel of the head's client (the waiter id up to its last
     -- ':'): the other clients have nothing to do.
     redis.call('PUBLISH', channel .. ':' .. (string.match(head, '^(.*):') or head),
-      'grant ' .. string.format('%.0f', token) .. ' ' .. string.format('%.0f', now_ms) .. ' ' .. head)
+      'grant ' .. string.format('%.0f', token) .. ' ' .. string.format('%.0f', now_ms)
+        .. ' ' .. string.format('%.0f', px) .. ' ' .. head)
     return 1
   end
   redis.call('LPOP', queue)

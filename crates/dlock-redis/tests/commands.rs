@@ -332,8 +332,12 @@ async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
     // The waiter may still have been between its first attempt and its
     // subscription (attempt, subscribe, attempt again) when the queue
     // showed it; after the release script it sent no attempt (a background
-    // UNSUBSCRIBE may follow).
-    let is_attempt = |l: &String| command_name(l) == "EVALSHA" && !l.contains(":released\"");
+    // UNSUBSCRIBE, and the extension of the lock from the claim window to
+    // its TTL, may follow). An attempt names the queue; an extension only
+    // the lock.
+    let is_attempt = |l: &String| {
+        command_name(l) == "EVALSHA" && !l.contains(":released\"") && l.contains(":queue\"")
+    };
     let is_release = |l: &String| command_name(l) == "EVALSHA" && l.contains(":released\"");
     let release_at = commands
         .iter()

@@ -263,3 +263,151 @@ async fn a_handoff_is_one_message_to_the_head_only() {
     }
     head.release().await.unwrap();
 }
+
+/// A queue head that died after its last refresh is still handed the lock
+/// (the release cannot tell), but only for the claim window: the next
+/// waiter gets the lock seconds later, not after the dead head's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_head_holds_a_handed_over_lock_for_the_claim_window_only() {
+    if !ready().await {
+        return;
+    }
+    let holder = RedisLock::connect(URL).await.unwrap();
+    let key = dlock_testkit::unique_key("fair-dead-head");
+    let guard = holder
+        .try_lock(&key, &LockOptions::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let lock_key = holder.redis_key(&key);
+    let (queue, waiters) = (
+        lock_key.replace(":lock", ":queue"),
+        lock_key.replace(":lock", ":waiters"),
+    );
+    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The queue entry a waiter leaves when its process dies right after a
+    // refresh: fresh for 3 s, asking for a 60 s TTL.
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = seconds * 1000 + micros / 1000;
+    let dead = "dead-client:1";
+    let () = redis::pipe()
+        .cmd("HSET")
+        .arg(&waiters)
+        .arg(dead)
+        .arg(format!("{}:60000", now_ms + 3000))
+        .ignore()
+        .cmd("RPUSH")
+        .arg(&queue)
+        .arg(dead)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let holder_token = guard.fencing_token();
+    guard.release().await.unwrap();
+    let (owner, pttl): (String, i64) = redis::pipe()
+        .cmd("GET")
+        .arg(&lock_key)
+        .cmd("PTTL")
+        .arg(&lock_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        owner, dead,
+        "the release handed the lock to the queue's head"
+    );
+    assert!(
+        (1..=3000).contains(&pttl),
+        "handed over for the claim window, not the head's 60 s: {pttl} ms"
+    );
+    // A live waiter gets it once the window ends; before the claim window
+    // it would have waited for the dead head's whole TTL.
+    let waiter = RedisLock::connect(URL).await.unwrap();
+    let options = LockOptions::new().wait(Duration::from_secs(10));
+    let next = waiter.lock(&key, &options).await.unwrap();
+    assert!(next.fencing_token() > holder_token);
+    next.release().await.unwrap();
+}
+
+/// A live waiter handed the lock for the claim window extends it to the
+/// TTL it asked for straight away, with or without auto-renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_lock_is_extended_to_its_ttl() {
+    if !ready().await {
+        return;
+    }
+    for auto_renew in [true, false] {
+        let holder = RedisLock::connect(URL).await.unwrap();
+        let key = dlock_testkit::unique_key("fair-claimed");
+        let guard = holder
+            .try_lock(&key, &LockOptions::new())
+            .await
+            .unwrap()
+            .unwrap();
+        let lock_key = holder.redis_key(&key);
+        let (queue, waiters) = (
+            lock_key.replace(":lock", ":queue"),
+            lock_key.replace(":lock", ":waiters"),
+        );
+        let mut conn = redis::Client::open("redis://127.0.0.1:6379")
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let ttl = Duration::from_secs(20);
+        let waiting = tokio::spawn({
+            let key = key.clone();
+            async move {
+                let waiter = RedisLock::connect(URL).await.unwrap();
+                let options = LockOptions::new().ttl(ttl).auto_renew(auto_renew);
+                waiter.lock(&key, &options).await.unwrap()
+            }
+        });
+        // Queued: no event reaches the test, so it reads the queue.
+        let started = std::time::Instant::now();
+        while queued(&mut conn, &queue, &waiters).await != (1, 1) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "waiter never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        guard.release().await.unwrap();
+        let handed = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("handed over")
+            .unwrap();
+        // The extension runs in the background: watch the server's TTL
+        // pass the claim window.
+        let started = std::time::Instant::now();
+        loop {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(&lock_key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if pttl > 3000 {
+                assert!(pttl <= 20_000, "{pttl}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "auto_renew {auto_renew}: still {pttl} ms left, never extended"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // And the lease vouches for the longer time too.
+        let started = std::time::Instant::now();
+        while handed.lease().remaining().unwrap() <= Duration::from_secs(3) {
+            assert!(started.elapsed() < Duration::from_secs(2));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(handed.is_held());
+        handed.release().await.unwrap();
+    }
+}
