@@ -44,6 +44,8 @@
 //!
 //! `--json` prints one object per scenario per line: `backend`, `url`,
 //! `scenario`, `workers`, `runtime`, `duration_s`, `auto_renew`,
+//! `host_steal_pct` (the share of the machine's CPU time the hypervisor
+//! took while the scenario ran, from `/proc/stat`; null elsewhere),
 //! `floor_only`, `cycles`, `cycles_per_sec`, `p50_us`, `p99_us`,
 //! `violations`, `floor`, `floor_cycles_per_sec`, `floor_p50_us`,
 //! `floor_p99_us`, `floor_ratio` (p50 / floor p50; null for contended),

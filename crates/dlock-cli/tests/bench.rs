@@ -51,6 +51,9 @@ fn every_scenario_reports_json_and_no_violation_on_memory() {
             assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
         }
         assert!(line["p50_us"].as_f64() <= line["p99_us"].as_f64(), "{line}");
+        // Linux has /proc/stat: the steal share is a percentage.
+        let steal = line["host_steal_pct"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&steal), "{line}");
         // No server, so no round trip to measure, read or write.
         for field in ["rtt_us", "write_rtt_op", "write_rtt_us"] {
             assert!(line.get(field).unwrap().is_null(), "{field}: {line}");
