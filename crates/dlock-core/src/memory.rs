@@ -187,22 +187,25 @@ fn forget_if_idle(keys: &mut HashMap<String, KeyState>, key: &str) {
 }
 
 /// What one look at a key found.
-enum Attempt {
+enum Attempt<T> {
     /// The lock is ours, as `owner`.
     Granted(u64, Lease),
-    /// Another owner holds it until `expires_at`; `queued` is our place in
-    /// the queue (owner and grant receiver) when we asked to wait.
-    Held {
-        expires_at: Instant,
-        queued: Option<(u64, oneshot::Receiver<Lease>)>,
-    },
+    /// Another owner holds it until `expires_at`; `held` is what the
+    /// attempt's `when_held` made of it (a place in the queue, or nothing).
+    Held { expires_at: Instant, held: T },
 }
 
 impl MemoryLock {
-    /// Takes the lock if free; otherwise, with `wait`, queues a new owner.
-    /// One critical section either way: the owner id and the grant channel
-    /// are made only when they are needed.
-    fn attempt(&self, key: &str, ttl: Duration, wait: bool) -> Attempt {
+    /// Takes the lock if free; otherwise runs `when_held` on the key's
+    /// state with a new owner id (a waiter queues itself there). One
+    /// critical section either way, and the grant channel is made only by
+    /// a waiter that needs it.
+    fn attempt<T>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        when_held: impl FnOnce(&mut KeyState, u64) -> T,
+    ) -> Attempt<T> {
         let mut state = self.store.lock();
         let StoreState {
             keys,
@@ -216,12 +219,8 @@ impl MemoryLock {
         let owner = *last_owner;
         if let Some(holder) = &entry.holder {
             let expires_at = holder.expires_at;
-            let queued = wait.then(|| {
-                let (grant, granted) = oneshot::channel();
-                entry.waiters.push_back(Waiter { owner, ttl, grant });
-                (owner, granted)
-            });
-            return Attempt::Held { expires_at, queued };
+            let held = when_held(entry, owner);
+            return Attempt::Held { expires_at, held };
         }
         *last_fencing_token += 1;
         let lease = Lease::new(
@@ -271,7 +270,7 @@ impl LockBackend for MemoryLock {
     }
 
     async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
-        match self.attempt(key, options.ttl, false) {
+        match self.attempt(key, options.ttl, |_, _| ()) {
             Attempt::Granted(owner, lease) => Ok(Some(self.guard(owner, lease, options))),
             // A key with a holder is not idle: nothing to forget.
             Attempt::Held { .. } => Ok(None),
@@ -279,17 +278,19 @@ impl LockBackend for MemoryLock {
     }
 
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        let (owner, mut grant_rx, mut holder_expires_at) =
-            match self.attempt(key, options.ttl, true) {
-                Attempt::Granted(owner, lease) => return Ok(self.guard(owner, lease, options)),
-                Attempt::Held {
-                    expires_at,
-                    queued: Some((owner, granted)),
-                } => (owner, granted, Some(expires_at)),
-                Attempt::Held { queued: None, .. } => {
-                    unreachable!("an attempt that may wait queues when held")
-                }
-            };
+        let ttl = options.ttl;
+        let queue = |entry: &mut KeyState, owner| {
+            let (grant, granted) = oneshot::channel();
+            entry.waiters.push_back(Waiter { owner, ttl, grant });
+            (owner, granted)
+        };
+        let (owner, mut grant_rx, mut holder_expires_at) = match self.attempt(key, ttl, queue) {
+            Attempt::Granted(owner, lease) => return Ok(self.guard(owner, lease, options)),
+            Attempt::Held {
+                expires_at,
+                held: (owner, granted),
+            } => (owner, granted, Some(expires_at)),
+        };
         // From here we are queued: the ticket takes us out of the queue, or
         // passes on a lock granted to us, if this future is dropped.
         let mut ticket = QueueTicket {
