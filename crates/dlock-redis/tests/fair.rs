@@ -35,16 +35,7 @@ async fn eight_contenders_take_turns() {
         .await
         .unwrap()
         .unwrap();
-    let lock_key = clients[0].redis_key(&key);
-    let (queue, waiters) = (
-        lock_key.replace(":lock", ":queue"),
-        lock_key.replace(":lock", ":waiters"),
-    );
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut server = ServerView::of(&clients[0], &key).await;
     let mut tasks = Vec::new();
     for (worker, client) in clients.into_iter().enumerate() {
         let (key, grants) = (key.clone(), grants.clone());
@@ -62,15 +53,9 @@ async fn eight_contenders_take_turns() {
             }
         }));
     }
-    // Every worker queued (no event says so; the server's queue does).
-    let started = std::time::Instant::now();
-    while queued(&mut conn, &queue, &waiters).await != (WORKERS as i64, WORKERS as i64) {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "workers never all queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server
+        .wait_queued(WORKERS, Duration::from_secs(5), "workers never all queued")
+        .await;
     first.release().await.unwrap();
     for task in tasks {
         task.await.unwrap();
@@ -107,13 +92,7 @@ async fn a_dropped_waiter_leaves_the_queue() {
         .await
         .unwrap()
         .unwrap();
-    let queue = holder.redis_key(&key).replace(":lock", ":queue");
-    let waiters = holder.redis_key(&key).replace(":lock", ":waiters");
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut server = ServerView::of(&holder, &key).await;
     let pending = tokio::time::timeout(
         Duration::from_millis(300),
         waiter.lock(&key, &LockOptions::new()),
@@ -123,7 +102,7 @@ async fn a_dropped_waiter_leaves_the_queue() {
     // The cleanup runs in a background task; no event reaches the test.
     let started = std::time::Instant::now();
     loop {
-        match queued(&mut conn, &queue, &waiters).await {
+        match server.queued().await {
             (0, 0) => break,
             state => assert!(
                 started.elapsed() < Duration::from_secs(3),
@@ -142,35 +121,63 @@ async fn a_dropped_waiter_leaves_the_queue() {
                 .map(|g| g.fencing_token())
         }
     });
-    let started = std::time::Instant::now();
-    while queued(&mut conn, &queue, &waiters).await != (1, 1) {
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "waiter never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server
+        .wait_queued(1, Duration::from_secs(3), "waiter never queued")
+        .await;
     task.abort();
     let _ = task.await;
     guard.release().await.unwrap();
 }
 
-async fn queued(
-    conn: &mut redis::aio::MultiplexedConnection,
-    queue: &str,
-    waiters: &str,
-) -> (i64, i64) {
-    let len: i64 = redis::cmd("LLEN")
-        .arg(queue)
-        .query_async(conn)
-        .await
-        .unwrap();
-    let hash: i64 = redis::cmd("HLEN")
-        .arg(waiters)
-        .query_async(conn)
-        .await
-        .unwrap();
-    (len, hash)
+/// The server's side of one lock: its Redis names and a connection of
+/// the test's own to read them.
+struct ServerView {
+    lock_key: String,
+    queue: String,
+    waiters: String,
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl ServerView {
+    async fn of(client: &RedisLock, key: &str) -> Self {
+        let lock_key = client.redis_key(key);
+        ServerView {
+            queue: lock_key.replace(":lock", ":queue"),
+            waiters: lock_key.replace(":lock", ":waiters"),
+            lock_key,
+            conn: redis::Client::open("redis://127.0.0.1:6379")
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// The queue's length and the number of waiter entries.
+    async fn queued(&mut self) -> (i64, i64) {
+        let len: i64 = redis::cmd("LLEN")
+            .arg(&self.queue)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        let hash: i64 = redis::cmd("HLEN")
+            .arg(&self.waiters)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        (len, hash)
+    }
+
+    /// Waits until `waiters` waiters are queued (no event says so; the
+    /// server's queue does), failing with `what` after `within`.
+    async fn wait_queued(&mut self, waiters: usize, within: Duration, what: &str) {
+        let expected = (waiters as i64, waiters as i64);
+        let started = std::time::Instant::now();
+        while self.queued().await != expected {
+            assert!(started.elapsed() < within, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// A release hands the lock to the queue's head with one message, on the
@@ -189,16 +196,11 @@ async fn a_handoff_is_one_message_to_the_head_only() {
         .await
         .unwrap()
         .unwrap();
-    let lock_key = holder.redis_key(&key);
-    let shared = lock_key.replace(":lock", ":released");
-    let (queue, waiters) = (
-        lock_key.replace(":lock", ":queue"),
-        lock_key.replace(":lock", ":waiters"),
-    );
-    let server = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = server.get_multiplexed_async_connection().await.unwrap();
+    let mut server = ServerView::of(&holder, &key).await;
+    let shared = server.lock_key.replace(":lock", ":released");
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     // Every channel of this lock: the shared one and the waiters' own.
-    let mut listener = server.get_async_pubsub().await.unwrap();
+    let mut listener = client.get_async_pubsub().await.unwrap();
     listener.psubscribe(format!("{shared}*")).await.unwrap();
     let mut messages = listener.into_on_message();
 
@@ -213,15 +215,9 @@ async fn a_handoff_is_one_message_to_the_head_only() {
             std::future::pending::<()>().await;
         }));
     }
-    // Queued: no event reaches the test, so it reads the queue.
-    let started = std::time::Instant::now();
-    while queued(&mut conn, &queue, &waiters).await != (WAITERS as i64, WAITERS as i64) {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "waiters never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server
+        .wait_queued(WAITERS, Duration::from_secs(5), "waiters never queued")
+        .await;
     guard.release().await.unwrap();
     let head = tokio::time::timeout(Duration::from_secs(5), granted_rx.recv())
         .await
@@ -232,7 +228,7 @@ async fn a_handoff_is_one_message_to_the_head_only() {
     let () = redis::cmd("PUBLISH")
         .arg(&shared)
         .arg("marker")
-        .query_async::<i64>(&mut conn)
+        .query_async::<i64>(&mut server.conn)
         .await
         .map(|_| ())
         .unwrap();
@@ -279,16 +275,12 @@ async fn a_dead_head_holds_a_handed_over_lock_for_the_claim_window_only() {
         .await
         .unwrap()
         .unwrap();
-    let lock_key = holder.redis_key(&key);
-    let (queue, waiters) = (
-        lock_key.replace(":lock", ":queue"),
-        lock_key.replace(":lock", ":waiters"),
-    );
-    let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let ServerView {
+        lock_key,
+        queue,
+        waiters,
+        mut conn,
+    } = ServerView::of(&holder, &key).await;
     // The queue entry a waiter leaves when its process dies right after a
     // refresh: fresh for 3 s, asking for a 60 s TTL.
     let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
@@ -349,16 +341,7 @@ async fn a_handed_over_lock_is_extended_to_its_ttl() {
             .await
             .unwrap()
             .unwrap();
-        let lock_key = holder.redis_key(&key);
-        let (queue, waiters) = (
-            lock_key.replace(":lock", ":queue"),
-            lock_key.replace(":lock", ":waiters"),
-        );
-        let mut conn = redis::Client::open("redis://127.0.0.1:6379")
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut server = ServerView::of(&holder, &key).await;
         let ttl = Duration::from_secs(20);
         let waiting = tokio::spawn({
             let key = key.clone();
@@ -368,15 +351,9 @@ async fn a_handed_over_lock_is_extended_to_its_ttl() {
                 waiter.lock(&key, &options).await.unwrap()
             }
         });
-        // Queued: no event reaches the test, so it reads the queue.
-        let started = std::time::Instant::now();
-        while queued(&mut conn, &queue, &waiters).await != (1, 1) {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "waiter never queued"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        server
+            .wait_queued(1, Duration::from_secs(5), "waiter never queued")
+            .await;
         guard.release().await.unwrap();
         let handed = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
@@ -387,8 +364,8 @@ async fn a_handed_over_lock_is_extended_to_its_ttl() {
         let started = std::time::Instant::now();
         loop {
             let pttl: i64 = redis::cmd("PTTL")
-                .arg(&lock_key)
-                .query_async(&mut conn)
+                .arg(&server.lock_key)
+                .query_async(&mut server.conn)
                 .await
                 .unwrap();
             if pttl > 3000 {
