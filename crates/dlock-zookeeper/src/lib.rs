@@ -161,8 +161,8 @@ struct Inner {
     renewals: RenewalScheduler,
 }
 
-/// How long `kill_session` waits for one close to end the session before
-/// it steals the session again.
+/// How long `kill_session` gives one steal (attaching to the session, then
+/// waiting for the close to end it) before it steals the session again.
 const KILL_ROUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An attempt's node, created and queued (see [`ZooKeeperLock::enqueue`]).
@@ -238,26 +238,33 @@ impl ZooKeeperLock {
         let session = self.current();
         let mut states = session.client.state_watcher();
         let deadline = tokio::time::Instant::now() + session.timeout * 2;
+        // Why the last steal failed, for the error if none succeeds.
+        let mut last_error = None;
         loop {
-            let thief = zk::Client::connector()
+            let connect = zk::Client::connector()
                 .with_session(session.client.session().clone())
                 .with_session_timeout(session.timeout)
                 // No fail-fast: our own client's reconnection can bump the
                 // thief's first connection; it retries until attached.
-                .connect(&session.endpoint)
-                .await;
+                .connect(&session.endpoint);
+            // Bounded by a round, so a connect that keeps losing the session
+            // to our own client is retried (and the session's end looked
+            // for) well before the deadline.
+            let thief = tokio::time::timeout(KILL_ROUND, connect)
+                .await
+                .unwrap_or(Err(zk::Error::Timeout));
             match thief {
                 // Dropping the only handle sends closeSession from the
                 // thief's connection.
                 Ok(thief) => drop(thief),
                 // An earlier round's close went through.
                 Err(zk::Error::SessionExpired) => {}
+                // Our own client kept taking the session back until the
+                // thief's connect timed out (or the link failed): the
+                // session may still have ended; else steal again.
                 Err(err) => {
-                    return Err(dlock_core::Error::connection(
-                        BACKEND,
-                        session.endpoint.clone(),
-                        err,
-                    ))
+                    tracing::debug!(endpoint = %session.endpoint, error = %err, "zookeeper: could not attach to the session to close it");
+                    last_error = Some(err);
                 }
             }
             let ended = async {
@@ -279,13 +286,18 @@ impl ZooKeeperLock {
             }
             tracing::debug!(endpoint = %session.endpoint, "zookeeper session outlived its close; stealing it again");
             if tokio::time::Instant::now() >= deadline {
-                return Err(dlock_core::Error::backend(
-                    BACKEND,
-                    session.endpoint.clone(),
-                    "kill_session",
-                    "",
-                    "the session did not end within twice its timeout",
-                ));
+                return Err(match last_error {
+                    Some(err) => {
+                        dlock_core::Error::connection(BACKEND, session.endpoint.clone(), err)
+                    }
+                    None => dlock_core::Error::backend(
+                        BACKEND,
+                        session.endpoint.clone(),
+                        "kill_session",
+                        "",
+                        "the session did not end within twice its timeout",
+                    ),
+                });
             }
         }
     }
