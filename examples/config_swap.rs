@@ -1,20 +1,20 @@
 //! The config swap: one program, any backend, chosen by configuration.
 //!
 //! The code below never names a backend. The lock service comes from a
-//! URL, here inside a JSON config block parsed into `dlock::LockConfig`
+//! URL, here inside a JSON config block parsed into `distlock::LockConfig`
 //! (the same struct deserializes from TOML or YAML with their serde
 //! crates). Moving from a local file lock to Redis, ZooKeeper or etcd is a
 //! configuration change:
 //!
 //! ```text
-//! cargo run -p dlock-examples --example config_swap                                   # memory:// (no server)
-//! DLOCK_URL=file:///tmp/dlock-locks cargo run -p dlock-examples --example config_swap
-//! DLOCK_URL=redis://127.0.0.1:6379 cargo run -p dlock-examples --example config_swap
-//! DLOCK_URL=zk://127.0.0.1:2181/myapp cargo run -p dlock-examples --example config_swap
-//! DLOCK_URL=etcd://127.0.0.1:2379/myapp cargo run -p dlock-examples --features etcd --example config_swap
+//! cargo run -p distlock-examples --example config_swap                                   # memory:// (no server)
+//! DISTLOCK_URL=file:///tmp/distlock-locks cargo run -p distlock-examples --example config_swap
+//! DISTLOCK_URL=redis://127.0.0.1:6379 cargo run -p distlock-examples --example config_swap
+//! DISTLOCK_URL=zk://127.0.0.1:2181/myapp cargo run -p distlock-examples --example config_swap
+//! DISTLOCK_URL=etcd://127.0.0.1:2379/myapp cargo run -p distlock-examples --features etcd --example config_swap
 //! ```
 
-use dlock::LockConfig;
+use distlock::LockConfig;
 
 /// What a service would keep in its config file.
 const CONFIG: &str = r#"{
@@ -28,7 +28,7 @@ const CONFIG: &str = r#"{
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config: LockConfig = serde_json::from_str(CONFIG)?;
     // Deployments override the URL from the environment.
-    if let Ok(url) = std::env::var(dlock::URL_ENV) {
+    if let Ok(url) = std::env::var(distlock::URL_ENV) {
         config.url = url;
     }
 

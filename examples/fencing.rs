@@ -13,14 +13,14 @@
 //! write arrives and is refused.
 //!
 //! ```text
-//! cargo run -p dlock-examples --example fencing                                  # memory:// (no server)
-//! DLOCK_URL=redis://127.0.0.1:6379 cargo run -p dlock-examples --example fencing # any backend
+//! cargo run -p distlock-examples --example fencing                                  # memory:// (no server)
+//! DISTLOCK_URL=redis://127.0.0.1:6379 cargo run -p distlock-examples --example fencing # any backend
 //! ```
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dlock::LockOptions;
+use distlock::LockOptions;
 
 /// A resource that remembers the largest fencing token it has accepted,
 /// as a database row with a `fencing_token` column does with
@@ -63,11 +63,11 @@ impl FencedStore {
 }
 
 #[tokio::main]
-async fn main() -> dlock::Result<()> {
-    let url = std::env::var(dlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
+async fn main() -> distlock::Result<()> {
+    let url = std::env::var(distlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
     // Two clients, as two replicas of a service would have.
-    let writer_a = dlock::connect(&url).await?;
-    let writer_b = dlock::connect(&url).await?;
+    let writer_a = distlock::connect(&url).await?;
+    let writer_b = distlock::connect(&url).await?;
     let options = LockOptions::new()
         .ttl(Duration::from_secs(10))
         .wait(Duration::from_secs(5));

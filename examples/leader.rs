@@ -14,14 +14,14 @@
 //! different processes share one leadership.
 //!
 //! ```text
-//! cargo run -p dlock-examples --example leader                                   # memory:// (no server)
-//! DLOCK_URL=redis://127.0.0.1:6379 cargo run -p dlock-examples --example leader  # run it twice at once
+//! cargo run -p distlock-examples --example leader                                   # memory:// (no server)
+//! DISTLOCK_URL=redis://127.0.0.1:6379 cargo run -p distlock-examples --example leader  # run it twice at once
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use dlock::{LockOptions, Locker};
+use distlock::{LockOptions, Locker};
 use tokio::time::Instant;
 
 const KEY: &str = "leader/billing-scheduler";
@@ -48,7 +48,7 @@ impl Drop for Leading {
     }
 }
 
-async fn replica(name: String, locks: Locker, until: Instant) -> dlock::Result<u32> {
+async fn replica(name: String, locks: Locker, until: Instant) -> distlock::Result<u32> {
     let options = LockOptions::new()
         .ttl(Duration::from_secs(5))
         // Bounded waits (longer than a term, so standbys stay queued), so
@@ -58,7 +58,7 @@ async fn replica(name: String, locks: Locker, until: Instant) -> dlock::Result<u
     while Instant::now() < until {
         let guard = match locks.lock(KEY, &options).await {
             Ok(guard) => guard,
-            Err(dlock::Error::Timeout { .. }) => continue,
+            Err(distlock::Error::Timeout { .. }) => continue,
             Err(err) => return Err(err),
         };
         let leading = Leading::start();
@@ -92,12 +92,12 @@ async fn replica(name: String, locks: Locker, until: Instant) -> dlock::Result<u
 }
 
 #[tokio::main]
-async fn main() -> dlock::Result<()> {
-    let url = std::env::var(dlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
+async fn main() -> distlock::Result<()> {
+    let url = std::env::var(distlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
     let until = Instant::now() + Duration::from_secs(3);
     let mut replicas = Vec::new();
     for index in 0..3 {
-        let locks = dlock::connect(&url).await?;
+        let locks = distlock::connect(&url).await?;
         let name = format!("replica-{}-{index}", std::process::id());
         replicas.push(tokio::spawn(replica(name, locks, until)));
     }

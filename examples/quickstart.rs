@@ -1,16 +1,16 @@
 //! Quick start: take a lock, use its fencing token, release it.
 //!
-//! Runs on `$DLOCK_URL`, or in-process (`memory://`) when it is unset:
-//! `cargo run -p dlock-examples --example quickstart`.
+//! Runs on `$DISTLOCK_URL`, or in-process (`memory://`) when it is unset:
+//! `cargo run -p distlock-examples --example quickstart`.
 
 use std::time::Duration;
 
-use dlock::LockOptions;
+use distlock::LockOptions;
 
 #[tokio::main]
-async fn main() -> dlock::Result<()> {
-    let url = std::env::var(dlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
-    let locks = dlock::connect(&url).await?;
+async fn main() -> distlock::Result<()> {
+    let url = std::env::var(distlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
+    let locks = distlock::connect(&url).await?;
     let options = LockOptions::new()
         .ttl(Duration::from_secs(10))
         .wait(Duration::from_secs(5));

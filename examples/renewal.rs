@@ -12,13 +12,13 @@
 //! (`JOB_SECS=60`).
 //!
 //! ```text
-//! cargo run -p dlock-examples --example renewal                                   # memory:// (no server)
-//! DLOCK_URL=etcd://127.0.0.1:2379/myapp JOB_SECS=60 cargo run -p dlock-examples --features etcd --example renewal
+//! cargo run -p distlock-examples --example renewal                                   # memory:// (no server)
+//! DISTLOCK_URL=etcd://127.0.0.1:2379/myapp JOB_SECS=60 cargo run -p distlock-examples --features etcd --example renewal
 //! ```
 
 use std::time::Duration;
 
-use dlock::{LockGuard, LockOptions, LostReason};
+use distlock::{LockGuard, LockOptions, LostReason};
 
 /// Runs `steps` steps of work while the lock is held; stops at the first
 /// sign of loss. Returns how many steps ran.
@@ -43,13 +43,13 @@ async fn work(_step: u32) {
 }
 
 #[tokio::main]
-async fn main() -> dlock::Result<()> {
-    let url = std::env::var(dlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
+async fn main() -> distlock::Result<()> {
+    let url = std::env::var(distlock::URL_ENV).unwrap_or_else(|_| "memory://".to_owned());
     let job_secs: u32 = std::env::var("JOB_SECS")
         .ok()
         .and_then(|secs| secs.parse().ok())
         .unwrap_or(3);
-    let locks = dlock::connect(&url).await?;
+    let locks = distlock::connect(&url).await?;
     let options = LockOptions::new()
         .ttl(Duration::from_secs(1))
         .auto_renew(true)
@@ -76,7 +76,7 @@ async fn main() -> dlock::Result<()> {
     let guard = locks.lock("renewal/compaction", &options).await?;
     if let Some(name) = url.strip_prefix("memory://") {
         // The in-process backend can take a lock away as a fault would.
-        let store = dlock::memory::MemoryLock::named(name.trim_end_matches('/'));
+        let store = distlock::memory::MemoryLock::named(name.trim_end_matches('/'));
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(600)).await;
             store.revoke("renewal/compaction");

@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use dlock::LockOptions;
+use distlock::LockOptions;
 
 async fn lock_round_trip(url: &str) {
-    let first = dlock::connect(url)
+    let first = distlock::connect(url)
         .await
         .unwrap_or_else(|err| panic!("connect {url}: {err}"));
-    let second = dlock::connect(url).await.expect("second client");
-    let key = dlock_testkit::unique_key("connect-url");
+    let second = distlock::connect(url).await.expect("second client");
+    let key = distlock_testkit::unique_key("connect-url");
     let options = LockOptions::new().wait(Duration::from_secs(5));
     let guard = first.lock(&key, &options).await.expect("lock");
     assert!(
@@ -44,7 +44,7 @@ async fn memory_url() {
 #[cfg(feature = "file")]
 #[tokio::test]
 async fn file_url() {
-    let dir = std::env::temp_dir().join(format!("dlock-connect-urls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("distlock-connect-urls-{}", std::process::id()));
     lock_round_trip(&format!("file://{}", dir.display())).await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -52,7 +52,7 @@ async fn file_url() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn redis_url() {
-    if dlock_testkit::service_ready("redis", "127.0.0.1:6379").await {
+    if distlock_testkit::service_ready("redis", "127.0.0.1:6379").await {
         lock_round_trip("redis://127.0.0.1:6379").await;
     }
 }
@@ -60,7 +60,7 @@ async fn redis_url() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn redlock_url() {
-    if dlock_testkit::service_ready("redis", "127.0.0.1:6380").await {
+    if distlock_testkit::service_ready("redis", "127.0.0.1:6380").await {
         lock_round_trip("redlock://127.0.0.1:6380,127.0.0.1:6381,127.0.0.1:6382").await;
     }
 }
@@ -68,15 +68,15 @@ async fn redlock_url() {
 #[cfg(feature = "zookeeper")]
 #[tokio::test]
 async fn zookeeper_url() {
-    if dlock_testkit::service_ready("zookeeper", "127.0.0.1:2181").await {
-        lock_round_trip("zk://127.0.0.1:2181/dlock-connect-urls").await;
+    if distlock_testkit::service_ready("zookeeper", "127.0.0.1:2181").await {
+        lock_round_trip("zk://127.0.0.1:2181/distlock-connect-urls").await;
     }
 }
 
 #[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_url() {
-    if dlock_testkit::service_ready("etcd", "127.0.0.1:2379").await {
-        lock_round_trip("etcd://127.0.0.1:2379/dlock-connect-urls").await;
+    if distlock_testkit::service_ready("etcd", "127.0.0.1:2379").await {
+        lock_round_trip("etcd://127.0.0.1:2379/distlock-connect-urls").await;
     }
 }

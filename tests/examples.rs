@@ -1,5 +1,5 @@
 //! Every example in examples/ runs to success on `memory://` with no server
-//! and `DLOCK_URL` unset, as `cargo run -p dlock-examples --example NAME` does on a fresh
+//! and `DISTLOCK_URL` unset, as `cargo run -p distlock-examples --example NAME` does on a fresh
 //! machine, and prints what it claims to show.
 //!
 //! The example binaries are the ones cargo built for this test run
@@ -31,7 +31,7 @@ fn example_path(name: &str) -> PathBuf {
 /// Runs an example on memory:// and returns its stdout.
 fn run_on_memory(name: &str) -> String {
     let output = Command::new(example_path(name))
-        .env_remove("DLOCK_URL")
+        .env_remove("DISTLOCK_URL")
         .env_remove("JOB_SECS")
         .output()
         .unwrap_or_else(|err| panic!("run example {name}: {err}"));

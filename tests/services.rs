@@ -31,7 +31,7 @@ async fn exchange(addr: &str, request: &[u8], read_until_close: bool) -> String 
 
 async fn redis_answers_ping(port: u16) {
     let addr = format!("127.0.0.1:{port}");
-    if !dlock_testkit::service_ready("redis", &addr).await {
+    if !distlock_testkit::service_ready("redis", &addr).await {
         return;
     }
     assert_eq!(exchange(&addr, b"PING\r\n", false).await, "+PONG\r\n");
@@ -52,7 +52,7 @@ async fn redlock_instances_answer() {
 #[tokio::test]
 async fn zookeeper_answers() {
     let addr = "127.0.0.1:2181";
-    if !dlock_testkit::service_ready("zookeeper", addr).await {
+    if !distlock_testkit::service_ready("zookeeper", addr).await {
         return;
     }
     assert_eq!(exchange(addr, b"ruok", true).await, "imok");
@@ -63,7 +63,7 @@ async fn zookeeper_answers() {
 #[tokio::test]
 async fn etcd_answers() {
     let addr = "127.0.0.1:2379";
-    if !dlock_testkit::service_ready("etcd", addr).await {
+    if !distlock_testkit::service_ready("etcd", addr).await {
         return;
     }
     let request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";

@@ -1,0 +1,205 @@
+//! The one error type of distlock.
+
+use std::time::Duration;
+
+/// A boxed error from a backend's client library, kept as the `source`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias used across distlock.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when taking, keeping or releasing a lock.
+///
+/// Backend client errors are wrapped in [`Error::Connection`] or
+/// [`Error::Backend`] with their context; they are never public variants.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The key cannot name a lock (today: it is empty).
+    #[error("invalid lock key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// Options or configuration values that cannot work (a zero TTL, say).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A connection URL that cannot be parsed or names an unknown scheme.
+    #[error("invalid lock URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given (passwords are not redacted by the core; backends
+        /// should pass a redacted form).
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The URL names a backend whose cargo feature is not enabled.
+    #[error("the {backend} backend needs the `{feature}` cargo feature of the `distlock` crate")]
+    FeatureNotEnabled {
+        /// The backend the URL asked for.
+        backend: &'static str,
+        /// The feature that enables it.
+        feature: &'static str,
+    },
+
+    /// `lock` waited for its whole `wait` without acquiring.
+    #[error("timed out after {waited:?} waiting for lock {key:?}")]
+    Timeout {
+        /// The lock's key.
+        key: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+
+    /// The lock is no longer ours: it expired, was taken by another owner,
+    /// or was revoked. Nothing of a newer holder was touched.
+    #[error("lock {key:?} is not held (it expired or another owner has it)")]
+    NotHeld {
+        /// The lock's key.
+        key: String,
+    },
+
+    /// The backend cannot do what was asked (for example a per-lock TTL on
+    /// a session-based backend).
+    #[error("the {backend} backend does not support {what}")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// The operation or option it lacks.
+        what: String,
+    },
+
+    /// Could not reach or connect to the coordination service.
+    #[error("cannot connect to {backend} at {endpoint}")]
+    Connection {
+        /// The backend, e.g. `redis`.
+        backend: &'static str,
+        /// The endpoint(s) tried, e.g. `127.0.0.1:6379`.
+        endpoint: String,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The service answered with an error, or the connection failed during
+    /// an operation on a lock.
+    #[error("{backend} at {endpoint}: {operation} of lock {key:?} failed")]
+    Backend {
+        /// The backend, e.g. `etcd`.
+        backend: &'static str,
+        /// The endpoint(s) in use.
+        endpoint: String,
+        /// What was being done: `acquire`, `release`, `extend`, `wait`...
+        operation: &'static str,
+        /// The lock's key (empty for client-wide operations).
+        key: String,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// `Error::NotHeld` for `key`.
+    pub fn not_held(key: impl Into<String>) -> Self {
+        Error::NotHeld { key: key.into() }
+    }
+
+    /// `Error::Connection` with its context.
+    pub fn connection(
+        backend: &'static str,
+        endpoint: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Connection {
+            backend,
+            endpoint: endpoint.into(),
+            source: source.into(),
+        }
+    }
+
+    /// `Error::Backend` with its context.
+    pub fn backend(
+        backend: &'static str,
+        endpoint: impl Into<String>,
+        operation: &'static str,
+        key: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Backend {
+            backend,
+            endpoint: endpoint.into(),
+            operation,
+            key: key.into(),
+            source: source.into(),
+        }
+    }
+
+    /// `Error::InvalidUrl` for `url`.
+    pub fn invalid_url(url: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidUrl {
+            url: url.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// True for [`Error::NotHeld`].
+    pub fn is_not_held(&self) -> bool {
+        matches!(self, Error::NotHeld { .. })
+    }
+
+    /// True for [`Error::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True when retrying later may succeed: connection and backend errors.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Connection { .. } | Error::Backend { .. })
+    }
+}
+
+/// `url` with any password replaced by `***`, for error messages and logs.
+///
+/// ```
+/// assert_eq!(distlock_core::error::redact_url("redis://u:secret@h:6379/0"), "redis://u:***@h:6379/0");
+/// assert_eq!(distlock_core::error::redact_url("etcd://h:2379/p"), "etcd://h:2379/p");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    if !userinfo.contains(':') {
+        return url.to_owned();
+    }
+    format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_context_and_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = Error::connection("redis", "127.0.0.1:1", io);
+        assert_eq!(err.to_string(), "cannot connect to redis at 127.0.0.1:1");
+        let source = std::error::Error::source(&err).expect("source kept");
+        assert_eq!(source.to_string(), "refused");
+        assert!(err.is_transient());
+        assert!(Error::not_held("k").is_not_held());
+    }
+}

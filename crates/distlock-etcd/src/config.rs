@@ -1,0 +1,254 @@
+//! `etcd://` URLs: endpoints, key prefix, credentials and options.
+
+use std::time::Duration;
+
+use distlock_core::error::redact_url;
+use distlock_core::url::{self, percent_decode, UrlParts};
+use distlock_core::{Error, Result};
+
+/// The session lease's TTL when the URL does not set `session_ttl`.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30);
+/// The bound on each request when the URL does not set `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The bound on connecting when the URL does not set `connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The key prefix when the URL has no path.
+pub const DEFAULT_PREFIX: &str = "distlock";
+
+/// How to reach etcd and where the locks live.
+///
+/// ```
+/// use std::time::Duration;
+/// use distlock_etcd::EtcdConfig;
+///
+/// let config = EtcdConfig::from_url("etcd://app:s3cret@10.0.0.1:2379,10.0.0.2:2379/myapp/locks?session_ttl=10s").unwrap();
+/// assert_eq!(config.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379"]);
+/// assert_eq!(config.prefix, "myapp/locks");
+/// assert_eq!(config.user, Some(("app".to_owned(), "s3cret".to_owned())));
+/// assert_eq!(config.session_ttl, Duration::from_secs(10));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EtcdConfig {
+    /// `host:port` of each member to use.
+    pub endpoints: Vec<String>,
+    /// Key prefix of every lock (no leading or trailing `/`).
+    pub prefix: String,
+    /// User name and password, if etcd has authentication on.
+    pub user: Option<(String, String)>,
+    /// TTL of the client's session lease, which carries every lock whose
+    /// `LockOptions::ttl` equals it (whole seconds, at least 2 s on etcd 3.4).
+    pub session_ttl: Duration,
+    /// Bound on each request.
+    pub timeout: Duration,
+    /// Bound on connecting and creating the session.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .field("session_ttl", &self.session_ttl)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl EtcdConfig {
+    /// A configuration for `endpoints` (`host:port`) with the defaults.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        EtcdConfig {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            user: None,
+            session_ttl: DEFAULT_SESSION_TTL,
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Parses `etcd://[user:password@]host:port[,host:port...][/prefix][?options]`.
+    ///
+    /// Options: `session_ttl`, `timeout`, `connect_timeout`, each a duration
+    /// such as `30s` or `500ms`. User and password may be percent-encoded.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let invalid = |reason: String| Error::invalid_url(redact_url(url), reason);
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| invalid("the scheme must be etcd://".into()))?;
+        let UrlParts {
+            userinfo,
+            hosts,
+            path,
+            query,
+        } = UrlParts::split(rest);
+        let user = match userinfo {
+            None => None,
+            Some(userinfo) => {
+                let (name, password) = userinfo.split_once(':').ok_or_else(|| {
+                    invalid("credentials must be user:password (etcd needs both)".into())
+                })?;
+                let name = percent_decode(name).ok_or_else(|| invalid("bad user name".into()))?;
+                let password =
+                    percent_decode(password).ok_or_else(|| invalid("bad password".into()))?;
+                if name.is_empty() {
+                    return Err(invalid("the user name is empty".into()));
+                }
+                Some((name, password))
+            }
+        };
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let host = host.trim();
+            if host.is_empty() {
+                return Err(invalid("expected host:port[,host:port...]".into()));
+            }
+            let bracketed = |name: &str| name.starts_with('[') && name.ends_with(']');
+            let endpoint = if bracketed(host) {
+                // An IPv6 literal without a port gets etcd's client port.
+                format!("{host}:2379")
+            } else {
+                match host.rsplit_once(':') {
+                    Some((name, port))
+                        if !name.is_empty() && (!name.contains(':') || bracketed(name)) =>
+                    {
+                        port.parse::<u16>()
+                            .map_err(|_| invalid(format!("bad port in {host:?}")))?;
+                        host.to_owned()
+                    }
+                    None => format!("{host}:2379"),
+                    _ => {
+                        return Err(invalid(format!(
+                            "bad endpoint {host:?} (bracket IPv6 literals)"
+                        )))
+                    }
+                }
+            };
+            endpoints.push(endpoint);
+        }
+        let prefix = path.trim_matches('/');
+        let prefix = if prefix.is_empty() {
+            DEFAULT_PREFIX.to_owned()
+        } else {
+            percent_decode(prefix).ok_or_else(|| invalid("bad prefix".into()))?
+        };
+        let mut config = EtcdConfig {
+            endpoints,
+            prefix,
+            user,
+            ..EtcdConfig::new(Vec::<String>::new())
+        };
+        for option in url::options(query) {
+            let (name, value) = option.map_err(invalid)?;
+            let duration = humantime::parse_duration(value)
+                .map_err(|err| invalid(format!("option {name}: {err}")))?;
+            match name {
+                "session_ttl" => config.session_ttl = duration,
+                "timeout" => config.timeout = duration,
+                "connect_timeout" => config.connect_timeout = duration,
+                other => {
+                    return Err(invalid(format!(
+                        "unknown option {other:?}; expected session_ttl, timeout or connect_timeout"
+                    )))
+                }
+            }
+        }
+        config.validate().map_err(|err| match err {
+            Error::InvalidConfig(reason) => invalid(reason),
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<()> {
+        if self.endpoints.is_empty() {
+            return Err(Error::InvalidConfig("no etcd endpoint given".into()));
+        }
+        if self.session_ttl < Duration::from_secs(1) || self.session_ttl > MAX_LEASE_TTL {
+            return Err(Error::InvalidConfig(format!(
+                "session_ttl must be between 1s and {MAX_LEASE_TTL:?}, got {:?}",
+                self.session_ttl
+            )));
+        }
+        if self.timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::InvalidConfig("timeouts must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The endpoints as one string for messages.
+    pub(crate) fn endpoints_label(&self) -> String {
+        self.endpoints.join(",")
+    }
+}
+
+/// etcd's largest lease TTL (`MaxLeaseTTL`, 9 000 000 000 s), rounded down
+/// to what is useful.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Whole seconds for a lease TTL, rounded up (etcd leases count seconds).
+pub(crate) fn lease_seconds(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    secs.max(1) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let config = EtcdConfig::from_url("etcd://127.0.0.1:2379").unwrap();
+        assert_eq!(config.endpoints, ["127.0.0.1:2379"]);
+        assert_eq!(config.prefix, "distlock");
+        assert_eq!(config.user, None);
+        assert_eq!(config.session_ttl, DEFAULT_SESSION_TTL);
+
+        let config = EtcdConfig::from_url(
+            "etcd://u%40x:p%3Aw%2F@h1:2379,h2/app/locks/?session_ttl=5s&timeout=2s&connect_timeout=300ms",
+        )
+        .unwrap();
+        assert_eq!(config.endpoints, ["h1:2379", "h2:2379"]);
+        assert_eq!(config.prefix, "app/locks");
+        assert_eq!(config.user, Some(("u@x".into(), "p:w/".into())));
+        assert_eq!(config.session_ttl, Duration::from_secs(5));
+        assert_eq!(config.timeout, Duration::from_secs(2));
+        assert_eq!(config.connect_timeout, Duration::from_millis(300));
+        assert!(!format!("{config:?}").contains("p:w/"), "password in Debug");
+
+        let config = EtcdConfig::from_url("etcd://[::1]:2379,[::1]/p").unwrap();
+        assert_eq!(config.endpoints, ["[::1]:2379", "[::1]:2379"]);
+    }
+
+    #[test]
+    fn refuses_bad_urls_without_leaking_the_password() {
+        for url in [
+            "redis://h:1",
+            "etcd://",
+            "etcd://h1:2379,,h2:2379",
+            "etcd://h:notaport",
+            "etcd://h:2379?session_ttl=abc",
+            "etcd://h:2379?session_ttl=0s",
+            "etcd://h:2379?bogus=1s",
+            "etcd://h:2379?session_ttl",
+            "etcd://user@h:2379",
+            "etcd://u:secret@h:99999",
+        ] {
+            let err = EtcdConfig::from_url(url).expect_err(url);
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn lease_seconds_round_up() {
+        assert_eq!(lease_seconds(Duration::from_millis(800)), 1);
+        assert_eq!(lease_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(lease_seconds(Duration::from_millis(2001)), 3);
+    }
+}

@@ -1,0 +1,352 @@
+//! Leases: the client's session lease, kept alive by one stream for all
+//! the locks it carries, and per-lock leases for locks with their own TTL.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distlock_core::lease::validity_deadline;
+use distlock_core::{Lease, LostReason, WeakLease};
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// What one keep-alive round trip said about a lease.
+pub(crate) enum Refresh {
+    /// The lease lives `ttl` from when the request was sent.
+    Alive(Duration),
+    /// The lease is gone on the server (expired or revoked).
+    Gone,
+}
+
+/// One keep-alive stream for one lease. etcd-client binds a stream to a
+/// lease id, so each lease has its own; the session's is shared by every
+/// lock on the session.
+pub(crate) struct KeepAlive {
+    id: i64,
+    /// The TTL the lease was granted with (what a refresh restores).
+    granted: Duration,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl KeepAlive {
+    pub(crate) fn new(id: i64, granted: Duration) -> Self {
+        KeepAlive {
+            id,
+            granted,
+            stream: None,
+        }
+    }
+
+    /// One keep-alive round trip, opening the stream if needed. The
+    /// caller bounds it with a timeout and records `sent_at` before it.
+    pub(crate) async fn refresh(&mut self, client: &Client) -> Result<Refresh, etcd_client::Error> {
+        let outcome = self.refresh_inner(client).await;
+        if outcome.is_err() {
+            // A broken stream is reopened next time.
+            self.stream = None;
+        }
+        outcome
+    }
+
+    async fn refresh_inner(&mut self, client: &Client) -> Result<Refresh, etcd_client::Error> {
+        match &mut self.stream {
+            Some((keeper, stream)) => {
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(response) if response.ttl() > 0 => {
+                        Ok(Refresh::Alive(Duration::from_secs(response.ttl() as u64)))
+                    }
+                    Some(_) => Ok(Refresh::Gone),
+                    None => Err(etcd_client::Error::LeaseKeepAliveError(
+                        "the keep-alive stream ended".into(),
+                    )),
+                }
+            }
+            None => {
+                // Opening the stream sends the first keep-alive and reads
+                // its answer; etcd-client reports a dead lease as an error.
+                match client.lease_client().keep_alive(self.id).await {
+                    Ok(stream) => {
+                        self.stream = Some(stream);
+                        Ok(Refresh::Alive(self.granted))
+                    }
+                    Err(etcd_client::Error::LeaseKeepAliveError(why))
+                        if why.contains("not found") =>
+                    {
+                        Ok(Refresh::Gone)
+                    }
+                    Err(err) => Err(err),
+                }
+            }
+        }
+    }
+}
+
+struct SessionState {
+    /// Until when the last keep-alive vouches for the lease.
+    valid_until: Instant,
+    lost: Option<String>,
+    /// Locks carried by the session, updated on every keep-alive.
+    leases: Vec<WeakLease>,
+}
+
+/// The client's session lease.
+pub(crate) struct Session {
+    pub(crate) id: i64,
+    /// The TTL etcd granted (it may round up what was asked).
+    pub(crate) ttl: Duration,
+    state: Mutex<SessionState>,
+    lost_tx: watch::Sender<bool>,
+    task: Mutex<Option<AbortHandle>>,
+}
+
+impl Session {
+    pub(crate) fn new(id: i64, ttl: Duration, valid_until: Instant) -> Arc<Self> {
+        Arc::new(Session {
+            id,
+            ttl,
+            state: Mutex::new(SessionState {
+                valid_until,
+                lost: None,
+                leases: Vec::new(),
+            }),
+            lost_tx: watch::channel(false).0,
+            task: Mutex::new(None),
+        })
+    }
+
+    /// True once the session was lost or its deadline passed.
+    pub(crate) fn is_lost(&self) -> bool {
+        let state = self.state.lock().unwrap();
+        state.lost.is_some() || Instant::now() >= state.valid_until
+    }
+
+    fn valid_until(&self) -> Instant {
+        self.state.lock().unwrap().valid_until
+    }
+
+    /// Resolves once the session is lost (or its deadline passes).
+    pub(crate) async fn lost(&self) {
+        let mut rx = self.lost_tx.subscribe();
+        loop {
+            let deadline = self.valid_until();
+            if *rx.borrow_and_update() || Instant::now() >= deadline {
+                return;
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Builds a lease for a lock granted on this session and registers it
+    /// for keep-alive updates; `None` if the session is already lost.
+    pub(crate) fn attach(&self, make: impl FnOnce(Instant) -> Lease) -> Option<Lease> {
+        let mut state = self.state.lock().unwrap();
+        if state.lost.is_some() || Instant::now() >= state.valid_until {
+            return None;
+        }
+        let lease = make(state.valid_until);
+        state.leases.push(lease.downgrade());
+        Some(lease)
+    }
+
+    /// Records a keep-alive answer. Returns false when it came too late:
+    /// the old deadline had passed, so the locks may have been lost in
+    /// between and are not brought back.
+    fn renewed(&self, valid_until: Instant) -> bool {
+        let mut state = self.state.lock().unwrap();
+        if state.lost.is_some() || Instant::now() >= state.valid_until {
+            return false;
+        }
+        state.valid_until = valid_until;
+        state.leases.retain(|weak| match weak.upgrade() {
+            // `is_held` also checks the lock's own deadline.
+            Some(lease) if lease.is_held() => {
+                lease.set_valid_until(Some(valid_until));
+                true
+            }
+            _ => false,
+        });
+        true
+    }
+
+    /// Marks the session and every lock on it lost.
+    pub(crate) fn lose(&self, why: &str) {
+        let leases = {
+            let mut state = self.state.lock().unwrap();
+            if state.lost.is_some() {
+                return;
+            }
+            state.lost = Some(why.to_owned());
+            std::mem::take(&mut state.leases)
+        };
+        let held: Vec<_> = leases
+            .iter()
+            .filter_map(WeakLease::upgrade)
+            .filter(|lease| lease.is_held())
+            .collect();
+        // Only a loss that takes held locks with it deserves a warning; a
+        // client closing with nothing held is routine.
+        if held.is_empty() {
+            tracing::debug!(lease_id = self.id, why, "distlock: etcd session ended");
+        } else {
+            tracing::warn!(
+                lease_id = self.id,
+                why,
+                locks = held.len(),
+                "distlock: etcd session lost"
+            );
+        }
+        for lease in held {
+            lease.mark_lost(LostReason::SessionLost(why.to_owned()));
+        }
+        self.lost_tx.send_replace(true);
+    }
+
+    /// Starts the keep-alive task.
+    pub(crate) fn start(self: &Arc<Self>, client: Client, timeout: Duration) {
+        let task = tokio::spawn(keep_session_alive(client, self.clone(), timeout));
+        *self.task.lock().unwrap() = Some(task.abort_handle());
+    }
+
+    /// Stops the keep-alive, marks the session lost and revokes the lease
+    /// in the background (which deletes every key still on it).
+    pub(crate) fn close(&self, client: &Client, why: &str) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+        if self.state.lock().unwrap().lost.is_some() {
+            return;
+        }
+        self.lose(why);
+        spawn_revoke(client.clone(), self.id);
+    }
+}
+
+/// Revokes `id` in the background, if a runtime is there to do it.
+pub(crate) fn spawn_revoke(client: Client, id: i64) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let revoke = async { client.lease_client().revoke(id).await };
+            if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(5), revoke).await {
+                tracing::debug!(lease_id = id, error = %err, "distlock: etcd lease revoke failed");
+            }
+        });
+    }
+}
+
+/// Keeps the session lease alive every ttl/3 on one stream, moving every
+/// attached lock's deadline to `sent_at + ttl - drift` on each answer.
+/// Stops, marking the session lost, when etcd says the lease is gone or no
+/// keep-alive succeeds before the deadline.
+async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Duration) {
+    let interval = session.ttl / 3;
+    let mut keep_alive = KeepAlive::new(session.id, session.ttl);
+    let mut next = Instant::now() + interval;
+    let mut failures: u32 = 0;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let sent_at = Instant::now();
+        let left = session.valid_until().saturating_duration_since(sent_at);
+        if left.is_zero() {
+            session.lose("no keep-alive succeeded before the lease's deadline");
+            break;
+        }
+        let span = tracing::debug_span!("distlock.renew", backend = "etcd", lease_id = session.id);
+        let refresh = keep_alive.refresh(&client).instrument(span);
+        let outcome = tokio::time::timeout(left.min(timeout), refresh).await;
+        match outcome {
+            Ok(Ok(Refresh::Alive(ttl))) => {
+                if !session.renewed(validity_deadline(sent_at, ttl)) {
+                    session.lose("the keep-alive answered after the lease's deadline");
+                    break;
+                }
+                failures = 0;
+                next = sent_at + interval;
+            }
+            Ok(Ok(Refresh::Gone)) => {
+                session.lose("etcd says the session lease expired or was revoked");
+                break;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(lease_id = session.id, error = %err, "distlock: etcd keep-alive failed, retrying");
+                failures += 1;
+                next = Instant::now() + retry_delay(failures, left);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    lease_id = session.id,
+                    "distlock: etcd keep-alive got no answer, retrying"
+                );
+                keep_alive.stream = None;
+                failures += 1;
+                next = Instant::now() + retry_delay(failures, left);
+            }
+        }
+    }
+    // The server may still hold the lease (a paused or partitioned
+    // server): revoke it so that no lock outlives our giving up on it.
+    spawn_revoke(client, session.id);
+}
+
+fn retry_delay(failures: u32, left: Duration) -> Duration {
+    Duration::from_millis(50u64 << failures.min(4)).min(left / 4)
+}
+
+/// A lock's own lease (its TTL differs from the session's, or it must not
+/// be renewed).
+pub(crate) struct OwnLease {
+    pub(crate) id: i64,
+    pub(crate) ttl: Duration,
+    keep_alive: tokio::sync::Mutex<KeepAlive>,
+    valid_until: Mutex<Instant>,
+}
+
+impl OwnLease {
+    pub(crate) fn new(id: i64, ttl: Duration, valid_until: Instant) -> Self {
+        OwnLease {
+            id,
+            ttl,
+            keep_alive: tokio::sync::Mutex::new(KeepAlive::new(id, ttl)),
+            valid_until: Mutex::new(valid_until),
+        }
+    }
+
+    /// Until when the last grant or refresh vouches for the lease.
+    pub(crate) fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap()
+    }
+
+    /// One keep-alive: the new deadline, or `None` if the lease is gone.
+    pub(crate) async fn refresh(
+        &self,
+        client: &Client,
+        timeout: Duration,
+    ) -> Result<Option<Instant>, etcd_client::Error> {
+        let mut keep_alive = self.keep_alive.lock().await;
+        let sent_at = Instant::now();
+        let outcome = match tokio::time::timeout(timeout, keep_alive.refresh(client)).await {
+            Ok(outcome) => outcome?,
+            Err(_) => {
+                keep_alive.stream = None;
+                return Err(etcd_client::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no keep-alive answer within {timeout:?}"),
+                )));
+            }
+        };
+        match outcome {
+            Refresh::Alive(ttl) => {
+                let deadline = validity_deadline(sent_at, ttl);
+                let mut valid_until = self.valid_until.lock().unwrap();
+                *valid_until = (*valid_until).max(deadline);
+                Ok(Some(deadline))
+            }
+            Refresh::Gone => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! Batched renewal: one task per client renews all of its auto-renewed
+//! locks with one pipeline per server and tick, instead of one task and
+//! one round trip per lock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use distlock_core::lease::validity_deadline;
+use distlock_core::{Lease, LostReason, WeakLease};
+use futures::future::join_all;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::client::Shared;
+use crate::node::timed_out;
+use crate::scripts::EXTEND;
+
+#[derive(Default)]
+pub(crate) struct Renewals {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+    /// When the task plans to wake next (`None`: idle until notified).
+    target: Option<Instant>,
+    running: bool,
+}
+
+struct Entry {
+    lease: WeakLease,
+    lock_key: String,
+    owner: String,
+    next_due: Instant,
+    failures: u32,
+}
+
+struct Due {
+    id: u64,
+    lease: Lease,
+    lock_key: String,
+    owner: String,
+}
+
+impl Renewals {
+    /// Adds a lease to the client's renewal; returns its id for
+    /// [`remove`](Self::remove). `due_now`: renew at once (a lock handed
+    /// over for less than its TTL), else after a third of the TTL.
+    pub fn register(
+        this: &Arc<Self>,
+        shared: &Arc<Shared>,
+        lease: &Lease,
+        lock_key: String,
+        owner: String,
+        due_now: bool,
+    ) -> u64 {
+        let next_due = if due_now {
+            Instant::now()
+        } else {
+            Instant::now() + lease.ttl() / 3
+        };
+        let mut state = this.state.lock().unwrap();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.entries.insert(
+            id,
+            Entry {
+                lease: lease.downgrade(),
+                lock_key,
+                owner,
+                next_due,
+                failures: 0,
+            },
+        );
+        if !state.running {
+            state.running = true;
+            state.target = Some(next_due);
+            tokio::spawn(run(this.clone(), Arc::downgrade(shared)));
+        } else if !matches!(state.target, Some(target) if target <= next_due) {
+            // Only wake the task when this lock is due before its plan.
+            state.target = Some(next_due);
+            this.wake.notify_one();
+        }
+        id
+    }
+
+    /// Wakes the task (it exits when the client is gone).
+    pub fn wake_task(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Stops renewing a lock (on release).
+    pub fn remove(&self, id: u64) {
+        self.state.lock().unwrap().entries.remove(&id);
+    }
+
+    /// Picks the leases due now (and those due within half their renewal
+    /// interval, so locks taken at different times share ticks); forgets
+    /// finished ones.
+    fn take_due(&self) -> (Vec<Due>, Option<Instant>) {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap();
+        let mut due = Vec::new();
+        state.entries.retain(|&id, entry| {
+            let Some(lease) = entry.lease.upgrade().filter(Lease::is_held) else {
+                return false;
+            };
+            if entry.next_due <= now + lease.ttl() / 6 {
+                due.push(Due {
+                    id,
+                    lease,
+                    lock_key: entry.lock_key.clone(),
+                    owner: entry.owner.clone(),
+                });
+            }
+            true
+        });
+        let target = if due.is_empty() {
+            state.entries.values().map(|e| e.next_due).min()
+        } else {
+            None
+        };
+        state.target = target;
+        (due, target)
+    }
+}
+
+async fn run(renewals: Arc<Renewals>, shared: Weak<Shared>) {
+    loop {
+        let (due, target) = renewals.take_due();
+        if !due.is_empty() {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let span =
+                tracing::debug_span!("distlock.renew", backend = shared.name, locks = due.len());
+            renew(&shared, &renewals, due).instrument(span).await;
+            continue;
+        }
+        if shared.strong_count() == 0 {
+            return;
+        }
+        match target {
+            Some(target) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(target) => {}
+                    _ = renewals.wake.notified() => {}
+                }
+            }
+            None => renewals.wake.notified().await,
+        }
+    }
+}
+
+/// One pipeline per server: the script is loaded first (a restarted server
+/// forgot it), then one owner-checked PEXPIRE per lock.
+async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
+    let ttls: Vec<u64> = due
+        .iter()
+        .map(|d| d.lease.ttl().as_millis() as u64)
+        .collect();
+    let mut pipe = redis::pipe();
+    pipe.load_script(EXTEND.script()).ignore();
+    for (d, ttl_ms) in due.iter().zip(&ttls) {
+        pipe.invoke_script(EXTEND.script().key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
+    }
+    let count = due.len();
+    // One server: its reply timeout. Redlock: the per-instance bound of
+    // the shortest TTL, so a paused instance does not eat the validity.
+    let bound = if shared.nodes.len() > 1 {
+        let shortest = ttls.iter().copied().min().unwrap_or(0);
+        shared.node_timeout(Duration::from_millis(shortest))
+    } else {
+        shared.timeout
+    };
+    let sent_at = Instant::now();
+    let results: Vec<redis::RedisResult<Vec<i64>>> = join_all(shared.nodes.iter().map(|node| {
+        let (pipe, mut conn) = (&pipe, node.conn.clone());
+        async move {
+            match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+                Ok(Ok(values)) if values.len() == count => Ok(values),
+                Ok(Ok(_)) => Err(timed_out(
+                    "renewal pipeline answered the wrong number of replies",
+                )),
+                Ok(Err(err)) => Err(err),
+                Err(_) => Err(timed_out("no answer to the renewal pipeline")),
+            }
+        }
+    }))
+    .await;
+    let now = Instant::now();
+    let total = shared.nodes.len();
+    let mut state = renewals.state.lock().unwrap();
+    for (i, d) in due.iter().enumerate() {
+        if !state.entries.contains_key(&d.id) {
+            // Released while the pipeline was in flight.
+            continue;
+        }
+        let ttl = d.lease.ttl();
+        let (mut extended, mut refused) = (0, 0);
+        let mut first_error: Option<&redis::RedisError> = None;
+        for result in &results {
+            match result {
+                Ok(values) if values[i] == 1 => extended += 1,
+                Ok(_) => refused += 1,
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        let deadline = validity_deadline(sent_at, Duration::from_millis(ttls[i]));
+        if extended >= shared.quorum && now < deadline {
+            d.lease.set_valid_until(Some(deadline));
+            if let Some(entry) = state.entries.get_mut(&d.id) {
+                entry.next_due = sent_at + ttl / 3;
+                entry.failures = 0;
+            }
+        } else if refused > total - shared.quorum {
+            d.lease.mark_lost(LostReason::NotHeld);
+            state.entries.remove(&d.id);
+        } else {
+            let why = first_error.map_or_else(|| "no quorum".to_owned(), |e| e.to_string());
+            let left = d.lease.remaining().unwrap_or(Duration::ZERO);
+            if left.is_zero() {
+                d.lease.mark_lost(LostReason::RenewalFailed(why));
+                state.entries.remove(&d.id);
+            } else if let Some(entry) = state.entries.get_mut(&d.id) {
+                tracing::warn!(key = %d.lease.key(), error = %why, "distlock: renewal failed, retrying before the deadline");
+                let delay = Duration::from_millis(50u64 << entry.failures.min(4)).min(left / 3);
+                entry.next_due = now + delay;
+                entry.failures += 1;
+            }
+        }
+    }
+}
