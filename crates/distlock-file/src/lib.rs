@@ -498,6 +498,10 @@ impl LockBackend for FileLock {
     }
 }
 
+/// The watch thread's name: at most 15 bytes, which is all Linux keeps
+/// of a thread's name (`/proc/self/task/*/comm`).
+const WATCH_THREAD_NAME: &str = "distlock-watch";
+
 /// A watch on a lock directory: one inotify instance read by a thread of
 /// its own, which wakes the waiters of each deleted lock file.
 ///
@@ -529,7 +533,7 @@ impl Watcher {
         });
         let reader = watcher.clone();
         std::thread::Builder::new()
-            .name("distlock-file-watch".into())
+            .name(WATCH_THREAD_NAME.into())
             .spawn(move || reader.read_events())?;
         Ok(watcher)
     }

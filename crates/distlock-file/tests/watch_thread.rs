@@ -16,7 +16,7 @@ fn watch_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "distlock-file-watc")
+        .filter(|name| name.trim() == "distlock-watch")
         .count()
 }
 
