@@ -61,7 +61,7 @@ async fn main() -> distlock::Result<()> {
         "job 1: holding {:?} (fencing token {}) with a {:?} lease for a {job_secs} s job",
         guard.key(),
         guard.fencing_token(),
-        guard.lease().ttl(),
+        options.ttl,
     );
     match run_job(&guard, job_secs * 4).await {
         Ok(steps) => println!(

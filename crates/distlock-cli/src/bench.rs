@@ -360,15 +360,7 @@ async fn run(mut args: Args) -> Result<(), Failure> {
     } else {
         let locker = distlock::connect(&url).await.map_err(|err| Failure {
             code: exit_code_for(&err),
-            message: format!(
-                "cannot use {redacted}: {}{}",
-                describe(&err),
-                if matches!(err, distlock::Error::Unsupported { .. }) {
-                    " (--floor-only measures only the raw protocol floor)"
-                } else {
-                    ""
-                }
-            ),
+            message: format!("cannot use {redacted}: {}", describe(&err)),
         })?;
         locker.backend()
     };

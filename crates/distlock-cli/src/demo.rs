@@ -261,9 +261,9 @@ async fn run_strategy(
     }
     let mut tally = Tally::default();
     for task in tasks {
-        let worker = task
-            .await
-            .map_err(|err| distlock::Error::InvalidConfig(format!("a demo worker failed: {err}")))??;
+        let worker = task.await.map_err(|err| {
+            distlock::Error::InvalidConfig(format!("a demo worker failed: {err}"))
+        })??;
         tally.mutations += worker.mutations;
         tally.errors += worker.errors;
         tally.late_releases += worker.late_releases;

@@ -64,16 +64,6 @@ pub enum Error {
         key: String,
     },
 
-    /// The backend cannot do what was asked (for example a per-lock TTL on
-    /// a session-based backend).
-    #[error("the {backend} backend does not support {what}")]
-    Unsupported {
-        /// The backend.
-        backend: &'static str,
-        /// The operation or option it lacks.
-        what: String,
-    },
-
     /// Could not reach or connect to the coordination service.
     #[error("cannot connect to {backend} at {endpoint}")]
     Connection {

@@ -5,30 +5,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::runtime::Handle;
-use tokio::task::AbortHandle;
+use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::backend::HeldLock;
 use crate::lease::{Lease, LostReason};
 use crate::renewal::{RenewalScheduler, Scheduled};
 use crate::{Error, Result};
-
-/// What a backend does for one lock it granted. The core's [`LockGuard`]
-/// calls it; both methods must be owner-checked on the server, so a stale
-/// holder never touches a newer holder's lock.
-#[async_trait]
-pub trait HeldLock: Send + Sync + 'static {
-    /// Deletes the lock if it is still this owner's; `Err(NotHeld)`
-    /// otherwise.
-    async fn release(&self) -> Result<()>;
-
-    /// Makes the lock live `ttl` from now if it is still this owner's,
-    /// and records the new validity on the lease; `Err(NotHeld)`
-    /// otherwise. Session-based backends check ownership and leave the
-    /// validity to the session.
-    async fn extend(&self, ttl: Duration) -> Result<()>;
-}
 
 /// A held lock. Ownership is a lease: it is time-bounded and can be lost;
 /// watch [`lost`](LockGuard::lost) while you work, and pass
@@ -42,16 +26,10 @@ pub struct LockGuard {
     backend: &'static str,
     lease: Lease,
     held: Option<Arc<dyn HeldLock>>,
-    renewal: Option<Renewal>,
+    /// The lock's place in its client's renewal scheduler, if the core
+    /// renews it.
+    renewal: Option<Scheduled>,
     runtime: Option<Handle>,
-}
-
-/// Who renews a guard's lock.
-enum Renewal {
-    /// A task of its own.
-    Task(AbortHandle),
-    /// A client's scheduler, which starts a task when renewal falls due.
-    Scheduled(Scheduled),
 }
 
 impl fmt::Debug for LockGuard {
@@ -65,76 +43,43 @@ impl fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    /// Wraps a granted lock. With `core_renewal`, the core renews it every
-    /// `ttl / 3` through [`HeldLock::extend`] and fires `lost` when the
-    /// server refuses or cannot be reached before the deadline; without it
-    /// the backend keeps the lease up to date itself (session events,
-    /// batched renewal) or nothing renews it.
-    ///
-    /// Must be called within a tokio runtime.
-    pub fn new(
-        backend: &'static str,
-        lease: Lease,
-        held: Arc<dyn HeldLock>,
-        core_renewal: bool,
-    ) -> Self {
-        Self::with_renewal(
-            backend,
-            lease,
-            held,
-            core_renewal,
-            |runtime, lease, held| {
-                let first = lease.ttl() / 3;
-                let task = runtime.spawn(renew_until_lost(
-                    backend,
-                    lease.clone(),
-                    held.clone(),
-                    first,
-                ));
-                Renewal::Task(task.abort_handle())
-            },
-        )
+    /// A guard the core does not renew (see
+    /// [`backend::self_renewed_guard`](crate::backend::self_renewed_guard)).
+    pub(crate) fn unrenewed(backend: &'static str, lease: Lease, held: Arc<dyn HeldLock>) -> Self {
+        Self::with_renewal(lease, held, backend, None)
     }
 
-    /// Like [`new`](Self::new) with `core_renewal`, but the renewal (when
-    /// `renew`) is started by the client's `scheduler` once it falls due,
-    /// so a lock released within `ttl / 3` never has a task of its own.
-    /// The memory, file, ZooKeeper and etcd backends use it; `new` with
-    /// `core_renewal` spawns the task at once.
-    ///
-    /// Must be called within a tokio runtime.
-    pub fn scheduled(
+    /// A guard renewed by `scheduler` when `renew` (see
+    /// [`backend::scheduled_guard`](crate::backend::scheduled_guard)).
+    pub(crate) fn scheduled(
         backend: &'static str,
         lease: Lease,
         held: Arc<dyn HeldLock>,
         scheduler: &RenewalScheduler,
         renew: bool,
     ) -> Self {
-        Self::with_renewal(backend, lease, held, renew, |runtime, lease, held| {
-            Renewal::Scheduled(scheduler.schedule(backend, lease, held.clone(), runtime))
-        })
+        let runtime = Handle::try_current().ok();
+        let renewal = match &runtime {
+            Some(runtime) if renew => {
+                Some(scheduler.schedule(backend, &lease, held.clone(), runtime))
+            }
+            _ => None,
+        };
+        Self::with_renewal(lease, held, backend, renewal)
     }
 
-    /// The guard, with its renewal started by `start` on the current
-    /// runtime when `renew` (and there is a runtime).
     fn with_renewal(
-        backend: &'static str,
         lease: Lease,
         held: Arc<dyn HeldLock>,
-        renew: bool,
-        start: impl FnOnce(&Handle, &Lease, &Arc<dyn HeldLock>) -> Renewal,
+        backend: &'static str,
+        renewal: Option<Scheduled>,
     ) -> Self {
-        let runtime = Handle::try_current().ok();
-        let renewal = runtime
-            .as_ref()
-            .filter(|_| renew)
-            .map(|runtime| start(runtime, &lease, &held));
         LockGuard {
             backend,
             lease,
             held: Some(held),
             renewal,
-            runtime,
+            runtime: Handle::try_current().ok(),
         }
     }
 
@@ -156,14 +101,28 @@ impl LockGuard {
         self.backend
     }
 
-    /// The lease behind this guard.
-    pub fn lease(&self) -> &Lease {
-        &self.lease
+    /// Until when this process vouches for the lock: the last renewal's
+    /// deadline, or `None` while a live session vouches for it (ZooKeeper,
+    /// etcd, files). Read-only: only the backend moves it.
+    pub fn valid_until(&self) -> Option<Instant> {
+        self.lease.valid_until()
+    }
+
+    /// Time left before [`valid_until`](Self::valid_until); `None` while a
+    /// session vouches, zero once lost.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.lease.remaining()
     }
 
     /// True while this process can vouch that the lock is ours.
     pub fn is_held(&self) -> bool {
         self.lease.is_held()
+    }
+
+    /// Why the lock is no longer held, if it is not; a passed deadline
+    /// counts as [`LostReason::Expired`].
+    pub fn lost_reason(&self) -> Option<LostReason> {
+        self.lease.lost_reason()
     }
 
     /// Resolves once ownership is lost or can no longer be vouched for
@@ -224,10 +183,8 @@ impl LockGuard {
     }
 
     fn stop_renewal(&mut self) {
-        match self.renewal.take() {
-            Some(Renewal::Task(task)) => task.abort(),
-            Some(Renewal::Scheduled(scheduled)) => scheduled.cancel(),
-            None => {}
+        if let Some(scheduled) = self.renewal.take() {
+            scheduled.cancel();
         }
     }
 }

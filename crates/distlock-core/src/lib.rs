@@ -6,11 +6,12 @@
 //!   an `Arc<dyn DistributedLock>` chosen by configuration.
 //! - [`LockGuard`] is a held lock: a lease with a fencing token, renewal,
 //!   a lost-lock signal and release on drop.
-//! - [`LockBackend`] is what a backend implements: one attempt, a waiting
-//!   acquisition, and a [`HeldLock`] per granted lock. The core adds key and
-//!   option checks, the `wait` bound, tracing spans, renewal and the
-//!   lost-lock machinery, so every backend behaves the same.
 //! - [`memory::MemoryLock`] is the in-process backend.
+//! - [`backend`] is for implementers only: the [`LockBackend`]
+//!   trait a backend implements, and the lease, renewal, key and URL parts it
+//!   builds on. The core adds key and option checks, the `wait` bound,
+//!   tracing spans, renewal and the lost-lock machinery, so every backend
+//!   behaves the same.
 //!
 //! ```
 //! use std::time::Duration;
@@ -30,25 +31,22 @@
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod error;
-pub mod guard;
-pub mod key;
-pub mod lease;
+mod guard;
+mod lease;
 pub mod memory;
-pub mod options;
-pub mod renewal;
-pub mod url;
-
-use std::time::Duration;
+mod options;
+mod renewal;
 
 use async_trait::async_trait;
 use tracing::Instrument;
 
+use backend::{key, LockBackend};
 pub use error::{BoxError, Error, Result};
-pub use guard::{HeldLock, LockGuard};
-pub use lease::{Lease, LostReason, WeakLease};
-pub use options::{Backoff, LockOptions};
-pub use renewal::RenewalScheduler;
+pub use guard::LockGuard;
+pub use lease::LostReason;
+pub use options::{Backoff, LockOptions, DEFAULT_TTL};
 
 /// What a backend can promise. Tests and callers use these flags instead
 /// of guessing from the backend's name.
@@ -90,30 +88,10 @@ pub trait DistributedLock: Send + Sync {
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard>;
 }
 
-/// The part of a lock service a backend implements; every `LockBackend` is
-/// a [`DistributedLock`]. Keys and options arrive already validated.
-#[async_trait]
-pub trait LockBackend: Send + Sync + 'static {
-    /// The backend's name, e.g. `redis`.
-    fn name(&self) -> &'static str;
-
-    /// What the backend promises.
-    fn capabilities(&self) -> Capabilities;
-
-    /// One attempt: `Ok(None)` when held elsewhere. Must leave nothing
-    /// behind when it fails or is dropped.
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>>;
-
-    /// Waits until acquired. The core bounds it by `options.wait` by
-    /// dropping it, so it must be cancellation safe: a dropped future
-    /// leaves no lock and no waiter record behind.
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard>;
-}
-
 #[async_trait]
 impl<B: LockBackend> DistributedLock for B {
     fn backend(&self) -> &'static str {
-        self.name()
+        LockBackend::backend(self)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -123,15 +101,17 @@ impl<B: LockBackend> DistributedLock for B {
     async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         key::validate_key(key)?;
         options.validate()?;
-        let span = tracing::debug_span!("distlock.try_lock", backend = self.name(), key = %key);
-        self.try_acquire(key, options).instrument(span).await
+        let span = tracing::debug_span!("distlock.try_lock", backend = LockBackend::backend(self), key = %key);
+        LockBackend::try_lock(self, key, options)
+            .instrument(span)
+            .await
     }
 
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         key::validate_key(key)?;
         options.validate()?;
-        let span = tracing::debug_span!("distlock.acquire", backend = self.name(), key = %key, wait = ?options.wait);
-        let acquire = self.acquire(key, options).instrument(span);
+        let span = tracing::debug_span!("distlock.acquire", backend = LockBackend::backend(self), key = %key, wait = ?options.wait);
+        let acquire = LockBackend::lock(self, key, options).instrument(span);
         match options.wait {
             None => acquire.await,
             Some(wait) => match tokio::time::timeout(wait, acquire).await {
@@ -142,22 +122,5 @@ impl<B: LockBackend> DistributedLock for B {
                 }),
             },
         }
-    }
-}
-
-/// Retries `attempt` with `options.backoff` until it grants the lock: the
-/// waiting strategy of backends that have no notification to wait on.
-pub async fn poll_until_acquired<F, Fut>(options: &LockOptions, mut attempt: F) -> Result<LockGuard>
-where
-    F: FnMut() -> Fut + Send,
-    Fut: std::future::Future<Output = Result<Option<LockGuard>>> + Send,
-{
-    let mut delays = options.backoff.delays();
-    loop {
-        if let Some(guard) = attempt().await? {
-            return Ok(guard);
-        }
-        let delay = delays.next().unwrap_or(Duration::from_millis(100));
-        tokio::time::sleep(delay).await;
     }
 }

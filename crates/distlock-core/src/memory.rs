@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::lease::{validity_deadline, Lease, LostReason, WeakLease};
-use crate::{
-    Capabilities, Error, HeldLock, LockBackend, LockGuard, LockOptions, RenewalScheduler, Result,
+use crate::backend::{
+    scheduled_guard, validity_deadline, HeldLock, Lease, RenewalScheduler, WeakLease,
 };
+use crate::{Capabilities, Error, LockGuard, LockOptions, LostReason, Result};
 
 const BACKEND: &str = "memory";
 
@@ -243,7 +243,7 @@ impl MemoryLock {
             owner,
             lease: lease.clone(),
         });
-        LockGuard::scheduled(
+        scheduled_guard(
             BACKEND,
             lease,
             held,
@@ -254,8 +254,8 @@ impl MemoryLock {
 }
 
 #[async_trait]
-impl LockBackend for MemoryLock {
-    fn name(&self) -> &'static str {
+impl crate::backend::LockBackend for MemoryLock {
+    fn backend(&self) -> &'static str {
         BACKEND
     }
 
@@ -269,7 +269,7 @@ impl LockBackend for MemoryLock {
         }
     }
 
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+    async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         match self.attempt(key, options.ttl, |_, _| ()) {
             Attempt::Granted(owner, lease) => Ok(Some(self.guard(owner, lease, options))),
             // A key with a holder is not idle: nothing to forget.
@@ -277,7 +277,7 @@ impl LockBackend for MemoryLock {
         }
     }
 
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+    async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         let ttl = options.ttl;
         let queue = |entry: &mut KeyState, owner| {
             let (grant, granted) = oneshot::channel();

@@ -190,7 +190,7 @@ impl Backoff {
 }
 
 /// Scales `secs` by a random factor in `[1 - jitter, 1]`.
-pub fn apply_jitter(secs: f64, jitter: f64) -> f64 {
+fn apply_jitter(secs: f64, jitter: f64) -> f64 {
     secs * (1.0 - jitter * fastrand::f64())
 }
 

@@ -24,11 +24,12 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::guard::{renew_until_lost, HeldLock};
+use crate::backend::HeldLock;
+use crate::guard::renew_until_lost;
 use crate::lease::Lease;
 
 /// Starts the renewal of a client's locks when each falls due. Backends
-/// keep one per client and pass it to [`LockGuard::scheduled`](crate::LockGuard::scheduled).
+/// keep one per client and pass it to [`scheduled_guard`](crate::backend::scheduled_guard).
 #[derive(Default)]
 pub struct RenewalScheduler {
     shared: Arc<Shared>,

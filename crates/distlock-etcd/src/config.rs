@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use distlock_core::backend::url::{self, percent_decode, UrlParts};
 use distlock_core::error::redact_url;
-use distlock_core::url::{self, percent_decode, UrlParts};
 use distlock_core::{Error, Result};
 
 /// The session lease's TTL when the URL does not set `session_ttl`.

@@ -114,11 +114,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::key::encode_component;
-use distlock_core::lease::validity_deadline;
+use distlock_core::backend::key::encode_component;
+use distlock_core::backend::validity_deadline;
+use distlock_core::backend::{self, scheduled_guard, HeldLock, Lease, RenewalScheduler};
 use distlock_core::{
-    BoxError, Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard,
-    LockOptions, LostReason, RenewalScheduler, Result,
+    BoxError, Capabilities, DistributedLock, Error, LockGuard, LockOptions, LostReason, Result,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
@@ -582,7 +582,7 @@ impl EtcdLock {
             lease: lease.clone(),
         });
         tracing::debug!(fencing_token, "distlock: etcd lock granted");
-        Ok(Outcome::Granted(LockGuard::scheduled(
+        Ok(Outcome::Granted(scheduled_guard(
             NAME,
             lease,
             held,
@@ -926,8 +926,8 @@ async fn binding_lost(client: &EtcdLock, binding: &Binding) {
 }
 
 #[async_trait]
-impl LockBackend for EtcdLock {
-    fn name(&self) -> &'static str {
+impl backend::LockBackend for EtcdLock {
+    fn backend(&self) -> &'static str {
         NAME
     }
 
@@ -941,7 +941,7 @@ impl LockBackend for EtcdLock {
         }
     }
 
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+    async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         // A lost session is replaced once; a second loss is an error.
         for _ in 0..2 {
             match self.attempt(key, options, false).await? {
@@ -957,7 +957,7 @@ impl LockBackend for EtcdLock {
         ))
     }
 
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+    async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         let mut errors: u32 = 0;
         loop {
             match self.attempt(key, options, true).await {

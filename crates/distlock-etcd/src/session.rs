@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use distlock_core::lease::validity_deadline;
-use distlock_core::{Lease, LostReason, WeakLease};
+use distlock_core::backend::{validity_deadline, Lease, WeakLease};
+use distlock_core::LostReason;
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;

@@ -103,12 +103,12 @@ async fn a_lock_survives_a_quick_server_restart() {
     let options = LockOptions::new().ttl(Duration::from_secs(10));
     let guard = a.try_lock("restart", &options).await.unwrap().unwrap();
     let token = guard.fencing_token();
-    let deadline_before = guard.lease().valid_until().unwrap();
+    let deadline_before = guard.valid_until().unwrap();
     etcd.kill_and_restart().await;
     // The keep-alive reconnects and moves the deadline forward; wait for
     // that on the lease itself.
     let renewed = tokio::time::timeout(Duration::from_secs(8), async {
-        while guard.lease().valid_until().unwrap() <= deadline_before {
+        while guard.valid_until().unwrap() <= deadline_before {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })

@@ -37,7 +37,7 @@ async fn a_waiter_keeps_its_own_lease_alive_and_starts_its_ttl_when_granted() {
     assert!(!waiting.is_finished());
     guard.release().await.unwrap();
     let next = waiting.await.unwrap().expect("waiter");
-    let left = next.lease().remaining().expect("a TTL lock has a deadline");
+    let left = next.remaining().expect("a TTL lock has a deadline");
     assert!(
         left > Duration::from_millis(1500),
         "TTL not restarted at the grant: {left:?}"

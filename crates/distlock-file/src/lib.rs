@@ -2,7 +2,7 @@
 //! processes of one host, held with OS advisory locks (`flock(2)`).
 //!
 //! - One lock file per key in the directory, named with
-//!   [`distlock_core::key::encode_component`] (any key is safe, long keys are
+//!   [`distlock_core::backend::key::encode_component`] (any key is safe, long keys are
 //!   hashed) plus `.lock`. Holding the lock means holding an exclusive
 //!   `flock` on that file; the OS drops it when the holder's process dies,
 //!   so a crashed holder frees the lock at once. The file stays empty;
@@ -82,11 +82,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::key::encode_component;
-use distlock_core::{
-    Capabilities, DistributedLock, Error, HeldLock, Lease, LockBackend, LockGuard, LockOptions,
-    RenewalScheduler, Result,
-};
+use distlock_core::backend::key::encode_component;
+use distlock_core::backend::{self, scheduled_guard, HeldLock, Lease, RenewalScheduler};
+use distlock_core::{Capabilities, DistributedLock, Error, LockGuard, LockOptions, Result};
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
@@ -250,7 +248,7 @@ impl FileLock {
             endpoint: self.endpoint(),
             file: Mutex::new(Some(locked)),
         });
-        Ok(Some(LockGuard::scheduled(
+        Ok(Some(scheduled_guard(
             BACKEND,
             lease,
             held,
@@ -439,8 +437,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
 }
 
 #[async_trait]
-impl LockBackend for FileLock {
-    fn name(&self) -> &'static str {
+impl backend::LockBackend for FileLock {
+    fn backend(&self) -> &'static str {
         BACKEND
     }
 
@@ -454,11 +452,11 @@ impl LockBackend for FileLock {
         }
     }
 
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+    async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         self.attempt(key, options).await
     }
 
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+    async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         // The fast path: a free lock needs no watch.
         if let Some(guard) = self.attempt(key, options).await? {
             return Ok(guard);

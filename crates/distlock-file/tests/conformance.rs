@@ -14,9 +14,10 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new() -> Self {
-        TempDir(
-            std::env::temp_dir().join(format!("distlock-file-conformance-{:016x}", fastrand::u64(..))),
-        )
+        TempDir(std::env::temp_dir().join(format!(
+            "distlock-file-conformance-{:016x}",
+            fastrand::u64(..)
+        )))
     }
 }
 

@@ -123,7 +123,8 @@ async fn dropped_waiter_does_not_stop_the_wakeup_of_others() {
     let waiters = FileLock::open(&dir).unwrap();
     let slow_polls = |wait| {
         LockOptions::new().wait(wait).backoff(
-            distlock_core::Backoff::new(Duration::from_secs(10), Duration::from_secs(10)).jitter(0.0),
+            distlock_core::Backoff::new(Duration::from_secs(10), Duration::from_secs(10))
+                .jitter(0.0),
         )
     };
     let held = holder

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::lease::validity_deadline;
-use distlock_core::{Error, HeldLock, Lease, LockGuard, LockOptions, LostReason, Result, WeakLease};
+use distlock_core::backend::{self_renewed_guard, validity_deadline, HeldLock, Lease, WeakLease};
+use distlock_core::{Error, LockGuard, LockOptions, LostReason, Result};
 use futures::future::join_all;
 use redis::aio::ConnectionManager;
 use tokio::time::Instant;
@@ -573,7 +573,7 @@ impl Shared {
             lease: lease.downgrade(),
             renewal_id,
         });
-        LockGuard::new(self.name, lease, held, false)
+        self_renewed_guard(self.name, lease, held)
     }
 
     /// Extends a handed-over lock to its lease's TTL once, in the

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use distlock_core::backend::url::percent_decode;
 use distlock_core::error::redact_url;
-use distlock_core::url::percent_decode;
 use distlock_core::{Error, Result};
 
 /// The default key prefix: every key this backend writes starts with it.

@@ -2,11 +2,11 @@
 //!
 //! Every name of one lock shares the hash tag `{<encoded key>}`, so the
 //! lock, its fence counter and its wait queue sit in one cluster slot. The
-//! key is encoded with [`distlock_core::key::encode_component`] (injective,
+//! key is encoded with [`distlock_core::backend::key::encode_component`] (injective,
 //! no braces, long keys hashed), so a key holding `{` or `}` cannot move
 //! the tag and distinct keys never share names.
 
-use distlock_core::key::encode_component;
+use distlock_core::backend::key::encode_component;
 use redis::Cmd;
 
 use crate::scripts::LuaScript;

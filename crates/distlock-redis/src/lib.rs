@@ -149,9 +149,8 @@ mod subscriber;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use distlock_core::{
-    Capabilities, DistributedLock, Error, LockBackend, LockGuard, LockOptions, Result,
-};
+use distlock_core::backend;
+use distlock_core::{Capabilities, DistributedLock, Error, LockGuard, LockOptions, Result};
 use futures::future::join_all;
 
 pub use config::{RedisConfig, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
@@ -250,8 +249,8 @@ impl RedisLock {
 }
 
 #[async_trait]
-impl LockBackend for RedisLock {
-    fn name(&self) -> &'static str {
+impl backend::LockBackend for RedisLock {
+    fn backend(&self) -> &'static str {
         self.shared.name
     }
 
@@ -266,11 +265,11 @@ impl LockBackend for RedisLock {
         }
     }
 
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+    async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         self.shared.try_acquire(key, options).await
     }
 
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+    async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         self.shared.acquire(key, options).await
     }
 }

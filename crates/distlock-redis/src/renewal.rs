@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use distlock_core::lease::validity_deadline;
-use distlock_core::{Lease, LostReason, WeakLease};
+use distlock_core::backend::{validity_deadline, Lease, WeakLease};
+use distlock_core::LostReason;
 use futures::future::join_all;
 use tokio::sync::Notify;
 use tokio::time::Instant;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::{Capabilities, HeldLock, Lease, LockBackend, LockGuard, LockOptions, Result};
+use distlock_core::backend::{self, self_renewed_guard, HeldLock, Lease};
+use distlock_core::{Capabilities, LockGuard, LockOptions, Result};
 use distlock_testkit::{cases, Harness};
 use futures::FutureExt;
 
@@ -30,24 +31,23 @@ impl HeldLock for Nothing {
 }
 
 #[async_trait]
-impl LockBackend for NeverExcludes {
-    fn name(&self) -> &'static str {
+impl backend::LockBackend for NeverExcludes {
+    fn backend(&self) -> &'static str {
         "never-excludes"
     }
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
     }
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
-        Ok(Some(self.acquire(key, options).await?))
+    async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+        Ok(Some(backend::LockBackend::lock(self, key, options).await?))
     }
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+    async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         let token = self.tokens.fetch_add(1, Ordering::SeqCst) + 1;
         let lease = Lease::new(key, token, options.ttl, None);
-        Ok(LockGuard::new(
+        Ok(self_renewed_guard(
             "never-excludes",
             lease,
             Arc::new(Nothing),
-            false,
         ))
     }
 }

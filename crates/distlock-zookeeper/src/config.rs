@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use distlock_core::backend::url::{self, UrlParts};
 use distlock_core::error::redact_url;
-use distlock_core::url::{self, UrlParts};
 use distlock_core::{Error, Result};
 
 /// The session timeout asked of the server when the URL names none: how

@@ -39,7 +39,7 @@
 //! # The recipe
 //!
 //! Each key maps to the directory `<prefix>/<encoded key>`
-//! ([`encode_component`](distlock_core::key::encode_component): no collisions,
+//! ([`encode_component`](distlock_core::backend::key::encode_component): no collisions,
 //! long keys hashed), a *container* node that the server removes once it
 //! is empty again, so directories do not pile up. A contender creates an
 //! ephemeral sequential node `_c_<uuid>-lock-<seq>` in it (Curator's
@@ -87,7 +87,7 @@
 //! [`LockOptions::ttl`](distlock_core::LockOptions::ttl) does not bound it on the
 //! server (capability `ttl_expiry = false`); it only paces the ownership
 //! check below. While connected, a guard's
-//! [`valid_until`](distlock_core::Lease::valid_until) is `None` (the session
+//! [`valid_until`](distlock_core::backend::Lease::valid_until) is `None` (the session
 //! vouches). When the connection is lost the session is *suspended*: the
 //! server may expire it one session timeout after it last heard from us,
 //! so the guard vouches only for a third of the session timeout from the
@@ -124,9 +124,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::{
-    Capabilities, DistributedLock, LockBackend, LockGuard, LockOptions, RenewalScheduler, Result,
-};
+use distlock_core::backend::{self, scheduled_guard, RenewalScheduler};
+use distlock_core::{Capabilities, DistributedLock, LockGuard, LockOptions, Result};
 use zookeeper_client as zk;
 
 pub use config::ZooKeeperConfig;
@@ -225,7 +224,7 @@ impl ZooKeeperLock {
         format!(
             "{}/{}",
             self.inner.config.prefix,
-            distlock_core::key::encode_component(key, MAX_DIR_NAME)
+            distlock_core::backend::key::encode_component(key, MAX_DIR_NAME)
         )
     }
 
@@ -360,7 +359,7 @@ impl ZooKeeperLock {
             _own_watch: own_watch,
         });
         tracing::debug!(fencing_token, node = %held.path, "acquired");
-        LockGuard::scheduled(
+        scheduled_guard(
             BACKEND,
             lease,
             held,
@@ -371,8 +370,8 @@ impl ZooKeeperLock {
 }
 
 #[async_trait]
-impl LockBackend for ZooKeeperLock {
-    fn name(&self) -> &'static str {
+impl backend::LockBackend for ZooKeeperLock {
+    fn backend(&self) -> &'static str {
         BACKEND
     }
 
@@ -386,7 +385,7 @@ impl LockBackend for ZooKeeperLock {
         }
     }
 
-    async fn try_acquire(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+    async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         let Enqueued {
             session,
             dir,
@@ -413,7 +412,7 @@ impl LockBackend for ZooKeeperLock {
         }
     }
 
-    async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+    async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         let Enqueued {
             session,
             dir,

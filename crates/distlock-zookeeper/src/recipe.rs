@@ -20,7 +20,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::{Error, HeldLock, Result};
+use distlock_core::backend::HeldLock;
+use distlock_core::{Error, Result};
 use tokio::runtime::Handle;
 use tracing::Instrument;
 use zookeeper_client as zk;

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use distlock_core::{Error, Lease, LostReason, Result, WeakLease};
+use distlock_core::backend::{Lease, WeakLease};
+use distlock_core::{Error, LostReason, Result};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use zookeeper_client as zk;

@@ -97,16 +97,16 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
         .await
         .unwrap()
         .expect("free");
-    assert_eq!(guard.lease().valid_until(), None);
+    assert_eq!(guard.valid_until(), None);
 
     server.stop();
     eventually(
         "the guard notices the suspended session",
         Duration::from_secs(10),
-        || async { guard.lease().valid_until().is_some() },
+        || async { guard.valid_until().is_some() },
     )
     .await;
-    let deadline = guard.lease().valid_until().unwrap();
+    let deadline = guard.valid_until().unwrap();
     assert!(
         deadline <= tokio::time::Instant::now() + a.session_timeout() / 2,
         "a suspended session vouches for less than half its timeout"
@@ -117,10 +117,10 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
     eventually(
         "the same session reconnects and vouches again",
         Duration::from_secs(18),
-        || async { guard.lease().valid_until().is_none() },
+        || async { guard.valid_until().is_none() },
     )
     .await;
-    assert!(guard.is_held(), "{:?}", guard.lease());
+    assert!(guard.is_held(), "{guard:?}");
 
     // The lock survived the restart: still exclusive, then handed on.
     let b = ZooKeeperLock::connect(&url).await.unwrap();
@@ -232,11 +232,11 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
     eventually(
         "the guard notices the suspended session",
         Duration::from_secs(5),
-        || async { guard.lease().valid_until().is_some() },
+        || async { guard.valid_until().is_some() },
     )
     .await;
     // Nobody awaits lost(): the passed deadline alone must make it final.
-    let deadline = guard.lease().valid_until().unwrap();
+    let deadline = guard.valid_until().unwrap();
     tokio::time::sleep_until(deadline + Duration::from_millis(100)).await;
     server.start_again().await;
     // The same session is back and serves requests...
@@ -249,8 +249,8 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
         .expect("the session reconnects");
     assert_eq!(a.session_id(), session, "the same session came back");
     // ...but the guard does not claim the lock again.
-    assert!(!guard.is_held(), "{:?}", guard.lease());
-    assert_eq!(guard.lease().lost_reason(), Some(LostReason::Expired));
+    assert!(!guard.is_held(), "{guard:?}");
+    assert_eq!(guard.lost_reason(), Some(LostReason::Expired));
     other.release().await.unwrap();
 }
 
@@ -287,7 +287,7 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
     eventually(
         "both sessions are back and the waiter's watches are set again",
         Duration::from_secs(19),
-        || async { held.lease().valid_until().is_none() && server.watch_count().await == 2 },
+        || async { held.valid_until().is_none() && server.watch_count().await == 2 },
     )
     .await;
     assert!(held.is_held());
@@ -339,17 +339,17 @@ async fn a_hung_reconnection_attempt_is_given_up_within_the_grace() {
         .unwrap()
         .unwrap();
     let attempt_started = tokio::time::Instant::now();
-    assert!(guard.is_held(), "{:?}", guard.lease());
+    assert!(guard.is_held(), "{guard:?}");
     server.start_again().await;
     eventually("the session is back", Duration::from_secs(30), || async {
-        guard.lease().valid_until().is_none() || !guard.is_held()
+        guard.valid_until().is_none() || !guard.is_held()
     })
     .await;
     assert!(
         guard.is_held(),
         "lost after {:?}: {:?}",
         attempt_started.elapsed(),
-        guard.lease()
+        guard
     );
     drop(silent);
     guard.release().await.unwrap();

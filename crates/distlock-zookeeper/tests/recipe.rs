@@ -164,7 +164,7 @@ async fn nodes_are_protected_and_tokens_are_czxids() {
     // (That the directory is a container node, which the server removes
     // when empty, is shown in tests/faults.rs: clients cannot see a node's
     // type in its stat.)
-    assert_eq!(guard.lease().valid_until(), None, "a live session vouches");
+    assert_eq!(guard.valid_until(), None, "a live session vouches");
     guard.release().await.unwrap();
 }
 

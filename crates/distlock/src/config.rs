@@ -34,7 +34,7 @@ pub struct LockConfig {
 }
 
 fn default_ttl() -> Duration {
-    distlock_core::options::DEFAULT_TTL
+    distlock_core::DEFAULT_TTL
 }
 
 fn default_true() -> bool {

@@ -39,8 +39,8 @@ use std::sync::Arc;
 
 pub use config::LockConfig;
 pub use distlock_core::{
-    error, key, lease, memory, Backoff, BoxError, Capabilities, DistributedLock, Error, HeldLock,
-    Lease, LockBackend, LockGuard, LockOptions, LostReason, Result,
+    error, memory, Backoff, BoxError, Capabilities, DistributedLock, Error, LockGuard, LockOptions,
+    LostReason, Result, DEFAULT_TTL,
 };
 
 /// The environment variable [`connect_from_env`] reads.
@@ -166,7 +166,12 @@ macro_rules! backend_connector {
 
 backend_connector!(connect_file, "file", "file", distlock_file);
 backend_connector!(connect_redis, "redis", "redis", distlock_redis);
-backend_connector!(connect_zookeeper, "zookeeper", "zookeeper", distlock_zookeeper);
+backend_connector!(
+    connect_zookeeper,
+    "zookeeper",
+    "zookeeper",
+    distlock_zookeeper
+);
 backend_connector!(connect_etcd, "etcd", "etcd", distlock_etcd);
 
 #[cfg(test)]
