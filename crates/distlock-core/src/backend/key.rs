@@ -26,7 +26,7 @@ pub fn validate_key(key: &str) -> Result<()> {
 /// forms cannot collide.
 ///
 /// ```
-/// use distlock_core::key::encode_component;
+/// use distlock_core::backend::key::encode_component;
 /// assert_eq!(encode_component("jobs/nightly report", 255), "jobs%2Fnightly%20report");
 /// assert_eq!(encode_component(&"x".repeat(1024), 255).len(), 65);
 /// ```

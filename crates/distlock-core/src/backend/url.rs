@@ -23,7 +23,7 @@ impl<'a> UrlParts<'a> {
     /// Splits what follows `scheme://`.
     ///
     /// ```
-    /// use distlock_core::url::UrlParts;
+    /// use distlock_core::backend::url::UrlParts;
     /// let parts = UrlParts::split("u:p%40ss@h1:1,h2:2/app/locks?ttl=5s");
     /// assert_eq!(parts.userinfo, Some("u:p%40ss"));
     /// assert_eq!(parts.hosts, "h1:1,h2:2");
@@ -57,9 +57,9 @@ impl<'a> UrlParts<'a> {
 /// percent-encoded.
 ///
 /// ```
-/// let options: Vec<_> = distlock_core::url::options(Some("a=1&&b=2")).collect();
+/// let options: Vec<_> = distlock_core::backend::url::options(Some("a=1&&b=2")).collect();
 /// assert_eq!(options, [Ok(("a", "1")), Ok(("b", "2"))]);
-/// assert!(distlock_core::url::options(Some("flag")).next().unwrap().is_err());
+/// assert!(distlock_core::backend::url::options(Some("flag")).next().unwrap().is_err());
 /// ```
 pub fn options(query: Option<&str>) -> impl Iterator<Item = Result<(&str, &str), String>> {
     query
@@ -76,8 +76,8 @@ pub fn options(query: Option<&str>) -> impl Iterator<Item = Result<(&str, &str),
 /// escape or a result that is not UTF-8.
 ///
 /// ```
-/// assert_eq!(distlock_core::url::percent_decode("p%40ss+word").as_deref(), Some("p@ss+word"));
-/// assert_eq!(distlock_core::url::percent_decode("bad%4"), None);
+/// assert_eq!(distlock_core::backend::url::percent_decode("p%40ss+word").as_deref(), Some("p@ss+word"));
+/// assert_eq!(distlock_core::backend::url::percent_decode("bad%4"), None);
 /// ```
 pub fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
