@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod service;
 
 use std::fmt;
 use std::ops::Deref;
@@ -42,6 +43,7 @@ pub use distlock_core::{
     error, memory, Backoff, BoxError, Capabilities, DistributedLock, Error, LockGuard, LockOptions,
     LostReason, Result, DEFAULT_TTL,
 };
+pub use service::Service;
 
 /// The environment variable [`connect_from_env`] reads.
 pub const URL_ENV: &str = "DISTLOCK_URL";
@@ -92,47 +94,19 @@ impl Deref for Locker {
     }
 }
 
-/// The URL's scheme and the backend it names.
-fn scheme_of(url: &str) -> Result<(&str, &'static str)> {
-    let Some((scheme, _)) = url.split_once("://") else {
-        return Err(Error::invalid_url(
-            error::redact_url(url),
-            "expected <scheme>://..., e.g. redis://127.0.0.1:6379",
-        ));
-    };
-    let backend = match scheme {
-        "memory" => "memory",
-        "file" => "file",
-        "redis" | "rediss" | "redlock" => "redis",
-        "zk" | "zookeeper" => "zookeeper",
-        "etcd" => "etcd",
-        other => {
-            return Err(Error::invalid_url(
-                error::redact_url(url),
-                format!(
-                    "unknown scheme `{other}`; expected one of memory, file, redis, rediss, redlock, zk, etcd"
-                ),
-            ))
-        }
-    };
-    Ok((scheme, backend))
-}
-
 /// Connects to the lock service named by `url` (see the table in the
 /// crate docs). A scheme whose cargo feature is off is
 /// [`Error::FeatureNotEnabled`].
 pub async fn connect(url: &str) -> Result<Locker> {
-    let (scheme, backend) = scheme_of(url)?;
-    let inner: Arc<dyn DistributedLock> = match backend {
-        "memory" => {
-            let name = url[scheme.len() + 3..].trim_end_matches('/');
+    let inner: Arc<dyn DistributedLock> = match Service::of_url(url)? {
+        Service::Memory => {
+            let name = url["memory://".len()..].trim_end_matches('/');
             Arc::new(memory::MemoryLock::named(name))
         }
-        "file" => connect_file(url).await?,
-        "redis" => connect_redis(url).await?,
-        "zookeeper" => connect_zookeeper(url).await?,
-        "etcd" => connect_etcd(url).await?,
-        _ => unreachable!("scheme_of only returns known backends"),
+        Service::File => connect_file(url).await?,
+        Service::Redis | Service::Redlock => connect_redis(url).await?,
+        Service::ZooKeeper => connect_zookeeper(url).await?,
+        Service::Etcd => connect_etcd(url).await?,
     };
     Ok(Locker::new(inner, url))
 }
