@@ -2,8 +2,9 @@
 //! host, held with OS advisory locks (`flock(2)`) on one file per key.
 //!
 //! **URL:** `file:///some/dir` (the host empty or `localhost`); the
-//! directory is created if missing. In code: [`FileLock::from_url`] or
-//! [`FileLock::open`]`(dir)`.
+//! directory is created if missing and takes no options. In code:
+//! [`FileLock::connect`], [`FileLock::with_config`] with a [`FileConfig`],
+//! or [`FileLock::open`]`(dir)`.
 //!
 //! **What it promises:**
 //! - A holder whose process dies loses the lock at once: the OS drops its
@@ -33,7 +34,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> distlock_core::Result<()> {
-//! let locks = distlock_file::FileLock::open("/var/lock/myapp")?;
+//! let locks = distlock_file::FileLock::connect("file:///var/lock/myapp").await?;
 //! let options = LockOptions::new().wait(Duration::from_secs(5));
 //! let guard = locks.lock("nightly-report", &options).await?;
 //! println!("fencing token {}", guard.fencing_token());
@@ -45,6 +46,7 @@
 #![warn(missing_docs)]
 
 mod acquire;
+mod config;
 mod counter;
 mod held;
 mod watch;
@@ -57,6 +59,7 @@ use async_trait::async_trait;
 use distlock_core::backend::{self, RenewalScheduler};
 use distlock_core::{Capabilities, DistributedLock, Error, LockGuard, LockOptions, Result};
 
+pub use config::FileConfig;
 use counter::FencingCounter;
 use watch::DirWatch;
 
@@ -87,9 +90,17 @@ struct Inner {
 }
 
 impl FileLock {
-    /// Uses `dir` for lock files, creating it if missing.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+    /// Parses `file:///some/dir` (see [`FileConfig::from_url`]) and opens
+    /// that directory. Async only for uniformity with the other backends:
+    /// opening is a few local system calls.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::with_config(FileConfig::from_url(url)?)
+    }
+
+    /// Uses `config.dir` for lock files, creating it if missing.
+    pub fn with_config(config: FileConfig) -> Result<Self> {
+        config.validate()?;
+        let FileConfig { dir } = config;
         let endpoint = dir.display().to_string();
         fs::create_dir_all(&dir).map_err(|err| Error::connection(BACKEND, &endpoint, err))?;
         let counter =
@@ -105,37 +116,10 @@ impl FileLock {
         })
     }
 
-    /// Parses `file:///some/dir` (an empty host or `localhost`) and opens
-    /// that directory.
-    pub fn from_url(url: &str) -> Result<Self> {
-        let redacted = distlock_core::error::redact_url(url);
-        let parsed = url::Url::parse(url)
-            .map_err(|err| Error::invalid_url(&redacted, format!("not a URL: {err}")))?;
-        if parsed.scheme() != "file" {
-            return Err(Error::invalid_url(
-                &redacted,
-                "expected file:///absolute/directory",
-            ));
-        }
-        match parsed.host_str() {
-            None | Some("") | Some("localhost") => {}
-            Some(host) => {
-                return Err(Error::invalid_url(
-                    &redacted,
-                    format!("file locks are local: the host must be empty or localhost, not `{host}` (write file:///dir)"),
-                ))
-            }
-        }
-        let dir = parsed.to_file_path().map_err(|()| {
-            Error::invalid_url(&redacted, "expected an absolute directory, file:///dir")
-        })?;
-        if dir.as_os_str().is_empty() || dir == Path::new("/") {
-            return Err(Error::invalid_url(
-                &redacted,
-                "name a directory for the lock files, e.g. file:///tmp/distlock",
-            ));
-        }
-        Self::open(dir)
+    /// Uses `dir` for lock files, creating it if missing: shorthand for
+    /// `with_config(FileConfig::new(dir))`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::with_config(FileConfig::new(dir.as_ref()))
     }
 
     /// The directory holding the lock files.
@@ -156,7 +140,7 @@ impl FileLock {
 
 /// Connects to the service named by `url` (`file:///some/dir`).
 pub async fn connect(url: &str) -> Result<Arc<dyn DistributedLock>> {
-    Ok(Arc::new(FileLock::from_url(url)?))
+    Ok(Arc::new(FileLock::connect(url).await?))
 }
 
 #[async_trait]
@@ -188,15 +172,15 @@ impl backend::LockBackend for FileLock {
 mod tests {
     use super::*;
 
-    #[test]
-    fn urls_name_a_local_directory() {
+    #[tokio::test]
+    async fn connect_opens_the_url_directory() {
         let dir = std::env::temp_dir().join(format!("distlock-file-url-{}", fastrand::u64(..)));
         let url = format!("file://{}", dir.display());
-        let locks = FileLock::from_url(&url).expect("file URL");
+        let locks = FileLock::connect(&url).await.expect("file URL");
         assert_eq!(locks.dir(), dir);
         assert!(dir.join(counter::COUNTER_FILE).exists());
         for bad in ["file://otherhost/tmp/x", "file:///", "redis://x", "file:"] {
-            let err = FileLock::from_url(bad).expect_err(bad);
+            let err = FileLock::connect(bad).await.expect_err(bad);
             assert!(matches!(err, Error::InvalidUrl { .. }), "{bad}: {err}");
         }
         fs::remove_dir_all(dir).unwrap();
