@@ -12,7 +12,16 @@ use tracing::Instrument;
 use crate::backend::HeldLock;
 use crate::lease::{Lease, LostReason};
 use crate::renewal::{RenewalScheduler, Scheduled};
-use crate::{Error, Result};
+use crate::{Backoff, Error, Result};
+
+/// Delays between renewal retries after connection errors: 20 ms doubling
+/// to 640 ms, without jitter (each lock retries on its own schedule).
+const RENEW_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(20),
+    max: Duration::from_millis(640),
+    multiplier: 2.0,
+    jitter: 0.0,
+};
 
 /// A held lock. Ownership is a lease: it is time-bounded and can be lost;
 /// watch [`lost`](LockGuard::lost) while you work, and pass
@@ -279,7 +288,7 @@ pub(crate) async fn renew_until_lost(
                         lease.mark_lost(LostReason::RenewalFailed(err.to_string()));
                         return;
                     }
-                    let delay = Duration::from_millis(20 << attempt.min(5)).min(left / 4);
+                    let delay = RENEW_RETRY.delay(attempt).min(left / 4);
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
