@@ -1,16 +1,39 @@
 //! Leases: the client's session lease, kept alive by one stream for all
 //! the locks it carries, and per-lock leases for locks with their own TTL.
+//!
+//! - Each client grants one session lease at connect and keeps it alive
+//!   with one keep-alive stream (every `session_ttl / 3`) shared by all of
+//!   its locks. A lock whose `LockOptions::ttl` differs from the session
+//!   TTL (in whole seconds), or whose `auto_renew` is off, gets a lease of
+//!   its own ([`Binding::Own`]), granted in the acquire path (one more
+//!   round trip); without renewal that lease expires on the server after
+//!   its TTL.
+//! - A guard is vouched for until `sent_at + TTL - drift` of the last
+//!   successful keep-alive of its lease (`sent_at` is when that keep-alive
+//!   was sent, the TTL is what etcd answered). `lost()` fires when etcd
+//!   answers that the lease is gone (revoked or expired) or when no
+//!   keep-alive succeeds before that deadline; a keep-alive that answers
+//!   after the deadline does not bring the locks back. A session-lease
+//!   lock learns of a revocation at the next keep-alive, within
+//!   `session_ttl / 3`.
+//! - A lost session is replaced by a new one on the next attempt, one at
+//!   a time; the old lease is revoked so that no lock outlives our giving
+//!   up on it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distlock_core::backend::{validity_deadline, Lease, WeakLease};
-use distlock_core::LostReason;
+use distlock_core::{LockOptions, LostReason};
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
+
+use crate::config::lease_seconds;
+use crate::rpc::{bounded, Failure};
+use crate::EtcdLock;
 
 /// What one keep-alive round trip said about a lease.
 pub(crate) enum Refresh {
@@ -348,5 +371,135 @@ impl OwnLease {
             }
             Refresh::Gone => Ok(None),
         }
+    }
+}
+
+/// Grants a session lease of `secs` (the grant bounded by `timeout`) and
+/// starts its keep-alive (each bounded by `request_timeout`).
+pub(crate) async fn grant_session(
+    client: &Client,
+    secs: i64,
+    timeout: Duration,
+    request_timeout: Duration,
+) -> Result<Arc<Session>, etcd_client::Error> {
+    let sent_at = Instant::now();
+    let granted = bounded(timeout, async {
+        client.lease_client().grant(secs, None).await
+    })
+    .await?;
+    let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
+    let session = Session::new(granted.id(), ttl, validity_deadline(sent_at, ttl));
+    session.start(client.clone(), request_timeout);
+    Ok(session)
+}
+
+/// The lease an attempt's key lives on.
+#[derive(Clone)]
+pub(crate) enum Binding {
+    Session(Arc<Session>),
+    Own(Arc<OwnLease>),
+}
+
+impl Binding {
+    pub(crate) fn lease_id(&self) -> i64 {
+        match self {
+            Binding::Session(session) => session.id,
+            Binding::Own(own) => own.id,
+        }
+    }
+
+    pub(crate) fn own_lease(&self) -> Option<i64> {
+        match self {
+            Binding::Own(own) => Some(own.id),
+            Binding::Session(_) => None,
+        }
+    }
+
+    /// Resolves when the lease a waiting key lives on is lost. Keeps a
+    /// lock's own lease alive while it waits (the session has its own
+    /// task).
+    pub(crate) async fn lost(&self, locks: &EtcdLock) {
+        match self {
+            Binding::Session(session) => session.lost().await,
+            Binding::Own(own) => loop {
+                let deadline = own.valid_until();
+                tokio::time::sleep(
+                    (own.ttl / 3).min(deadline.saturating_duration_since(Instant::now())),
+                )
+                .await;
+                let timeout = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(locks.inner.config.timeout);
+                match own
+                    .refresh(&locks.inner.client, timeout.max(Duration::from_millis(1)))
+                    .await
+                {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return,
+                    Err(_) if Instant::now() >= own.valid_until() => return,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "distlock: etcd keep-alive of a waiting lock failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            },
+        }
+    }
+}
+
+impl EtcdLock {
+    /// The session, or a new one if it was lost.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>, Failure> {
+        let current = self.inner.session.lock().unwrap().clone();
+        if !current.is_lost() {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.inner.new_session.lock().await;
+        let current = self.inner.session.lock().unwrap().clone();
+        if !current.is_lost() {
+            return Ok(current);
+        }
+        current.close(
+            &self.inner.client,
+            "no keep-alive succeeded before the lease's deadline",
+        );
+        let session = grant_session(
+            &self.inner.client,
+            self.inner.session_secs,
+            self.inner.config.timeout,
+            self.inner.config.timeout,
+        )
+        .await
+        .map_err(|source| Failure {
+            error: self.error("create session", "", source),
+            retry: true,
+        })?;
+        tracing::info!(lease_id = session.id, "distlock: new etcd session");
+        *self.inner.session.lock().unwrap() = session.clone();
+        Ok(session)
+    }
+
+    /// The lease a new attempt uses: the session's, or its own.
+    pub(crate) async fn binding(
+        &self,
+        key: &str,
+        options: &LockOptions,
+    ) -> Result<Binding, Failure> {
+        let secs = lease_seconds(options.ttl);
+        if options.auto_renew && secs == self.inner.session_secs {
+            return Ok(Binding::Session(self.session().await?));
+        }
+        let sent_at = Instant::now();
+        let granted = self
+            .call("grant lease", key, async {
+                self.inner.client.lease_client().grant(secs, None).await
+            })
+            .await?;
+        let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
+        Ok(Binding::Own(Arc::new(OwnLease::new(
+            granted.id(),
+            ttl,
+            validity_deadline(sent_at, ttl),
+        ))))
     }
 }

@@ -1,0 +1,421 @@
+//! Attempts and waiting: the lock recipe, run in the client.
+//!
+//! - The locks of key `k` are the keys under `prefix/<encoded k>/`, one per
+//!   holder or waiter, each named `<lease>-<seq>` and living on a lease
+//!   (see the `session` module). The key with the lowest create revision
+//!   owns the lock.
+//! - An attempt is one transaction: if the attempt's key does not exist,
+//!   create it on the lease and, in the same transaction, read the newest
+//!   keys under the prefix by create revision (ours, the one just older
+//!   and the one before that). An attempt that finds no older key holds
+//!   the lock: uncontended, that is one round trip, and release is one
+//!   delete. The transaction runs in a task of its own, so that a dropped
+//!   attempt removes its key only after the transaction finished (see the
+//!   `held` module); a transaction whose outcome is unknown (the
+//!   connection broke) is sent again, and either creates the key or finds
+//!   it.
+//! - `try_lock` that finds an older key deletes its own (a second round
+//!   trip, on the busy path only). `lock` waits in the queue for the key
+//!   just older than its own to go (see the `watch` module). So waiters
+//!   queue in arrival order (FIFO), a release wakes exactly one waiter, and
+//!   nobody polls.
+//! - A client reuses the `<seq>` of a key whose deletion etcd confirmed:
+//!   every distinct name under a prefix stays in etcd's index until a
+//!   compaction and each acquire's range walks them, so fresh names on
+//!   every attempt would make a much-used lock slower and slower.
+//! - The fencing token is the lock key's create revision: etcd revisions
+//!   are global and only grow, so it increases across holders, expiry and
+//!   server restarts.
+//!
+//! # Why not etcd's Lock RPC
+//!
+//! etcd ships a server-side lock service (`v3lockpb.Lock`/`Unlock`, behind
+//! `etcdctl lock`) built on a similar recipe. It is not used here because
+//! its `Lock` call only ever waits: there is no try-lock, so `try_lock`
+//! would have to cancel a wait and race the grant. Bounding its wait has
+//! the same race: a grant that lands as the client's deadline fires leaves
+//! a held lock nobody knows about until its lease expires. Its key also
+//! comes back only in the response, after the grant, so an attempt that is
+//! dropped mid-call cannot be found and cleaned up by the client. And on
+//! etcd 3.4 its waiter opens the watch at the revision of an earlier read,
+//! which under contention lands in the server's slowly caught-up watcher
+//! group (see the `watch` module). Running the recipe in the client gives
+//! a one-round-trip try-lock, a key chosen before the request (so
+//! abandoned attempts are always removed), watches opened at the current
+//! revision, the create revision as fencing token, and the same behaviour
+//! on every etcd v3 server.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock_core::backend::{scheduled_guard, Lease};
+use distlock_core::{LockGuard, LockOptions};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
+};
+use tokio::time::Instant;
+
+use crate::held::{EtcdHeld, PendingKey};
+use crate::rpc::{is_lease_not_found, is_retryable, timed_out, Failure};
+use crate::session::Binding;
+use crate::{EtcdLock, NAME};
+
+/// How one attempt ended, when it did not fail.
+pub(crate) enum Outcome {
+    Granted(LockGuard),
+    /// Held by another owner (only when not waiting).
+    Busy,
+    /// The attempt's key or lease vanished (session lost): start over.
+    Restart,
+}
+
+/// Where one attempt queues: the lock's key (for errors), the lock's
+/// prefix in etcd and the attempt's own key under it.
+#[derive(Clone, Copy)]
+pub(crate) struct Slot<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) dir: &'a str,
+    pub(crate) etcd_key: &'a str,
+}
+
+/// The key just older than ours, which a waiter watches (and, while that
+/// one waits too, the key just older than it).
+#[derive(Clone, Debug)]
+pub(crate) struct Predecessor {
+    pub(crate) key: Vec<u8>,
+    pub(crate) create_revision: i64,
+    /// The lease it lives on.
+    pub(crate) lease: i64,
+    /// It was the oldest key (the owner) when read. Keys older than ours
+    /// can only go away (a new key gets a newer create revision), so once
+    /// this one is deleted nothing older than ours is left.
+    pub(crate) owner: bool,
+    /// The key just older than the predecessor, when it is not the owner.
+    pub(crate) older: Option<Vec<u8>>,
+}
+
+/// How many keys a queue read returns: ours, the predecessor and the one
+/// before it.
+const QUEUE_READ_LIMIT: i64 = 3;
+
+impl Predecessor {
+    /// The predecessor in a range of the lock's keys, newest first and
+    /// limited to [`QUEUE_READ_LIMIT`], whose first key is ours.
+    fn from_range(range: &etcd_client::GetResponse) -> Option<Self> {
+        let kvs = range.kvs();
+        kvs.get(1).map(|kv| Predecessor {
+            key: kv.key().to_vec(),
+            create_revision: kv.create_revision(),
+            lease: kv.lease(),
+            // `more` is false when the limit cut nothing off (etcd sets it
+            // after applying `max_create_revision`, unlike `count`).
+            owner: kvs.len() < 3 && !range.more(),
+            older: kvs.get(2).map(|older| older.key().to_vec()),
+        })
+    }
+
+    /// The same key instance (the owner flag may have changed).
+    pub(crate) fn same_key(&self, other: &Predecessor) -> bool {
+        self.key == other.key && self.create_revision == other.create_revision
+    }
+}
+
+/// Where our key stands in the lock's queue.
+pub(crate) enum Position {
+    /// Our key is gone (its lease expired or was revoked).
+    Gone,
+    /// Our key exists; `None` means it is the oldest: the lock is ours.
+    Behind(Option<Predecessor>),
+}
+
+impl EtcdLock {
+    /// One acquisition attempt with a fresh key; waits in the queue when
+    /// `wait`, otherwise gives up (removing its key) if the lock is held.
+    pub(crate) async fn attempt(
+        &self,
+        key: &str,
+        options: &LockOptions,
+        wait: bool,
+    ) -> Result<Outcome, Failure> {
+        let binding = self.binding(key, options).await?;
+        let dir = self.lock_key_prefix(key);
+        let seq = self.inner.take_seq();
+        let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
+        let slot = Slot {
+            key,
+            dir: &dir,
+            etcd_key: &etcd_key,
+        };
+        let mut pending = PendingKey {
+            inner: self.inner.clone(),
+            etcd_key: etcd_key.clone(),
+            seq,
+            own_lease: binding.own_lease(),
+            txns: Vec::new(),
+            armed: true,
+        };
+        let (my_revision, mut position) =
+            self.enqueue(slot, binding.lease_id(), &mut pending).await?;
+        if my_revision == 0 {
+            if let Binding::Session(session) = &binding {
+                session.close(&self.inner.client, "etcd says the session lease is gone");
+            }
+        }
+        let mut waited = false;
+        let mut errors: u32 = 0;
+        loop {
+            let predecessor = match position {
+                Position::Gone => {
+                    pending.remove_now().await;
+                    return Ok(Outcome::Restart);
+                }
+                Position::Behind(None) => break,
+                Position::Behind(Some(predecessor)) => predecessor,
+            };
+            if !wait {
+                pending.remove_now().await;
+                return Ok(Outcome::Busy);
+            }
+            waited = true;
+            match self
+                .wait_for(slot, my_revision, &predecessor, &binding)
+                .await
+            {
+                Ok(Some(next)) => {
+                    errors = 0;
+                    position = next;
+                }
+                Ok(None) => {
+                    pending.remove_now().await;
+                    return Ok(Outcome::Restart);
+                }
+                Err(failure) if failure.retry => {
+                    tracing::debug!(error = %failure.error, "distlock: etcd wait failed, retrying");
+                    tokio::time::sleep(options.backoff.delay(errors)).await;
+                    errors += 1;
+                    position = Position::Behind(Some(predecessor));
+                }
+                Err(failure) => return Err(failure),
+            }
+        }
+        // Ours: our key is the oldest under the lock's prefix.
+        let fencing_token = my_revision as u64;
+        let (lease, core_renewal) = match &binding {
+            Binding::Session(session) => {
+                let lease = session.attach(|valid_until| {
+                    Lease::new(key, fencing_token, session.ttl, Some(valid_until))
+                });
+                match lease {
+                    // The session's keep-alive keeps it valid; the checks
+                    // every ttl / 3 (started when due) see a key deleted
+                    // behind our back, as an operator or a stray cleanup
+                    // would, and fire `lost()`.
+                    Some(lease) => (lease, true),
+                    None => {
+                        pending.remove_now().await;
+                        return Ok(Outcome::Restart);
+                    }
+                }
+            }
+            Binding::Own(own) => {
+                if waited {
+                    // Start the lock's TTL now, not at the last keep-alive
+                    // of the wait.
+                    match own
+                        .refresh(&self.inner.client, self.inner.config.timeout)
+                        .await
+                    {
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            pending.remove_now().await;
+                            return Ok(Outcome::Restart);
+                        }
+                        Err(source) => {
+                            return Err(Failure {
+                                error: self.error("grant", key, source),
+                                retry: true,
+                            })
+                        }
+                    }
+                }
+                let valid_until = own.valid_until();
+                if Instant::now() >= valid_until {
+                    pending.remove_now().await;
+                    return Ok(Outcome::Restart);
+                }
+                let lease = Lease::new(key, fencing_token, own.ttl, Some(valid_until));
+                (lease, options.auto_renew)
+            }
+        };
+        pending.armed = false;
+        let held = Arc::new(EtcdHeld {
+            owner: self.clone(),
+            key: key.to_owned(),
+            etcd_key,
+            seq,
+            release_started: AtomicBool::new(false),
+            binding,
+            lease: lease.clone(),
+        });
+        tracing::debug!(fencing_token, "distlock: etcd lock granted");
+        Ok(Outcome::Granted(scheduled_guard(
+            NAME,
+            lease,
+            held,
+            &self.inner.renewals,
+            core_renewal,
+        )))
+    }
+
+    /// The one transaction of an attempt: create our key if absent and
+    /// read the newest keys of the lock (ours and its predecessors).
+    /// Runs in a task of its own, so that a dropped attempt cleans up only
+    /// after it finished.
+    async fn enqueue(
+        &self,
+        slot: Slot<'_>,
+        lease_id: i64,
+        pending: &mut PendingKey,
+    ) -> Result<(i64, Position), Failure> {
+        let Slot { key, dir, etcd_key } = slot;
+        let newest = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(QUEUE_READ_LIMIT)
+            .with_keys_only();
+        let txn = Txn::new()
+            .when([Compare::create_revision(etcd_key, CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(etcd_key, "", Some(PutOptions::new().with_lease(lease_id))),
+                TxnOp::get(dir, Some(newest)),
+            ])
+            .or_else([TxnOp::get(
+                etcd_key,
+                Some(GetOptions::new().with_keys_only()),
+            )]);
+        let mut retries: u32 = 0;
+        let response = loop {
+            let mut kv = self.inner.client.kv_client();
+            let txn = txn.clone();
+            pending
+                .txns
+                .push(tokio::spawn(async move { kv.txn(txn).await }));
+            let running = pending.txns.last_mut().expect("just pushed");
+            let outcome = match tokio::time::timeout(self.inner.config.timeout, running).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(join)) => {
+                    return Err(Failure {
+                        error: self.error("acquire", key, join),
+                        retry: false,
+                    })
+                }
+                // Still running: the cleanup waits for it.
+                Err(_) => {
+                    return Err(Failure {
+                        error: self.error("acquire", key, timed_out(self.inner.config.timeout)),
+                        retry: true,
+                    })
+                }
+            };
+            // Finished: nothing to wait for before a cleanup.
+            pending.txns.pop();
+            match outcome {
+                Ok(response) => break response,
+                // The lease vanished before our keep-alive noticed (revoked,
+                // or expired while the server was unreachable): nothing was
+                // written; start over on a new lease.
+                Err(source) if is_lease_not_found(&source) => return Ok((0, Position::Gone)),
+                // The outcome is unknown (the connection broke): the same
+                // transaction again either creates the key or finds it.
+                Err(source) if is_retryable(&source) && retries < 2 => {
+                    tracing::debug!(error = %source, "distlock: etcd acquire txn failed, retrying");
+                    retries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 << retries)).await;
+                }
+                Err(source) => {
+                    let retry = is_retryable(&source);
+                    return Err(Failure {
+                        error: self.error("acquire", key, source),
+                        retry,
+                    });
+                }
+            }
+        };
+        self.read_enqueued(slot, response).await
+    }
+
+    /// Places our key from the transaction's answer: our create revision
+    /// and our position in the queue.
+    async fn read_enqueued(
+        &self,
+        slot: Slot<'_>,
+        response: TxnResponse,
+    ) -> Result<(i64, Position), Failure> {
+        let Slot { key, etcd_key, .. } = slot;
+        let malformed = |what: &str| Failure {
+            error: self.error("acquire", key, format!("unexpected txn response: {what}")),
+            retry: false,
+        };
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0);
+        let ops = response.op_responses();
+        if response.succeeded() {
+            let Some(TxnOpResponse::Get(range)) = ops.get(1) else {
+                return Err(malformed("no range"));
+            };
+            // We created our key at `revision`, after the range's other
+            // keys: the range is newest first, so ours comes first.
+            match range.kvs().first() {
+                Some(kv) if kv.key() == etcd_key.as_bytes() && kv.create_revision() == revision => {
+                    Ok((revision, Position::Behind(Predecessor::from_range(range))))
+                }
+                // Not expected; a plain read places us instead.
+                _ => Ok((revision, self.position(slot, revision).await?)),
+            }
+        } else {
+            // The key already existed: a retried transaction whose first
+            // try did apply. Our key's own create revision places us.
+            let Some(TxnOpResponse::Get(range)) = ops.first() else {
+                return Err(malformed("no range"));
+            };
+            match range.kvs().first() {
+                Some(kv) => {
+                    let mine = kv.create_revision();
+                    Ok((mine, self.position(slot, mine).await?))
+                }
+                None => Ok((revision, Position::Gone)),
+            }
+        }
+    }
+
+    /// One read: is our key still there, and which key is just older?
+    pub(crate) async fn position(
+        &self,
+        slot: Slot<'_>,
+        my_revision: i64,
+    ) -> Result<Position, Failure> {
+        let Slot { key, dir, etcd_key } = slot;
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_max_create_revision(my_revision)
+            .with_limit(QUEUE_READ_LIMIT)
+            .with_keys_only();
+        let range = self
+            .call("wait", key, async {
+                self.inner.client.kv_client().get(dir, Some(options)).await
+            })
+            .await?;
+        let kvs = range.kvs();
+        match kvs.first() {
+            Some(kv) if kv.key() == etcd_key.as_bytes() => {
+                Ok(Position::Behind(Predecessor::from_range(&range)))
+            }
+            _ => Ok(Position::Gone),
+        }
+    }
+}
