@@ -87,10 +87,10 @@
 //!
 //! # Errors and outages
 //!
-//! `connect` fails with [`Error::Connection`] naming the endpoint(s) when
+//! `connect` fails with [`Error::Connection`](distlock_core::Error::Connection) naming the endpoint(s) when
 //! the server (or a Redlock majority) cannot be reached within about twice
 //! `timeout_ms`; it never hangs. Afterwards the connection reconnects by
-//! itself. `try_lock` and `lock` return [`Error::Backend`] at once when the
+//! itself. `try_lock` and `lock` return [`Error::Backend`](distlock_core::Error::Backend) at once when the
 //! server (or a majority) does not answer, rather than waiting out `wait`:
 //! retry at your level if an outage should be ridden out. Held locks keep
 //! renewing through short outages until their local deadline.
@@ -138,8 +138,10 @@
 
 #![warn(missing_docs)]
 
+mod acquire;
 mod client;
 mod config;
+mod held;
 mod keys;
 mod node;
 mod renewal;
@@ -150,13 +152,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use distlock_core::backend;
-use distlock_core::{Capabilities, DistributedLock, Error, LockGuard, LockOptions, Result};
-use futures::future::join_all;
+use distlock_core::{Capabilities, DistributedLock, LockGuard, LockOptions, Result};
 
 pub use config::{RedisConfig, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
 
 use client::Shared;
-use node::Node;
 
 /// Connects to the service named by `url` (`redis://`, `rediss://`,
 /// `redlock://`); see the crate docs for the forms.
@@ -189,50 +189,11 @@ impl RedisLock {
     }
 
     /// Connects with a parsed or built configuration. Fails with
-    /// [`Error::Connection`] naming the endpoints when (a majority of) the
+    /// [`Error::Connection`](distlock_core::Error::Connection) naming the endpoints when (a majority of) the
     /// servers cannot be reached within about twice the timeout.
     pub async fn connect_with(config: RedisConfig) -> Result<Self> {
-        let name = if config.redlock { "redlock" } else { "redis" };
-        if config.nodes.iter().any(|n| n.url.starts_with("rediss://")) {
-            // Several rustls providers may be compiled in; pick ours once.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        let mut nodes = Vec::with_capacity(config.nodes.len());
-        for node in &config.nodes {
-            let own_message = client::retry_message(&client_id);
-            nodes.push(
-                Node::new(node, config.timeout, own_message)
-                    .map_err(|err| Error::connection(name, node.endpoint.clone(), err))?,
-            );
-        }
-        let pings = join_all(nodes.iter().map(|node| node.ping(config.timeout * 2))).await;
-        let quorum = nodes.len() / 2 + 1;
-        let reachable = pings.iter().filter(|p| p.is_ok()).count();
-        let mut failed = Vec::new();
-        let mut first_error = None;
-        for (node, ping) in nodes.iter().zip(pings) {
-            if let Err(err) = ping {
-                failed.push(node.endpoint.clone());
-                first_error.get_or_insert(err);
-            }
-        }
-        if reachable < quorum {
-            let err = first_error.expect("an unreachable node has an error");
-            return Err(Error::connection(name, failed.join(","), err));
-        }
-        if !failed.is_empty() {
-            tracing::warn!(unreachable = %failed.join(","), "distlock: some Redlock instances are unreachable; a majority answers");
-        }
         Ok(RedisLock {
-            shared: Arc::new(Shared::new(
-                name,
-                nodes,
-                config.prefix,
-                config.fair,
-                config.timeout,
-                client_id,
-            )),
+            shared: Arc::new(Shared::connect(config).await?),
         })
     }
 

@@ -1,0 +1,279 @@
+//! A granted lock: its guard, release and extend, and the cleanup of
+//! attempts abandoned before a definite answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use distlock_core::backend::{self_renewed_guard, validity_deadline, HeldLock, Lease, WeakLease};
+use distlock_core::{Error, LockGuard, LockOptions, LostReason, Result};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::acquire::{Granted, HANDOFF_CLAIM};
+use crate::client::{Shared, FENCE_IDLE_TTL};
+use crate::keys::LockKeys;
+use crate::renewal::Renewals;
+use crate::scripts::{ABANDON, EXTEND, RELEASE, RELEASE_FAIR};
+
+/// One granted lock.
+struct RedisHeld {
+    shared: Arc<Shared>,
+    key: String,
+    keys: LockKeys,
+    owner: String,
+    lease: WeakLease,
+    renewal_id: Option<u64>,
+}
+
+#[async_trait]
+impl HeldLock for RedisHeld {
+    async fn release(&self) -> Result<()> {
+        if let Some(id) = self.renewal_id {
+            self.shared.renewals.remove(id);
+        }
+        // A finished lease no longer says its TTL: bound by the client's
+        // timeout then.
+        let ttl = self
+            .lease
+            .upgrade()
+            .map_or(self.shared.timeout * 100, |lease| lease.ttl());
+        self.shared
+            .release(&self.key, &self.keys, &self.owner, ttl)
+            .await
+    }
+
+    async fn extend(&self, ttl: Duration) -> Result<()> {
+        self.shared
+            .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
+            .await
+    }
+}
+
+impl Shared {
+    /// The guard of a granted lock. `granted_for` is the TTL the server
+    /// set; when a handoff set less than `options.ttl` (the claim window),
+    /// the lock is extended to `options.ttl` at once, in the background:
+    /// the guard is usable meanwhile, vouched for by the shorter validity.
+    pub(crate) fn make_guard(
+        self: &Arc<Self>,
+        key: &str,
+        keys: LockKeys,
+        owner: String,
+        granted: Granted,
+        options: &LockOptions,
+    ) -> LockGuard {
+        let lease = Lease::new(key, granted.token, options.ttl, Some(granted.valid_until));
+        let claimed = granted.granted_for < options.ttl;
+        let renewal_id = options.auto_renew.then(|| {
+            Renewals::register(
+                &self.renewals,
+                self,
+                &lease,
+                keys.lock.clone(),
+                owner.clone(),
+                claimed,
+            )
+        });
+        if claimed && !options.auto_renew {
+            self.extend_once(key, &keys, &owner, &lease);
+        }
+        let held = Arc::new(RedisHeld {
+            shared: self.clone(),
+            key: key.to_owned(),
+            keys,
+            owner,
+            lease: lease.downgrade(),
+            renewal_id,
+        });
+        self_renewed_guard(self.name, lease, held)
+    }
+
+    /// Extends a handed-over lock to its lease's TTL once, in the
+    /// background (a guard without auto-renewal still gets the TTL it
+    /// asked for). A refusal marks the lease lost; an error leaves it to
+    /// expire at the claim window's end.
+    fn extend_once(self: &Arc<Self>, key: &str, keys: &LockKeys, owner: &str, lease: &Lease) {
+        let (shared, key, keys, owner) =
+            (self.clone(), key.to_owned(), keys.clone(), owner.to_owned());
+        let (lease, ttl) = (lease.downgrade(), lease.ttl());
+        let span =
+            tracing::debug_span!("distlock.renew", backend = self.name, key = %key, claim = true);
+        tokio::spawn(
+            async move {
+                match shared.extend(&key, &keys, &owner, ttl, &lease).await {
+                    Ok(()) => {}
+                    Err(err) if err.is_not_held() => {
+                        if let Some(lease) = lease.upgrade() {
+                            lease.mark_lost(LostReason::NotHeld);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "distlock: could not extend a handed-over lock; it ends with its claim window");
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Owner-checked delete; `ttl` (the lease's) bounds each Redlock
+    /// instance's answer.
+    pub(crate) async fn release(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<()> {
+        let (script, command) = if self.fair {
+            // Fair mode is one server only: hand the lock to the queue's
+            // head in the same script.
+            let mut command = keys.script_command(&RELEASE_FAIR);
+            command
+                .arg(owner)
+                .arg(&keys.channel)
+                .arg(FENCE_IDLE_TTL.as_millis() as u64)
+                .arg(HANDOFF_CLAIM.as_millis() as u64);
+            (&*RELEASE_FAIR, command)
+        } else {
+            let mut command = RELEASE.command(1);
+            command
+                .arg(&keys.lock)
+                .arg(owner)
+                .arg(&keys.channel)
+                .arg("");
+            (&*RELEASE, command)
+        };
+        let results = self
+            .script_on_all::<i64>(self.node_timeout(ttl), script, &command)
+            .await;
+        let (mut deleted, mut refused, mut first_error) = (0, 0, None);
+        for result in results {
+            match result {
+                Ok(1) => deleted += 1,
+                Ok(_) => refused += 1,
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        if deleted >= self.quorum {
+            Ok(())
+        } else if refused > self.nodes.len() - self.quorum {
+            Err(Error::not_held(key))
+        } else {
+            Err(self.quorum_or_node_error("release", key, deleted + refused, first_error))
+        }
+    }
+
+    /// Owner-checked `PEXPIRE`; on success the lease is valid `ttl` from
+    /// when the request was sent.
+    async fn extend(
+        &self,
+        key: &str,
+        keys: &LockKeys,
+        owner: &str,
+        ttl: Duration,
+        lease: &WeakLease,
+    ) -> Result<()> {
+        let ttl_ms = ttl.as_millis() as u64;
+        let sent_at = Instant::now();
+        let mut command = EXTEND.command(1);
+        command.arg(&keys.lock).arg(owner).arg(ttl_ms);
+        let results = self
+            .script_on_all::<i64>(self.node_timeout(ttl), &EXTEND, &command)
+            .await;
+        let (mut extended, mut refused, mut first_error) = (0, 0, None);
+        for result in results {
+            match result {
+                Ok(1) => extended += 1,
+                Ok(_) => refused += 1,
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        let deadline = validity_deadline(sent_at, ttl);
+        if extended >= self.quorum && Instant::now() < deadline {
+            if let Some(lease) = lease.upgrade() {
+                lease.set_valid_until(Some(deadline));
+            }
+            Ok(())
+        } else if refused > self.nodes.len() - self.quorum {
+            Err(Error::not_held(key))
+        } else {
+            Err(self.quorum_or_node_error("extend", key, extended + refused, first_error))
+        }
+    }
+
+    /// Cleanup of an attempt whose outcome is unknown or unwanted.
+    async fn abandon(&self, keys: &LockKeys, owner: &str, waiter: &str) {
+        let mut command = ABANDON.command(3);
+        command
+            .arg(&keys.lock)
+            .arg(&keys.queue)
+            .arg(&keys.waiters)
+            .arg(owner)
+            .arg(waiter)
+            .arg(&keys.channel);
+        let results = self
+            .script_on_all::<i64>(self.timeout, &ABANDON, &command)
+            .await;
+        for result in results {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "distlock: cleanup of an abandoned attempt failed; its TTL will end it");
+            }
+        }
+    }
+}
+
+/// Cleans up an attempt whose future was dropped or failed before a
+/// definite answer: the script may have granted the lock or queued the
+/// waiter on the server.
+pub(crate) struct Abandon<'a> {
+    shared: &'a Arc<Shared>,
+    keys: &'a LockKeys,
+    owner: &'a str,
+    waiter: &'a str,
+    armed: bool,
+}
+
+impl<'a> Abandon<'a> {
+    pub fn new(
+        shared: &'a Arc<Shared>,
+        keys: &'a LockKeys,
+        owner: &'a str,
+        waiter: &'a str,
+    ) -> Self {
+        Abandon {
+            shared,
+            keys,
+            owner,
+            waiter,
+            armed: true,
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, keys, owner, waiter) = (
+            self.shared.clone(),
+            self.keys.clone(),
+            self.owner.to_owned(),
+            self.waiter.to_owned(),
+        );
+        runtime.spawn(async move { shared.abandon(&keys, &owner, &waiter).await });
+    }
+}
