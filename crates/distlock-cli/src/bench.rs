@@ -145,15 +145,7 @@ fn failure(err: distlock_bench::Error) -> (u8, String) {
     match err {
         Error::Connect { url, source } => (
             exit_code_for(&source),
-            format!(
-                "cannot use {url}: {}{}",
-                describe(&source),
-                if matches!(source, distlock::Error::Unsupported { .. }) {
-                    " (--floor-only measures only the raw protocol floor)"
-                } else {
-                    ""
-                }
-            ),
+            format!("cannot use {url}: {}", describe(&source)),
         ),
         Error::Config(message) => (EXIT_USAGE, message),
         Error::Service(message) => (EXIT_UNAVAILABLE, message),
