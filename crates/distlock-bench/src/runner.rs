@@ -116,7 +116,7 @@ pub(crate) async fn run(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// The backend a URL names, for `--floor-only` (which opens no lock).
+/// The backend a URL names, for a floor-only run (which opens no lock).
 fn backend_of_scheme(url: &str) -> &'static str {
     match url.split_once("://").map(|(scheme, _)| scheme) {
         Some("memory") => "memory",
