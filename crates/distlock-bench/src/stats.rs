@@ -5,32 +5,32 @@ use std::time::Duration;
 /// Latencies in nanoseconds (exact: a bench run holds at most a few
 /// million samples).
 #[derive(Debug, Default, Clone)]
-pub struct Samples {
+pub(crate) struct Samples {
     nanos: Vec<u64>,
     sorted: bool,
 }
 
 impl Samples {
     /// Records one latency.
-    pub fn push(&mut self, latency: Duration) {
+    pub(crate) fn push(&mut self, latency: Duration) {
         self.nanos
             .push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
         self.sorted = false;
     }
 
     /// Adds all of `other`'s samples.
-    pub fn extend(&mut self, other: Samples) {
+    pub(crate) fn extend(&mut self, other: Samples) {
         self.nanos.extend(other.nanos);
         self.sorted = false;
     }
 
     /// How many samples.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.nanos.len()
     }
 
     /// The `q`-quantile (nearest rank) in microseconds, `None` when empty.
-    pub fn quantile_us(&mut self, q: f64) -> Option<f64> {
+    pub(crate) fn quantile_us(&mut self, q: f64) -> Option<f64> {
         if self.nanos.is_empty() {
             return None;
         }

@@ -7,14 +7,14 @@
 
 /// The machine's cumulative CPU times (all CPUs), in clock ticks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CpuTimes {
+pub(crate) struct CpuTimes {
     steal: u64,
     total: u64,
 }
 
 impl CpuTimes {
     /// Now; `None` where `/proc/stat` is missing or unreadable.
-    pub fn now() -> Option<Self> {
+    pub(crate) fn now() -> Option<Self> {
         Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
     }
 
@@ -37,7 +37,7 @@ impl CpuTimes {
 
     /// The percentage of CPU time stolen between `earlier` and `self`;
     /// `None` if no tick passed.
-    pub fn steal_pct_since(self, earlier: CpuTimes) -> Option<f64> {
+    pub(crate) fn steal_pct_since(self, earlier: CpuTimes) -> Option<f64> {
         let total = self.total.checked_sub(earlier.total)?;
         let steal = self.steal.checked_sub(earlier.steal)?;
         (total > 0).then(|| 100.0 * steal as f64 / total as f64)
