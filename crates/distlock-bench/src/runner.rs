@@ -118,15 +118,7 @@ pub(crate) async fn run(config: &Config) -> Result<(), Error> {
 
 /// The backend a URL names, for a floor-only run (which opens no lock).
 fn backend_of_scheme(url: &str) -> &'static str {
-    match url.split_once("://").map(|(scheme, _)| scheme) {
-        Some("memory") => "memory",
-        Some("file") => "file",
-        Some("redis" | "rediss") => "redis",
-        Some("redlock") => "redlock",
-        Some("zk" | "zookeeper") => "zookeeper",
-        Some("etcd") => "etcd",
-        _ => "unknown",
-    }
+    distlock::Service::of_url(url).map_or("unknown", distlock::Service::name)
 }
 
 /// A bar on stderr sized to the planned run, hidden unless stderr is a

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use distlock::BoxError;
+use distlock::{BoxError, Service};
 
 use memory::LeaseTable;
 
@@ -76,9 +76,8 @@ pub(crate) enum RawServer {
 impl RawServer {
     /// The raw side of `url`'s service.
     pub(crate) fn from_url(url: &str) -> Result<Self, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| "expected <scheme>://...".to_owned())?;
+        let service = Service::of_url(url).map_err(|err| err.to_string())?;
+        let rest = url.split_once("://").map_or("", |(_, rest)| rest);
         let hosts = || -> Vec<String> {
             let authority = rest.split(['/', '?']).next().unwrap_or_default();
             let authority = authority.rsplit('@').next().unwrap_or_default();
@@ -88,9 +87,9 @@ impl RawServer {
                 .map(str::to_owned)
                 .collect()
         };
-        match scheme {
-            "memory" => Ok(RawServer::Memory(Default::default())),
-            "file" => {
+        match service {
+            Service::Memory => Ok(RawServer::Memory(Default::default())),
+            Service::File => {
                 let dir = rest.split('?').next().unwrap_or_default();
                 if dir.is_empty() {
                     return Err("file:// needs a directory, e.g. file:///tmp/locks".into());
@@ -98,9 +97,9 @@ impl RawServer {
                 Ok(RawServer::File(dir.into()))
             }
             #[cfg(feature = "redis")]
-            "redis" | "rediss" => Ok(RawServer::Redis(vec![url.to_owned()])),
+            Service::Redis => Ok(RawServer::Redis(vec![url.to_owned()])),
             #[cfg(feature = "redis")]
-            "redlock" => {
+            Service::Redlock => {
                 let hosts = hosts();
                 if hosts.is_empty() {
                     return Err("redlock:// needs at least one host".into());
@@ -113,18 +112,19 @@ impl RawServer {
                 ))
             }
             #[cfg(feature = "zookeeper")]
-            "zk" | "zookeeper" => Ok(RawServer::ZooKeeper(hosts().join(","))),
+            Service::ZooKeeper => Ok(RawServer::ZooKeeper(hosts().join(","))),
             #[cfg(feature = "etcd")]
-            "etcd" => Ok(RawServer::Etcd(
+            Service::Etcd => Ok(RawServer::Etcd(
                 hosts()
                     .into_iter()
                     .map(|host| format!("http://{host}"))
                     .collect(),
             )),
+            #[allow(unreachable_patterns)]
             other => {
                 let _ = hosts;
                 Err(format!(
-                    "no raw floor for scheme `{other}` in this build of distlock"
+                    "no raw floor for {other} in this build of distlock"
                 ))
             }
         }
