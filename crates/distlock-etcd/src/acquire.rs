@@ -49,7 +49,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::backend::{scheduled_guard, Lease};
+use distlock_core::backend::{scheduled_guard, CleanupOnDrop, Lease};
 use distlock_core::{LockGuard, LockOptions};
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
@@ -143,21 +143,24 @@ impl EtcdLock {
         let dir = self.lock_key_prefix(key);
         let seq = self.inner.take_seq();
         let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
+        let pending = Arc::new(PendingKey::new(
+            &self.inner,
+            etcd_key,
+            seq,
+            binding.own_lease(),
+        ));
+        let cleanup = CleanupOnDrop::arm("an etcd lock key", {
+            let pending = pending.clone();
+            move || async move {
+                pending.remove().await;
+            }
+        });
         let slot = Slot {
             key,
             dir: &dir,
-            etcd_key: &etcd_key,
+            etcd_key: &pending.etcd_key,
         };
-        let mut pending = PendingKey {
-            inner: self.inner.clone(),
-            etcd_key: etcd_key.clone(),
-            seq,
-            own_lease: binding.own_lease(),
-            txns: Vec::new(),
-            armed: true,
-        };
-        let (my_revision, mut position) =
-            self.enqueue(slot, binding.lease_id(), &mut pending).await?;
+        let (my_revision, mut position) = self.enqueue(slot, binding.lease_id(), &pending).await?;
         if my_revision == 0 {
             if let Binding::Session(session) = &binding {
                 session.close(&self.inner.client, "etcd says the session lease is gone");
@@ -168,14 +171,14 @@ impl EtcdLock {
         loop {
             let predecessor = match position {
                 Position::Gone => {
-                    pending.remove_now().await;
+                    pending.remove_now(cleanup).await;
                     return Ok(Outcome::Restart);
                 }
                 Position::Behind(None) => break,
                 Position::Behind(Some(predecessor)) => predecessor,
             };
             if !wait {
-                pending.remove_now().await;
+                pending.remove_now(cleanup).await;
                 return Ok(Outcome::Busy);
             }
             waited = true;
@@ -188,7 +191,7 @@ impl EtcdLock {
                     position = next;
                 }
                 Ok(None) => {
-                    pending.remove_now().await;
+                    pending.remove_now(cleanup).await;
                     return Ok(Outcome::Restart);
                 }
                 Err(failure) if failure.retry => {
@@ -214,7 +217,7 @@ impl EtcdLock {
                     // would, and fire `lost()`.
                     Some(lease) => (lease, true),
                     None => {
-                        pending.remove_now().await;
+                        pending.remove_now(cleanup).await;
                         return Ok(Outcome::Restart);
                     }
                 }
@@ -229,7 +232,7 @@ impl EtcdLock {
                     {
                         Ok(Some(_)) => {}
                         Ok(None) => {
-                            pending.remove_now().await;
+                            pending.remove_now(cleanup).await;
                             return Ok(Outcome::Restart);
                         }
                         Err(source) => {
@@ -242,14 +245,19 @@ impl EtcdLock {
                 }
                 let valid_until = own.valid_until();
                 if Instant::now() >= valid_until {
-                    pending.remove_now().await;
+                    pending.remove_now(cleanup).await;
                     return Ok(Outcome::Restart);
                 }
                 let lease = Lease::new(key, fencing_token, own.ttl, Some(valid_until));
                 (lease, options.auto_renew)
             }
         };
-        pending.armed = false;
+        cleanup.disarm();
+        // The cleanup's clone went with it.
+        let etcd_key = Arc::try_unwrap(pending).map_or_else(
+            |pending| pending.etcd_key.clone(),
+            |pending| pending.etcd_key,
+        );
         let held = Arc::new(EtcdHeld {
             owner: self.clone(),
             key: key.to_owned(),
@@ -277,7 +285,7 @@ impl EtcdLock {
         &self,
         slot: Slot<'_>,
         lease_id: i64,
-        pending: &mut PendingKey,
+        pending: &PendingKey,
     ) -> Result<(i64, Position), Failure> {
         let Slot { key, dir, etcd_key } = slot;
         let newest = GetOptions::new()
@@ -299,10 +307,9 @@ impl EtcdLock {
         let response = loop {
             let mut kv = self.inner.client.kv_client();
             let txn = txn.clone();
-            pending
-                .txns
-                .push(tokio::spawn(async move { kv.txn(txn).await }));
-            let running = pending.txns.last_mut().expect("just pushed");
+            let mut txns = pending.txns.lock().await;
+            txns.push(tokio::spawn(async move { kv.txn(txn).await }));
+            let running = txns.last_mut().expect("just pushed");
             let outcome = match tokio::time::timeout(self.inner.config.timeout, running).await {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(join)) => {
@@ -320,7 +327,8 @@ impl EtcdLock {
                 }
             };
             // Finished: nothing to wait for before a cleanup.
-            pending.txns.pop();
+            txns.pop();
+            drop(txns);
             match outcome {
                 Ok(response) => break response,
                 // The lease vanished before our keep-alive noticed (revoked,

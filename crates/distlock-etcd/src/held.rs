@@ -16,12 +16,13 @@
 //!   left behind would be a waiter nobody serves, holding up the queue
 //!   until its lease ends.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::backend::{HeldLock, Lease};
+use distlock_core::backend::{CleanupOnDrop, HeldLock, Lease};
 use distlock_core::{Error, LostReason, Result};
 use etcd_client::{GetOptions, TxnResponse};
 use tokio::task::JoinHandle;
@@ -121,34 +122,57 @@ impl HeldLock for EtcdHeld {
     }
 }
 
-/// An attempt's key until the lock is granted: dropping it (a dropped or
-/// failed attempt) deletes the key in the background, after the attempt's
-/// transaction finished, so that no waiter record is left behind.
+/// A transaction of an attempt, spawned so that it finishes even if the
+/// attempt is dropped.
+pub(crate) type TxnTask = JoinHandle<Result<TxnResponse, etcd_client::Error>>;
+
+/// An attempt's key until the lock is granted. The attempt arms a
+/// [`CleanupOnDrop`] with [`PendingKey::remove`]: dropped or failed, it
+/// deletes the key in the background, after the attempt's transaction
+/// finished, so that no waiter record is left behind.
 pub(crate) struct PendingKey {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
     pub(crate) etcd_key: String,
-    /// The number in `etcd_key`, given back once it is removed here.
-    pub(crate) seq: u64,
+    /// The number in `etcd_key`, given back once it is removed in the
+    /// attempt's task.
+    seq: u64,
     /// A lock's own lease: revoking it deletes the key too.
-    pub(crate) own_lease: Option<i64>,
-    /// Transactions that may still create the key.
-    pub(crate) txns: Vec<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
-    pub(crate) armed: bool,
+    own_lease: Option<i64>,
+    /// Transactions that may still create the key. The attempt holds the
+    /// lock while it awaits one, and the cleanup can only run once the
+    /// attempt is done or dropped.
+    pub(crate) txns: tokio::sync::Mutex<Vec<TxnTask>>,
 }
 
 impl PendingKey {
-    /// Removes the key now (awaited), e.g. after a failed `try_lock`.
-    /// Stays armed until done: if this is dropped midway, `Drop` removes
-    /// the key again in the background.
-    pub(crate) async fn remove_now(&mut self) {
-        let removed = remove_key(
-            self.inner.clone(),
-            self.etcd_key.clone(),
-            self.own_lease,
-            std::mem::take(&mut self.txns),
-        )
-        .await;
-        self.armed = false;
+    /// The key `etcd_key`, numbered `seq`, on the session lease or on
+    /// `own_lease`.
+    pub(crate) fn new(
+        inner: &Arc<Inner>,
+        etcd_key: String,
+        seq: u64,
+        own_lease: Option<i64>,
+    ) -> Self {
+        PendingKey {
+            inner: inner.clone(),
+            etcd_key,
+            seq,
+            own_lease,
+            txns: tokio::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Removes the key now, in the attempt's task (a busy `try_lock`, a
+    /// lost lease). `cleanup` (armed with [`remove`](Self::remove)) stays
+    /// armed until etcd answered: if this is dropped midway, the key is
+    /// removed again in the background.
+    pub(crate) async fn remove_now<F, Fut>(&self, cleanup: CleanupOnDrop<F, Fut>)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let removed = self.remove().await;
+        cleanup.disarm();
         if removed {
             // Every transaction finished before the delete, which etcd
             // confirmed. (A removal in the background, after a dropped
@@ -157,69 +181,49 @@ impl PendingKey {
             self.inner.give_back_seq(self.seq);
         }
     }
-}
 
-impl Drop for PendingKey {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
+    /// Deletes the key (revokes a lock's own lease) once the transactions
+    /// that may create it are done; false if that failed.
+    pub(crate) async fn remove(&self) -> bool {
+        let txns = std::mem::take(&mut *self.txns.lock().await);
+        // The key may appear only once the transactions are done.
+        for txn in txns {
+            let _ = txn.await;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(key = %self.etcd_key, "distlock: attempt dropped outside a runtime; its key stays until its lease ends");
-            return;
-        };
-        let (inner, etcd_key, own_lease, txns) = (
-            self.inner.clone(),
-            std::mem::take(&mut self.etcd_key),
-            self.own_lease,
-            std::mem::take(&mut self.txns),
-        );
-        runtime.spawn(async move {
-            remove_key(inner, etcd_key, own_lease, txns).await;
-        });
-    }
-}
-
-async fn remove_key(
-    inner: Arc<Inner>,
-    etcd_key: String,
-    own_lease: Option<i64>,
-    txns: Vec<JoinHandle<Result<TxnResponse, etcd_client::Error>>>,
-) -> bool {
-    // The key may appear only once the transactions are done.
-    for txn in txns {
-        let _ = txn.await;
-    }
-    let timeout = inner.config.timeout;
-    let outcome = match own_lease {
-        Some(id) => bounded(timeout, async {
-            inner.client.lease_client().revoke(id).await.map(drop)
-        })
-        .await
-        .or_else(|err| match err {
-            // Already gone: so is the key.
-            etcd_client::Error::GRpcStatus(status) if status.message().contains("not found") => {
-                Ok(())
-            }
-            other => Err(other),
-        }),
-        None => {
-            bounded(timeout, async {
-                inner
-                    .client
-                    .kv_client()
-                    .delete(etcd_key.as_str(), None)
-                    .await
-                    .map(drop)
+        let inner = &self.inner;
+        let timeout = inner.config.timeout;
+        let outcome = match self.own_lease {
+            Some(id) => bounded(timeout, async {
+                inner.client.lease_client().revoke(id).await.map(drop)
             })
             .await
-        }
-    };
-    match outcome {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::warn!(key = %etcd_key, error = %err, "distlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
-            false
+            .or_else(|err| match err {
+                // Already gone: so is the key.
+                etcd_client::Error::GRpcStatus(status)
+                    if status.message().contains("not found") =>
+                {
+                    Ok(())
+                }
+                other => Err(other),
+            }),
+            None => {
+                bounded(timeout, async {
+                    inner
+                        .client
+                        .kv_client()
+                        .delete(self.etcd_key.as_str(), None)
+                        .await
+                        .map(drop)
+                })
+                .await
+            }
+        };
+        match outcome {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(key = %self.etcd_key, error = %err, "distlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
+                false
+            }
         }
     }
 }

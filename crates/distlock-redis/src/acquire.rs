@@ -3,13 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::backend::validity_deadline;
+use distlock_core::backend::{validity_deadline, CleanupOnDrop};
 use distlock_core::{LockGuard, LockOptions, Result};
 use futures::future::join_all;
 use tokio::time::Instant;
 
 use crate::client::{Shared, FENCE_IDLE_TTL};
-use crate::held::Abandon;
 use crate::keys::LockKeys;
 use crate::node::timed_out;
 use crate::scripts::{ACQUIRE, RELEASE};
@@ -26,6 +25,10 @@ pub(crate) const HANDOFF_CLAIM: Duration = WAITER_TTL;
 /// How often a fair waiter refreshes its queue entry while it waits.
 pub(crate) const WAITER_REFRESH: Duration = Duration::from_secs(1);
 
+/// What an abandoned attempt may leave behind, for the warning when its
+/// cleanup cannot run.
+const ABANDONED: &str = "a Redis lock or queue entry of an abandoned attempt";
+
 impl Shared {
     pub async fn try_acquire(
         self: &Arc<Self>,
@@ -34,17 +37,20 @@ impl Shared {
     ) -> Result<Option<LockGuard>> {
         let keys = LockKeys::new(&self.prefix, key);
         let owner = self.new_owner();
-        let mut abandon = Abandon::new(self, &keys, &owner, "");
-        match self.attempt(key, &keys, &owner, "", options.ttl).await? {
+        let cleanup = CleanupOnDrop::arm(ABANDONED, || self.abandon(&keys, &owner, ""));
+        let outcome = match self.attempt(key, &keys, &owner, "", options.ttl).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                cleanup.run_now().await;
+                return Err(err);
+            }
+        };
+        cleanup.disarm();
+        match outcome {
             Outcome::Granted(granted) => {
-                abandon.disarm();
-                drop(abandon);
                 Ok(Some(self.make_guard(key, keys, owner, granted, options)))
             }
-            Outcome::Busy { .. } => {
-                abandon.disarm();
-                Ok(None)
-            }
+            Outcome::Busy { .. } => Ok(None),
         }
     }
 
@@ -53,7 +59,7 @@ impl Shared {
         let owner = self.new_owner();
         // A fair waiter's queue id is its owner value: unique per attempt.
         let waiter = if self.fair { owner.as_str() } else { "" };
-        let mut abandon = Abandon::new(self, &keys, &owner, waiter);
+        let cleanup = CleanupOnDrop::arm(ABANDONED, || self.abandon(&keys, &owner, waiter));
         // A release hands a fair waiter the lock on its client's channel
         // (one message, not one per waiting client); the shared one
         // carries plain releases.
@@ -70,13 +76,16 @@ impl Shared {
             for subscription in &mut subscriptions {
                 subscription.mark_seen();
             }
-            let retry_in = match self
-                .attempt(key, &keys, &owner, waiter, options.ttl)
-                .await?
-            {
+            let outcome = match self.attempt(key, &keys, &owner, waiter, options.ttl).await {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    cleanup.run_now().await;
+                    return Err(err);
+                }
+            };
+            let retry_in = match outcome {
                 Outcome::Granted(granted) => {
-                    abandon.disarm();
-                    drop(abandon);
+                    cleanup.disarm();
                     return Ok(self.make_guard(key, keys, owner, granted, options));
                 }
                 Outcome::Busy {
@@ -141,8 +150,7 @@ impl Shared {
                 else {
                     break;
                 };
-                abandon.disarm();
-                drop(abandon);
+                cleanup.disarm();
                 let granted = Granted {
                     token: grant.token,
                     valid_until,
@@ -255,8 +263,8 @@ impl Shared {
             }
             None => holders.iter().filter_map(|(_, pttl)| *pttl).min(),
         };
-        // One server: an unanswered attempt is cleaned up by the caller's
-        // drop guard when the error reaches it.
+        // One server: an unanswered attempt is cleaned up by the caller
+        // (its `CleanupOnDrop`) when the error reaches it.
         if granted > 0 || (first_error.is_some() && self.nodes.len() > 1) {
             // Undo partial grants (and grants whose reply was lost). After a
             // split vote, wake the other contenders (our share may have

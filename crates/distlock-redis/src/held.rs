@@ -1,6 +1,7 @@
 //! A granted lock: its guard, release and extend, and the cleanup of
 //! attempts abandoned before a definite answer.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,73 +208,42 @@ impl Shared {
         }
     }
 
-    /// Cleanup of an attempt whose outcome is unknown or unwanted.
-    async fn abandon(&self, keys: &LockKeys, owner: &str, waiter: &str) {
-        let mut command = ABANDON.command(3);
-        command
-            .arg(&keys.lock)
-            .arg(&keys.queue)
-            .arg(&keys.waiters)
-            .arg(owner)
-            .arg(waiter)
-            .arg(&keys.channel);
-        let results = self
-            .script_on_all::<i64>(self.timeout, &ABANDON, &command)
-            .await;
-        for result in results {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "distlock: cleanup of an abandoned attempt failed; its TTL will end it");
+    /// The cleanup of an attempt whose outcome is unknown or unwanted (its
+    /// future was dropped, or it failed before a definite answer): the
+    /// script may have granted the lock or queued the waiter. Deletes the
+    /// lock if it is this owner's, leaves the queue, and wakes the other
+    /// waiters if either changed anything. Owns what it needs, so it can
+    /// run after the attempt is gone (the attempt arms it in a
+    /// [`CleanupOnDrop`](distlock_core::backend::CleanupOnDrop)).
+    pub(crate) fn abandon(
+        self: &Arc<Self>,
+        keys: &LockKeys,
+        owner: &str,
+        waiter: &str,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (shared, keys, owner, waiter) = (
+            self.clone(),
+            keys.clone(),
+            owner.to_owned(),
+            waiter.to_owned(),
+        );
+        async move {
+            let mut command = ABANDON.command(3);
+            command
+                .arg(&keys.lock)
+                .arg(&keys.queue)
+                .arg(&keys.waiters)
+                .arg(&owner)
+                .arg(&waiter)
+                .arg(&keys.channel);
+            let results = shared
+                .script_on_all::<i64>(shared.timeout, &ABANDON, &command)
+                .await;
+            for result in results {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "distlock: cleanup of an abandoned attempt failed; its TTL will end it");
+                }
             }
         }
-    }
-}
-
-/// Cleans up an attempt whose future was dropped or failed before a
-/// definite answer: the script may have granted the lock or queued the
-/// waiter on the server.
-pub(crate) struct Abandon<'a> {
-    shared: &'a Arc<Shared>,
-    keys: &'a LockKeys,
-    owner: &'a str,
-    waiter: &'a str,
-    armed: bool,
-}
-
-impl<'a> Abandon<'a> {
-    pub fn new(
-        shared: &'a Arc<Shared>,
-        keys: &'a LockKeys,
-        owner: &'a str,
-        waiter: &'a str,
-    ) -> Self {
-        Abandon {
-            shared,
-            keys,
-            owner,
-            waiter,
-            armed: true,
-        }
-    }
-
-    pub fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Abandon<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (shared, keys, owner, waiter) = (
-            self.shared.clone(),
-            self.keys.clone(),
-            self.owner.to_owned(),
-            self.waiter.to_owned(),
-        );
-        runtime.spawn(async move { shared.abandon(&keys, &owner, &waiter).await });
     }
 }
