@@ -50,7 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distlock_core::backend::{scheduled_guard, CleanupOnDrop, Lease};
-use distlock_core::{LockGuard, LockOptions};
+use distlock_core::{Backoff, LockGuard, LockOptions};
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
@@ -99,6 +99,15 @@ pub(crate) struct Predecessor {
 /// How many keys a queue read returns: ours, the predecessor and the one
 /// before it.
 const QUEUE_READ_LIMIT: i64 = 3;
+
+/// How many times an attempt's transaction is sent again after a failure
+/// that left its outcome unknown.
+const TXN_RETRIES: u32 = 2;
+
+/// The delays before those retries: 40 ms, then 80 ms.
+fn txn_retry() -> Backoff {
+    Backoff::new(Duration::from_millis(40), Duration::from_millis(80)).jitter(0.0)
+}
 
 impl Predecessor {
     /// The predecessor in a range of the lock's keys, newest first and
@@ -337,10 +346,10 @@ impl EtcdLock {
                 Err(source) if is_lease_not_found(&source) => return Ok((0, Position::Gone)),
                 // The outcome is unknown (the connection broke): the same
                 // transaction again either creates the key or finds it.
-                Err(source) if is_retryable(&source) && retries < 2 => {
+                Err(source) if is_retryable(&source) && retries < TXN_RETRIES => {
                     tracing::debug!(error = %source, "distlock: etcd acquire txn failed, retrying");
+                    tokio::time::sleep(txn_retry().delay(retries)).await;
                     retries += 1;
-                    tokio::time::sleep(Duration::from_millis(20 << retries)).await;
                 }
                 Err(source) => {
                     let retry = is_retryable(&source);

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distlock_core::backend::{validity_deadline, Lease, WeakLease};
-use distlock_core::{LockOptions, LostReason};
+use distlock_core::{Backoff, LockOptions, LostReason};
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -297,8 +297,8 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
             }
             Ok(Err(err)) => {
                 tracing::warn!(lease_id = session.id, error = %err, "distlock: etcd keep-alive failed, retrying");
-                failures += 1;
                 next = Instant::now() + retry_delay(failures, left);
+                failures += 1;
             }
             Err(_) => {
                 tracing::warn!(
@@ -306,8 +306,8 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
                     "distlock: etcd keep-alive got no answer, retrying"
                 );
                 keep_alive.stream = None;
-                failures += 1;
                 next = Instant::now() + retry_delay(failures, left);
+                failures += 1;
             }
         }
     }
@@ -316,8 +316,11 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
     spawn_revoke(client, session.id);
 }
 
-fn retry_delay(failures: u32, left: Duration) -> Duration {
-    Duration::from_millis(50u64 << failures.min(4)).min(left / 4)
+/// The delay before keep-alive retry number `retry` (0-based): 100 ms
+/// doubling up to 800 ms, and at most a quarter of the `left` validity.
+fn retry_delay(retry: u32, left: Duration) -> Duration {
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800)).jitter(0.0);
+    backoff.delay(retry).min(left / 4)
 }
 
 /// A lock's own lease (its TTL differs from the session's, or it must not
