@@ -3,11 +3,11 @@
 //! one round trip per lock.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use distlock_core::backend::{validity_deadline, Lease, WeakLease};
-use distlock_core::LostReason;
+use distlock_core::{Backoff, LostReason};
 use futures::future::join_all;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -16,6 +16,13 @@ use tracing::Instrument;
 use crate::client::Shared;
 use crate::node::timed_out;
 use crate::scripts::EXTEND;
+
+/// Delays between the retries of a renewal the servers did not answer:
+/// 50 ms doubling up to 800 ms (never past a third of what is left of the
+/// lease), without jitter.
+static RETRY: LazyLock<Backoff> = LazyLock::new(|| {
+    Backoff::new(Duration::from_millis(50), Duration::from_millis(800)).jitter(0.0)
+});
 
 #[derive(Default)]
 pub(crate) struct Renewals {
@@ -231,10 +238,24 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
                 state.entries.remove(&d.id);
             } else if let Some(entry) = state.entries.get_mut(&d.id) {
                 tracing::warn!(key = %d.lease.key(), error = %why, "distlock: renewal failed, retrying before the deadline");
-                let delay = Duration::from_millis(50u64 << entry.failures.min(4)).min(left / 3);
+                let delay = RETRY.delay(entry.failures).min(left / 3);
                 entry.next_due = now + delay;
                 entry.failures += 1;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_double_from_50ms_up_to_800ms() {
+        let delays: Vec<u128> = (0..7).map(|n| RETRY.delay(n).as_millis()).collect();
+        // Within a rounding of the float arithmetic.
+        for (delay, expected) in delays.iter().zip([50, 100, 200, 400, 800, 800, 800]) {
+            assert!(delay.abs_diff(expected) <= 1, "{delays:?}");
         }
     }
 }
