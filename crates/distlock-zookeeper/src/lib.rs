@@ -10,7 +10,7 @@
 //! # #[tokio::main]
 //! # async fn main() -> distlock_core::Result<()> {
 //! // One session for this client, shared by all its locks.
-//! let locks = ZooKeeperLock::connect("zk://zk1:2181,zk2:2181,zk3:2181/myapp/locks?session_timeout=10s").await?;
+//! let locks = ZooKeeperLock::connect("zk://zk1:2181,zk2:2181,zk3:2181/myapp/locks?session_ttl=10s").await?;
 //! let options = LockOptions::new().wait(Duration::from_secs(30));
 //! let guard = locks.lock("billing/nightly-run", &options).await?;
 //! tokio::select! {
@@ -24,17 +24,17 @@
 //!
 //! # URLs
 //!
-//! `zk://host1:2181,host2:2181/prefix?session_timeout=10s` (or
+//! `zk://host1:2181,host2:2181/prefix?session_ttl=10s` (or
 //! `zookeeper://…`):
 //! - hosts: one or more `host[:port]` (port 2181 by default; IPv6 as
 //!   `[::1]:2181`). `connect` tries each once and fails with
 //!   [`Error::Connection`](distlock_core::Error::Connection) naming them if none answers;
 //! - prefix: the node under which each key gets its lock directory
 //!   (default [`/distlock`](config::DEFAULT_PREFIX)); created as persistent nodes on first use;
-//! - `session_timeout` (default 10 s): how long a crashed or partitioned
-//!   holder keeps its locks; the server clamps it into its
+//! - `session_ttl` (default 10s): the session timeout, how long a crashed
+//!   or partitioned holder keeps its locks; the server clamps it into its
 //!   `minSessionTimeout..maxSessionTimeout`;
-//! - `connect_timeout` (default: the session timeout): bound on `connect`.
+//! - `connect_timeout` (default: the session TTL): bound on `connect`.
 //!
 //! # The recipe
 //!
@@ -190,8 +190,9 @@ impl ZooKeeperLock {
         Self::with_config(ZooKeeperConfig::from_url(url)?).await
     }
 
-    /// Opens a session with `config`.
+    /// Checks `config` and opens a session with it.
     pub async fn with_config(config: ZooKeeperConfig) -> Result<Self> {
+        config.validate()?;
         let session = Session::connect(&config).await?;
         Ok(ZooKeeperLock {
             inner: Arc::new(Inner {
@@ -213,8 +214,8 @@ impl ZooKeeperLock {
         self.current().id
     }
 
-    /// The session timeout the server granted.
-    pub fn session_timeout(&self) -> Duration {
+    /// The session TTL (session timeout) the server granted.
+    pub fn session_ttl(&self) -> Duration {
         self.current().timeout
     }
 

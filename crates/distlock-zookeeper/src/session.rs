@@ -62,14 +62,14 @@ impl Session {
     pub(crate) async fn connect(config: &ZooKeeperConfig) -> Result<Arc<Session>> {
         let endpoint = config.connect_string();
         let connecting = zk::Client::connector()
-            .with_session_timeout(config.session_timeout)
+            .with_session_timeout(config.session_ttl)
             // The client's default gives up on a connection attempt after
             // 2/5 of the session timeout, longer than the grace a held lock
             // gets while suspended (1/3): one attempt that hangs (a server
             // still starting accepts but does not answer) lost locks of a
             // server that was back in seconds. A sixth fits two attempts
             // in the grace.
-            .with_connection_timeout(connection_timeout(config.session_timeout))
+            .with_connection_timeout(connection_timeout(config.session_ttl))
             // Try each host once, then fail: a refused connection must not
             // make `connect` hang until the session timeout.
             .with_fail_eagerly()

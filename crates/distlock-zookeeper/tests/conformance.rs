@@ -9,7 +9,7 @@ use distlock_testkit::Harness;
 use distlock_zookeeper::ZooKeeperLock;
 use zookeeper_client as zk;
 
-const URL: &str = "zk://127.0.0.1:2181/distlock-conformance?session_timeout=10s";
+const URL: &str = "zk://127.0.0.1:2181/distlock-conformance?session_ttl=10s";
 
 async fn harness() -> Option<Harness> {
     if !distlock_testkit::service_ready("zookeeper", "127.0.0.1:2181").await {

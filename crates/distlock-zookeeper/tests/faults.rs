@@ -19,10 +19,10 @@ async fn session_expired_under_a_held_lock_fires_lost_in_time_and_fences_the_nex
     }
     let server = PrivateZooKeeper::start().await;
     let session_timeout = Duration::from_secs(3);
-    let a = ZooKeeperLock::connect(&server.url("session_timeout=3s"))
+    let a = ZooKeeperLock::connect(&server.url("session_ttl=3s"))
         .await
         .unwrap();
-    assert_eq!(a.session_timeout(), session_timeout);
+    assert_eq!(a.session_ttl(), session_timeout);
     let key = "paused-past-the-session-timeout";
     let stale = a
         .try_lock(key, &LockOptions::new())
@@ -58,7 +58,7 @@ async fn session_expired_under_a_held_lock_fires_lost_in_time_and_fences_the_nex
     .await;
     server.resume();
 
-    let b = ZooKeeperLock::connect(&server.url("session_timeout=3s"))
+    let b = ZooKeeperLock::connect(&server.url("session_ttl=3s"))
         .await
         .unwrap();
     let fresh = b
@@ -89,7 +89,7 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
     // A grace (a third of the timeout, 20 s) that a JVM restart on a loaded
     // machine stays within, even when a connection attempt hangs on the
     // starting server (given up after a sixth, 10 s).
-    let url = server.url("session_timeout=60s");
+    let url = server.url("session_ttl=60s");
     let a = ZooKeeperLock::connect(&url).await.unwrap();
     let key = "restarted";
     let guard = a
@@ -108,7 +108,7 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
     .await;
     let deadline = guard.valid_until().unwrap();
     assert!(
-        deadline <= tokio::time::Instant::now() + a.session_timeout() / 2,
+        deadline <= tokio::time::Instant::now() + a.session_ttl() / 2,
         "a suspended session vouches for less than half its timeout"
     );
     assert!(guard.is_held(), "still within the grace");
@@ -147,7 +147,7 @@ async fn connection_refused_is_a_clear_error_without_a_hang() {
     let result = tokio::time::timeout(
         Duration::from_secs(10),
         ZooKeeperLock::connect(&format!(
-            "zk://127.0.0.1:{p1},127.0.0.1:{p2}/x?session_timeout=30s"
+            "zk://127.0.0.1:{p1},127.0.0.1:{p2}/x?session_ttl=30s"
         )),
     )
     .await
@@ -219,7 +219,7 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
         return;
     }
     let mut server = PrivateZooKeeper::start().await;
-    let a = ZooKeeperLock::connect(&server.url("session_timeout=5s"))
+    let a = ZooKeeperLock::connect(&server.url("session_ttl=5s"))
         .await
         .unwrap();
     let session = a.session_id();
@@ -264,7 +264,7 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
     // a grace (a third of it, 20 s) that a server restart on a loaded
     // machine stays within, even when a connection attempt hangs on the
     // starting server (given up after a sixth, 10 s).
-    let url = server.url("session_timeout=60s");
+    let url = server.url("session_ttl=60s");
     let a = ZooKeeperLock::connect(&url).await.unwrap();
     let b = ZooKeeperLock::connect(&url).await.unwrap();
     let key = "reconnected-waiter";
@@ -316,7 +316,7 @@ async fn a_hung_reconnection_attempt_is_given_up_within_the_grace() {
         return;
     }
     let mut server = PrivateZooKeeper::start().await;
-    let url = server.url("session_timeout=30s");
+    let url = server.url("session_ttl=30s");
     let a = ZooKeeperLock::connect(&url).await.unwrap();
     let guard = a
         .try_lock("hung-attempt", &LockOptions::new())

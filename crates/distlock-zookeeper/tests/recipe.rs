@@ -13,7 +13,7 @@ use distlock_zookeeper::ZooKeeperLock;
 use support::{eventually, spawn_waiter};
 use zookeeper_client as zk;
 
-const URL: &str = "zk://127.0.0.1:2181/distlock-recipe-tests?session_timeout=10s";
+const URL: &str = "zk://127.0.0.1:2181/distlock-recipe-tests?session_ttl=10s";
 
 async fn clients(n: usize) -> Option<(Vec<ZooKeeperLock>, zk::Client)> {
     if !distlock_testkit::service_ready("zookeeper", "127.0.0.1:2181").await {
@@ -255,7 +255,7 @@ async fn the_facade_entry_point_connects_and_refuses_bad_urls() {
     let caps = locks.capabilities();
     assert!(caps.fair && caps.session_based && caps.strict_fencing && !caps.ttl_expiry);
     assert!(matches!(
-        distlock_zookeeper::connect("zk://127.0.0.1:2181?session_timeout=forever").await,
+        distlock_zookeeper::connect("zk://127.0.0.1:2181?session_ttl=forever").await,
         Err(Error::InvalidUrl { .. })
     ));
 }

@@ -25,7 +25,7 @@ async fn server_with_clients<const N: usize>() -> Option<(PrivateZooKeeper, [Zoo
         return None;
     }
     let server = PrivateZooKeeper::start().await;
-    let url = server.url("session_timeout=60s");
+    let url = server.url("session_ttl=60s");
     let mut clients = Vec::with_capacity(N);
     for name in ('a'..='z').take(N) {
         clients.push(
