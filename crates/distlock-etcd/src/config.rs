@@ -59,7 +59,9 @@ impl std::fmt::Debug for EtcdConfig {
 }
 
 impl EtcdConfig {
-    /// A configuration for `endpoints` (`host:port`) with the defaults.
+    /// A configuration for `endpoints` (`host:port`) with the defaults:
+    /// prefix `distlock`, no credentials, `session_ttl` 30 s, `timeout`
+    /// 5 s and `connect_timeout` 5 s.
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
@@ -103,32 +105,7 @@ impl EtcdConfig {
         };
         let mut endpoints = Vec::new();
         for host in hosts.split(',') {
-            let host = host.trim();
-            if host.is_empty() {
-                return Err(invalid("expected host:port[,host:port...]".into()));
-            }
-            let bracketed = |name: &str| name.starts_with('[') && name.ends_with(']');
-            let endpoint = if bracketed(host) {
-                // An IPv6 literal without a port gets etcd's client port.
-                format!("{host}:2379")
-            } else {
-                match host.rsplit_once(':') {
-                    Some((name, port))
-                        if !name.is_empty() && (!name.contains(':') || bracketed(name)) =>
-                    {
-                        port.parse::<u16>()
-                            .map_err(|_| invalid(format!("bad port in {host:?}")))?;
-                        host.to_owned()
-                    }
-                    None => format!("{host}:2379"),
-                    _ => {
-                        return Err(invalid(format!(
-                            "bad endpoint {host:?} (bracket IPv6 literals)"
-                        )))
-                    }
-                }
-            };
-            endpoints.push(endpoint);
+            endpoints.push(parse_endpoint(host.trim()).map_err(invalid)?);
         }
         let prefix = path.trim_matches('/');
         let prefix = if prefix.is_empty() {
@@ -144,18 +121,21 @@ impl EtcdConfig {
         };
         for option in url::options(query) {
             let (name, value) = option.map_err(invalid)?;
-            let duration = humantime::parse_duration(value)
-                .map_err(|err| invalid(format!("option {name}: {err}")))?;
-            match name {
-                "session_ttl" => config.session_ttl = duration,
-                "timeout" => config.timeout = duration,
-                "connect_timeout" => config.connect_timeout = duration,
+            let field = match name {
+                "session_ttl" => &mut config.session_ttl,
+                "timeout" => &mut config.timeout,
+                "connect_timeout" => &mut config.connect_timeout,
                 other => {
                     return Err(invalid(format!(
                         "unknown option {other:?}; expected session_ttl, timeout or connect_timeout"
                     )))
                 }
-            }
+            };
+            *field = humantime::parse_duration(value).map_err(|err| {
+                invalid(format!(
+                    "option {name}={value:?} is not a duration like 5s: {err}"
+                ))
+            })?;
         }
         config.validate().map_err(|err| match err {
             Error::InvalidConfig(reason) => invalid(reason),
@@ -164,19 +144,44 @@ impl EtcdConfig {
         Ok(config)
     }
 
-    /// Checks the values.
+    /// Checks the values: at least one `host:port` endpoint, a prefix
+    /// without a leading or trailing `/`, a user name if credentials are
+    /// given, `session_ttl` between 1 s and a year, positive timeouts. The
+    /// error names the field and its value.
     pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| Err(Error::InvalidConfig(reason));
         if self.endpoints.is_empty() {
-            return Err(Error::InvalidConfig("no etcd endpoint given".into()));
+            return invalid("endpoints must name at least one etcd member (host:port)".into());
+        }
+        for endpoint in &self.endpoints {
+            if parse_endpoint(endpoint).as_ref() != Ok(endpoint) {
+                return invalid(format!(
+                    "endpoints: {endpoint:?} is not host:port (bracket IPv6 literals)"
+                ));
+            }
+        }
+        if self.prefix.is_empty() || self.prefix.starts_with('/') || self.prefix.ends_with('/') {
+            return invalid(format!(
+                "prefix must be non-empty, without a leading or trailing /, got {:?}",
+                self.prefix
+            ));
+        }
+        if matches!(&self.user, Some((name, _)) if name.is_empty()) {
+            return invalid("user: the user name is empty".into());
         }
         if self.session_ttl < Duration::from_secs(1) || self.session_ttl > MAX_LEASE_TTL {
-            return Err(Error::InvalidConfig(format!(
+            return invalid(format!(
                 "session_ttl must be between 1s and {MAX_LEASE_TTL:?}, got {:?}",
                 self.session_ttl
-            )));
+            ));
         }
-        if self.timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err(Error::InvalidConfig("timeouts must be positive".into()));
+        for (name, value) in [
+            ("timeout", self.timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(format!("{name} must be positive, got {value:?}"));
+            }
         }
         Ok(())
     }
@@ -184,6 +189,27 @@ impl EtcdConfig {
     /// The endpoints as one string for messages.
     pub(crate) fn endpoints_label(&self) -> String {
         self.endpoints.join(",")
+    }
+}
+
+/// One member's `host[:port]`, as `host:port` (etcd's client port 2379
+/// when none is given; IPv6 literals in brackets).
+fn parse_endpoint(host: &str) -> std::result::Result<String, String> {
+    if host.is_empty() {
+        return Err("expected host:port[,host:port...]".into());
+    }
+    let bracketed = |name: &str| name.starts_with('[') && name.ends_with(']');
+    if bracketed(host) {
+        return Ok(format!("{host}:2379"));
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.is_empty() && (!name.contains(':') || bracketed(name)) => {
+            port.parse::<u16>()
+                .map_err(|_| format!("bad port in {host:?}"))?;
+            Ok(host.to_owned())
+        }
+        None => Ok(format!("{host}:2379")),
+        _ => Err(format!("bad endpoint {host:?} (bracket IPv6 literals)")),
     }
 }
 
@@ -242,6 +268,78 @@ mod tests {
             let err = EtcdConfig::from_url(url).expect_err(url);
             assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
             assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn options_are_named_in_errors() {
+        let err = EtcdConfig::from_url("etcd://h:2379?fair=true").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("\"fair\"") && text.contains("connect_timeout"),
+            "{text}"
+        );
+        let err = EtcdConfig::from_url("etcd://h:2379?timeout=soon").unwrap_err();
+        assert!(err.to_string().contains("timeout=\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_field_and_value() {
+        EtcdConfig::new(["h:2379"]).validate().unwrap();
+        let cases = [
+            (EtcdConfig::new(Vec::<String>::new()), "endpoints"),
+            (EtcdConfig::new(["h"]), "\"h\""),
+            (EtcdConfig::new(["::1:2379"]), "\"::1:2379\""),
+            (
+                EtcdConfig {
+                    prefix: "/app".into(),
+                    ..EtcdConfig::new(["h:2379"])
+                },
+                "prefix must be non-empty, without a leading or trailing /, got \"/app\"",
+            ),
+            (
+                EtcdConfig {
+                    prefix: String::new(),
+                    ..EtcdConfig::new(["h:2379"])
+                },
+                "prefix",
+            ),
+            (
+                EtcdConfig {
+                    user: Some((String::new(), "pw".into())),
+                    ..EtcdConfig::new(["h:2379"])
+                },
+                "user",
+            ),
+            (
+                EtcdConfig {
+                    session_ttl: Duration::from_millis(500),
+                    ..EtcdConfig::new(["h:2379"])
+                },
+                "session_ttl must be between 1s and 31536000s, got 500ms",
+            ),
+            (
+                EtcdConfig {
+                    timeout: Duration::ZERO,
+                    ..EtcdConfig::new(["h:2379"])
+                },
+                "timeout must be positive, got 0ns",
+            ),
+            (
+                EtcdConfig {
+                    connect_timeout: Duration::ZERO,
+                    ..EtcdConfig::new(["h:2379"])
+                },
+                "connect_timeout must be positive, got 0ns",
+            ),
+        ];
+        for (config, expected) in cases {
+            match config.validate() {
+                Err(Error::InvalidConfig(reason)) => {
+                    assert!(reason.contains(expected), "{reason:?} lacks {expected:?}")
+                }
+                other => panic!("{config:?}: expected InvalidConfig, got {other:?}"),
+            }
         }
     }
 
