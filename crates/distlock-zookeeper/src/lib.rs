@@ -123,13 +123,16 @@ mod session;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
-use distlock_core::backend::{self, scheduled_guard, RenewalScheduler};
+use distlock_core::backend::{self, scheduled_guard, CleanupOnDrop, RenewalScheduler};
 use distlock_core::{Capabilities, DistributedLock, LockGuard, LockOptions, Result};
 use zookeeper_client as zk;
 
 pub use config::ZooKeeperConfig;
-use recipe::{PendingNode, Position, ZooKeeperHeld};
+use recipe::{delete_abandoned, delete_unnamed, Position, ZooKeeperHeld};
 use session::Session;
 
 pub(crate) const BACKEND: &str = "zookeeper";
@@ -164,14 +167,23 @@ struct Inner {
 /// waiting for the close to end it) before it steals the session again.
 const KILL_ROUND: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// What an unfinished attempt's cleanup runs: built (and boxed) only when
+/// it runs.
+type Cleanup = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What the armed cleanup deletes, named in its warning if it cannot run.
+const ABANDONED_NODE: &str = "a zookeeper lock node";
+
 /// An attempt's node, created and queued (see [`ZooKeeperLock::enqueue`]).
-struct Enqueued {
+struct Enqueued<F: FnOnce() -> Cleanup> {
     session: Arc<Session>,
     /// The key's lock directory.
     dir: String,
     created: recipe::Created,
+    /// The node's path, `<dir>/<name>`.
+    path: String,
     /// Deletes the node unless disarmed.
-    pending: PendingNode,
+    pending: CleanupOnDrop<F, Cleanup>,
 }
 
 impl std::fmt::Debug for ZooKeeperLock {
@@ -326,17 +338,33 @@ impl ZooKeeperLock {
     /// Creates this attempt's node in `key`'s lock directory. Until
     /// `pending` is disarmed, dropping it (or this future, mid-create)
     /// deletes the node, one whose create answer was lost included.
-    async fn enqueue(&self, key: &str) -> Result<Enqueued> {
+    async fn enqueue(&self, key: &str) -> Result<Enqueued<impl FnOnce() -> Cleanup + Send>> {
         let session = self.session().await?;
         let dir = self.lock_directory(key);
         let protected = recipe::protected_prefix();
-        let mut pending = PendingNode::new(session.clone(), dir.clone(), protected.clone());
-        let created = recipe::create_node(&session, &dir, &protected, key).await?;
-        pending.created(&created.name);
+        let creating = CleanupOnDrop::arm(ABANDONED_NODE, {
+            let (session, dir, protected) = (session.clone(), dir.clone(), protected.clone());
+            move || Box::pin(delete_unnamed(session, dir, protected)) as Cleanup
+        });
+        let created = match recipe::create_node(&session, &dir, &protected, key).await {
+            Ok(created) => created,
+            Err(err) => {
+                creating.run_now().await;
+                return Err(err);
+            }
+        };
+        // No await from here to the return: the named cleanup takes over.
+        creating.disarm();
+        let path = format!("{dir}/{}", created.name);
+        let pending = CleanupOnDrop::arm(ABANDONED_NODE, {
+            let (session, path) = (session.clone(), path.clone());
+            move || Box::pin(delete_abandoned(session, path)) as Cleanup
+        });
         Ok(Enqueued {
             session,
             dir,
             created,
+            path,
             pending,
         })
     }
@@ -345,8 +373,8 @@ impl ZooKeeperLock {
         &self,
         session: Arc<Session>,
         key: &str,
-        dir: &str,
         created: &recipe::Created,
+        path: String,
         options: &LockOptions,
         own_watch: Option<recipe::OwnWatch>,
     ) -> LockGuard {
@@ -354,7 +382,7 @@ impl ZooKeeperLock {
         let fencing_token = created.czxid as u64;
         let lease = session.new_lease(key, fencing_token, options.ttl);
         let held = Arc::new(ZooKeeperHeld {
-            path: format!("{dir}/{}", created.name),
+            path,
             key: key.to_owned(),
             session,
             _own_watch: own_watch,
@@ -391,24 +419,23 @@ impl backend::LockBackend for ZooKeeperLock {
             session,
             dir,
             created,
-            mut pending,
+            path,
+            pending,
         } = self.enqueue(key).await?;
-        match recipe::position(&session, &dir, &created, key).await? {
-            Position::First => {
+        match recipe::position(&session, &dir, &created, key).await {
+            Ok(Position::First) => {
                 pending.disarm();
                 Ok(Some(
-                    self.grant(session, key, &dir, &created, options, None),
+                    self.grant(session, key, &created, path, options, None),
                 ))
             }
-            Position::Behind { .. } => {
-                let path = format!("{dir}/{}", created.name);
-                match recipe::retry_on_loss(|| session.client.delete(&path, None)).await {
-                    Ok(()) | Err(zk::Error::NoNode) => pending.disarm(),
-                    Err(err) if recipe::is_session_end(&err) => pending.disarm(),
-                    // Left armed: the drop below retries in the background.
-                    Err(err) => tracing::debug!(error = %err, "could not delete our node at once"),
-                }
+            Ok(Position::Behind { .. }) => {
+                pending.run_now().await;
                 Ok(None)
+            }
+            Err(err) => {
+                pending.run_now().await;
+                Err(err)
             }
         }
     }
@@ -418,12 +445,19 @@ impl backend::LockBackend for ZooKeeperLock {
             session,
             dir,
             created,
-            mut pending,
+            path,
+            pending,
         } = self.enqueue(key).await?;
-        let own_watch = recipe::wait_turn(&session, &dir, &created, key).await?;
+        let own_watch = match recipe::wait_turn(&session, &dir, &created, key).await {
+            Ok(own_watch) => own_watch,
+            Err(err) => {
+                pending.run_now().await;
+                return Err(err);
+            }
+        };
         // No await between here and the grant: a drop of this future
-        // either deletes our node (the pending guard) or hands it over.
+        // either deletes our node (the pending cleanup) or hands it over.
         pending.disarm();
-        Ok(self.grant(session, key, &dir, &created, options, own_watch))
+        Ok(self.grant(session, key, &created, path, options, own_watch))
     }
 }

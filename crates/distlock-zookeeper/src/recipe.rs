@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use distlock_core::backend::HeldLock;
-use distlock_core::{Error, Result};
-use tokio::runtime::Handle;
-use tracing::Instrument;
+use distlock_core::{Backoff, Error, Result};
 use zookeeper_client as zk;
 
 use crate::session::Session;
@@ -102,20 +100,27 @@ pub(crate) fn is_session_end(err: &zk::Error) -> bool {
     )
 }
 
-/// Retries an idempotent request across connection losses. The client
-/// queues requests while it reconnects and fails them once the session
-/// has ended, so this ends with the session.
+/// The delays between retries of a request cut off by a connection loss.
+/// No jitter: while the client reconnects it queues the retried requests
+/// itself, so there is nothing to spread out.
+pub(crate) fn loss_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(10), Duration::from_millis(320)).jitter(0.0)
+}
+
+/// Retries an idempotent request across connection losses, on
+/// [`loss_backoff`]. The client queues requests while it reconnects and
+/// fails them once the session has ended, so this ends with the session.
 pub(crate) async fn retry_on_loss<T, F, Fut>(mut request: F) -> std::result::Result<T, zk::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, zk::Error>>,
 {
-    let mut attempt = 0u32;
+    let mut losses = 0u32;
     loop {
         match request().await {
             Err(err) if is_connection_loss(&err) => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(5 << attempt.min(6))).await;
+                tokio::time::sleep(loss_backoff().delay(losses)).await;
+                losses = losses.saturating_add(1);
             }
             result => return result,
         }
@@ -191,7 +196,7 @@ async fn make_dir(session: &Session, dir: &str, key: &str) -> Result<()> {
 
 /// Finds the node our session created with `protected`, if the create
 /// went through before the connection was lost.
-async fn find_own(
+pub(crate) async fn find_own(
     session: &Session,
     dir: &str,
     protected: &str,
@@ -405,6 +410,8 @@ pub(crate) async fn wait_turn(
     let mut calm = false;
     let mut predecessor_watch: Option<Watch> = None;
     let mut second_watch: Option<Watch> = None;
+    // Connection losses seen so far, for the pause before listing again.
+    let mut losses = 0u32;
     loop {
         let (predecessor, second) = match position(session, dir, own, key).await? {
             Position::First => return Ok(own_watch.map(OwnWatch::new)),
@@ -469,7 +476,8 @@ pub(crate) async fn wait_turn(
         }
         if lost_connection {
             calm = false;
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(loss_backoff().delay(losses)).await;
+            losses = losses.saturating_add(1);
             continue;
         }
         let Some(ahead) = predecessor_watch.as_mut() else {
@@ -522,80 +530,29 @@ pub(crate) fn op_error(
     Error::backend(BACKEND, session.endpoint.clone(), operation, key, err)
 }
 
-/// Deletes our node if the acquisition that made it does not finish
+/// Deletes the node an unfinished attempt created in `dir` with
+/// `protected`, found by listing (the create's answer never came; requests
+/// go out in call order, so a listing sent now sees a create already sent).
+pub(crate) async fn delete_unnamed(session: Arc<Session>, dir: String, protected: String) {
+    match find_own(&session, &dir, &protected, "").await {
+        Ok(Some(found)) => delete_abandoned(session, format!("{dir}/{}", found.name)).await,
+        Ok(None) => {}
+        Err(err) => tracing::debug!(error = %err, "cannot look for an abandoned node"),
+    }
+}
+
+/// Deletes the lock node at `path`, which an unfinished attempt created
 /// (dropped future, error, `try_lock` that found the lock held): no
-/// orphan nodes, no ghost waiters.
-pub(crate) struct PendingNode {
-    session: Arc<Session>,
-    dir: String,
-    protected: String,
-    /// Known once the create answered.
-    name: Option<String>,
-    armed: bool,
-}
-
-impl PendingNode {
-    pub(crate) fn new(session: Arc<Session>, dir: String, protected: String) -> Self {
-        PendingNode {
-            session,
-            dir,
-            protected,
-            name: None,
-            armed: true,
+/// orphan nodes, no ghost waiters. Nothing to do if it is gone, or went
+/// with its session.
+pub(crate) async fn delete_abandoned(session: Arc<Session>, path: String) {
+    match retry_on_loss(|| session.client.delete(&path, None)).await {
+        Ok(()) => tracing::debug!(%path, "deleted the lock node of an unfinished attempt"),
+        Err(zk::Error::NoNode) => {}
+        Err(err) if is_session_end(&err) => {}
+        Err(err) => {
+            tracing::warn!(%path, error = %err, "cannot delete an abandoned lock node; it stays until the session ends")
         }
-    }
-
-    pub(crate) fn created(&mut self, name: &str) {
-        self.name = Some(name.to_owned());
-    }
-
-    /// The node is now owned by a guard (or deleted): nothing to undo.
-    pub(crate) fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for PendingNode {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = Handle::try_current() else {
-            tracing::warn!(dir = %self.dir, "distlock: acquisition dropped outside a runtime; its node stays until the session ends");
-            return;
-        };
-        let session = self.session.clone();
-        let dir = std::mem::take(&mut self.dir);
-        let protected = std::mem::take(&mut self.protected);
-        let name = self.name.take();
-        let span = tracing::debug_span!("distlock.zookeeper.cleanup", %dir);
-        runtime.spawn(
-            async move {
-                // Requests go out in call order, so a listing made now sees
-                // a create that was already sent.
-                let name = match name {
-                    Some(name) => name,
-                    None => match find_own(&session, &dir, &protected, "").await {
-                        Ok(Some(found)) => found.name,
-                        Ok(None) => return,
-                        Err(err) => {
-                            tracing::debug!(error = %err, "cannot look for an abandoned node");
-                            return;
-                        }
-                    },
-                };
-                let path = format!("{dir}/{name}");
-                match retry_on_loss(|| session.client.delete(&path, None)).await {
-                    Ok(()) => tracing::debug!(%path, "deleted an abandoned lock node"),
-                    Err(zk::Error::NoNode) => {}
-                    Err(err) if is_session_end(&err) => {}
-                    Err(err) => {
-                        tracing::warn!(%path, error = %err, "cannot delete an abandoned lock node; it stays until the session ends")
-                    }
-                }
-            }
-            .instrument(span),
-        );
     }
 }
 
@@ -613,18 +570,18 @@ impl HeldLock for ZooKeeperHeld {
     /// One `delete` of our own node. The path holds our random protected
     /// prefix, so it can never name another owner's node.
     async fn release(&self) -> Result<()> {
-        let mut retried = false;
+        let mut losses = 0u32;
         loop {
             match self.session.client.delete(&self.path, None).await {
                 Ok(()) => return Ok(()),
                 // A retry after a lost answer finds nothing: the first
                 // delete went through.
-                Err(zk::Error::NoNode) if retried => return Ok(()),
+                Err(zk::Error::NoNode) if losses > 0 => return Ok(()),
                 Err(zk::Error::NoNode) => return Err(Error::not_held(&self.key)),
                 Err(err) if is_session_end(&err) => return Err(Error::not_held(&self.key)),
                 Err(err) if is_connection_loss(&err) => {
-                    retried = true;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    tokio::time::sleep(loss_backoff().delay(losses)).await;
+                    losses = losses.saturating_add(1);
                 }
                 Err(err) => return Err(op_error(&self.session, "release", &self.key, err)),
             }
