@@ -69,23 +69,23 @@ impl fmt::Display for QuorumError {
 impl std::error::Error for QuorumError {}
 
 impl Shared {
-    /// Connects to the servers of `config`. Fails with
+    /// Connects to the servers of `config` (validated). Fails with
     /// [`Error::Connection`] naming the endpoints when (a majority of) the
     /// servers cannot be reached within about twice the timeout.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         let name = if config.redlock { "redlock" } else { "redis" };
-        if config.nodes.iter().any(|n| n.url.starts_with("rediss://")) {
+        if config.tls {
             // Several rustls providers may be compiled in; pick ours once.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        let mut nodes = Vec::with_capacity(config.nodes.len());
-        for node in &config.nodes {
+        let mut nodes = Vec::with_capacity(config.endpoints.len());
+        for endpoint in &config.endpoints {
             let own_message = retry_message(&client_id);
-            nodes.push(
-                Node::new(node, config.timeout, own_message)
-                    .map_err(|err| Error::connection(name, node.endpoint.clone(), err))?,
-            );
+            let node = config
+                .connection_info(endpoint)
+                .and_then(|info| Node::new(endpoint, info, config.timeout, own_message));
+            nodes.push(node.map_err(|err| Error::connection(name, endpoint.as_str(), err))?);
         }
         let pings = join_all(nodes.iter().map(|node| node.ping(config.timeout * 2))).await;
         let quorum = nodes.len() / 2 + 1;

@@ -1,209 +1,322 @@
-//! Connection URLs: `redis://`, `rediss://` and `redlock://`.
+//! The configuration, and the `redis://`, `rediss://` and `redlock://` URLs
+//! that spell it.
 
+use std::fmt;
 use std::time::Duration;
 
-use distlock_core::backend::url::percent_decode;
+use distlock_core::backend::url::{self, percent_decode, UrlParts};
 use distlock_core::error::redact_url;
 use distlock_core::{Error, Result};
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 
 /// The default key prefix: every key this backend writes starts with it.
 pub const DEFAULT_PREFIX: &str = "distlock";
 
-/// The default bound on connecting and on each server reply.
+/// The default bound on each server reply (and on connecting, which may
+/// take twice as long).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One Redis server of a client.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct NodeConfig {
-    /// The URL handed to the `redis` crate (may hold a password).
-    pub url: String,
-    /// `host:port`, for messages.
-    pub endpoint: String,
+/// The port of an endpoint that names none.
+const DEFAULT_PORT: u16 = 6379;
+
+/// The URL options, for the error that names an unknown one.
+const OPTIONS: &str = "prefix, fair, timeout, tls";
+
+/// Where and how a [`RedisLock`](crate::RedisLock) connects: parsed from a
+/// URL (see the crate docs for the forms) or built with [`new`](Self::new)
+/// or [`redlock`](Self::redlock) and its fields.
+///
+/// ```
+/// use std::time::Duration;
+/// use distlock_redis::RedisConfig;
+///
+/// let config = RedisConfig::from_url("rediss://:s3cret@cache:6380/2?prefix=myapp&timeout=500ms").unwrap();
+/// assert_eq!(config.endpoints, ["cache:6380"]);
+/// assert!(config.tls && config.fair);
+/// assert_eq!((config.db, config.prefix.as_str()), (2, "myapp"));
+/// assert_eq!(config.timeout, Duration::from_millis(500));
+///
+/// let mut config = RedisConfig::redlock(["r1", "r2:6380", "r3"]);
+/// config.prefix = "myapp".into();
+/// assert_eq!(config.endpoints, ["r1:6379", "r2:6380", "r3:6379"]);
+/// config.validate().unwrap();
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `host:port` of each server (`[v6 address]:port` for IPv6): one, or
+    /// the independent servers of a Redlock quorum (3 or 5).
+    pub endpoints: Vec<String>,
+    /// A Redlock quorum over `endpoints` rather than one server.
+    pub redlock: bool,
+    /// TLS to every server (rustls, system roots): `rediss://`, or
+    /// `tls=true` on a `redlock://` URL.
+    pub tls: bool,
+    /// The ACL user, if any.
+    pub username: Option<String>,
+    /// The password (`AUTH`), if any; `Debug` does not show it.
+    pub password: Option<String>,
+    /// The database number.
+    pub db: u32,
+    /// Every key this backend writes starts with it; not empty, no braces
+    /// (they would break the hash tag).
+    pub prefix: String,
+    /// Fair (FIFO) waiting with direct handoff. One server only: Redlock's
+    /// instances would disagree on the queue.
+    pub fair: bool,
+    /// Bound on each server reply, and (twice it) on connecting; between
+    /// 1 ms and 1 h.
+    pub timeout: Duration,
 }
 
-/// Where and how a [`RedisLock`](crate::RedisLock) connects, parsed from a
-/// URL (see the crate docs for the forms) or built in code.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RedisConfig {
-    pub(crate) nodes: Vec<NodeConfig>,
-    pub(crate) redlock: bool,
-    pub(crate) prefix: String,
-    pub(crate) fair: bool,
-    pub(crate) timeout: Duration,
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("endpoints", &self.endpoints)
+            .field("redlock", &self.redlock)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .field("prefix", &self.prefix)
+            .field("fair", &self.fair)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl RedisConfig {
-    /// Parses a `redis://`, `rediss://` or `redlock://` URL.
-    pub fn from_url(url: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::invalid_url(redact_url(url), reason);
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected redis://, rediss:// or redlock://"))?;
-        let (location, query) = match rest.split_once('?') {
-            Some((location, query)) => (location, Some(query)),
-            None => (rest, None),
-        };
-        let mut config = RedisConfig {
-            nodes: Vec::new(),
+    /// One server at `endpoint` (`host`, `host:port`, `[v6]:port`; port
+    /// 6379 when none): no TLS, no password, database 0, the default
+    /// prefix and timeout, fair waiting.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        RedisConfig {
+            endpoints: vec![with_default_port(&endpoint.into())],
             redlock: false,
+            tls: false,
+            username: None,
+            password: None,
+            db: 0,
             prefix: DEFAULT_PREFIX.to_owned(),
             fair: true,
             timeout: DEFAULT_TIMEOUT,
-        };
-        let mut tls = false;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| bad("bad percent-encoding"))?;
-            match name {
-                "prefix" => config.prefix = value,
-                "fair" => {
-                    config.fair =
-                        parse_bool(&value).ok_or_else(|| bad("fair must be true or false"))?
-                }
-                "tls" => {
-                    tls = parse_bool(&value).ok_or_else(|| bad("tls must be true or false"))?
-                }
-                "timeout_ms" => {
-                    let ms: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|ms| *ms > 0)
-                        .ok_or_else(|| bad("timeout_ms must be a positive integer"))?;
-                    config.timeout = Duration::from_millis(ms);
-                }
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown option {name:?} (known: prefix, fair, timeout_ms, tls for redlock)"
-                    )))
-                }
-            }
         }
-        check_prefix(&config.prefix).map_err(|reason| bad(&reason))?;
-        let (userinfo, hosts_and_path) = match location.rsplit_once('@') {
-            Some((userinfo, tail)) => (Some(userinfo), tail),
-            None => (None, location),
-        };
-        let (hosts, path) = match hosts_and_path.split_once('/') {
-            Some((hosts, path)) => (hosts, path),
-            None => (hosts_and_path, ""),
-        };
-        if !path.is_empty() && path.parse::<u32>().is_err() {
-            return Err(bad("the path must be a database number, e.g. /0"));
+    }
+
+    /// A Redlock quorum over independent servers (no replication between
+    /// them; 3 or 5), with the defaults of [`new`](Self::new) but never
+    /// fair.
+    pub fn redlock<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        RedisConfig {
+            endpoints: endpoints
+                .into_iter()
+                .map(|endpoint| with_default_port(&endpoint.into()))
+                .collect(),
+            redlock: true,
+            fair: false,
+            ..RedisConfig::new("")
         }
-        let node_scheme = match scheme {
-            "redis" | "rediss" => {
-                if hosts.contains(',') {
-                    return Err(bad(
-                        "one host for redis://; use redlock://h1:p1,h2:p2,h3:p3 for a quorum",
-                    ));
-                }
-                scheme
+    }
+
+    /// Parses `redis://[user:password@]host[:port][/db]`, `rediss://…`
+    /// (TLS) or `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`, with
+    /// the options `prefix`, `fair` (`true`/`false`), `timeout` (a
+    /// duration such as `2s` or `500ms`) and, for `redlock://`, `tls`.
+    /// User, password and option values may be percent-encoded.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let bad = |reason: String| Error::invalid_url(redact_url(url), reason);
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected redis://, rediss:// or redlock://".into()))?;
+        let UrlParts {
+            userinfo,
+            hosts,
+            path,
+            query,
+        } = UrlParts::split(rest);
+        let mut config = match scheme {
+            "redis" | "rediss" if hosts.contains(',') => {
+                return Err(bad(
+                    "one host for redis://; use redlock://h1:p1,h2:p2,h3:p3 for a quorum".into(),
+                ))
             }
-            "redlock" => {
-                config.redlock = true;
-                // Redlock's queues would disagree between instances.
-                config.fair = false;
-                if tls {
-                    "rediss"
-                } else {
-                    "redis"
-                }
+            "redis" | "rediss" => RedisConfig {
+                tls: scheme == "rediss",
+                ..RedisConfig::new("")
+            },
+            "redlock" => RedisConfig::redlock(Vec::<String>::new()),
+            _ => {
+                return Err(bad(
+                    "unknown scheme; expected redis, rediss or redlock".into()
+                ))
             }
-            _ => return Err(bad("unknown scheme; expected redis, rediss or redlock")),
         };
-        if tls && !config.redlock {
-            return Err(bad(
-                "tls=true is for redlock://; use rediss:// for one server",
-            ));
-        }
+        config.endpoints.clear();
         for host in hosts.split(',') {
             if host.is_empty() {
-                return Err(bad("missing host"));
+                return Err(bad("missing host".into()));
             }
-            let endpoint = if host.starts_with('[') {
-                if host.contains("]:") {
-                    host.to_owned()
-                } else {
-                    format!("{host}:6379")
-                }
-            } else if host.contains(':') {
-                let (_, port) = host.rsplit_once(':').unwrap_or_default();
-                if port.parse::<u16>().is_err() {
-                    return Err(bad("bad port"));
-                }
-                host.to_owned()
-            } else {
-                format!("{host}:6379")
-            };
-            let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-            let db = if path.is_empty() {
-                String::new()
-            } else {
-                format!("/{path}")
-            };
-            config.nodes.push(NodeConfig {
-                url: format!("{node_scheme}://{auth}{endpoint}{db}"),
-                endpoint,
-            });
+            let endpoint = with_default_port(host);
+            if split_endpoint(&endpoint).is_none() {
+                return Err(bad(format!(
+                    "bad host {host:?}: expected host, host:port or [v6 address]:port"
+                )));
+            }
+            config.endpoints.push(endpoint);
         }
+        if let Some(userinfo) = userinfo {
+            let (user, password) = match userinfo.split_once(':') {
+                Some((user, password)) => (user, Some(password)),
+                None => (userinfo, None),
+            };
+            let decode = |text| {
+                percent_decode(text).ok_or_else(|| bad("bad user or password encoding".into()))
+            };
+            config.username = Some(decode(user)?).filter(|user| !user.is_empty());
+            config.password = password.map(decode).transpose()?;
+        }
+        match path.strip_prefix('/').unwrap_or(path) {
+            "" => {}
+            db => {
+                config.db = db
+                    .parse()
+                    .map_err(|_| bad("the path must be a database number, e.g. /0".into()))?
+            }
+        }
+        let mut tls = false;
+        for option in url::options(query) {
+            let (name, value) = option.map_err(bad)?;
+            let value = percent_decode(value)
+                .ok_or_else(|| bad(format!("option {name}: bad percent-encoding")))?;
+            match name {
+                "prefix" => config.prefix = value,
+                "fair" => config.fair = parse_bool(name, &value).map_err(bad)?,
+                "tls" => tls = parse_bool(name, &value).map_err(bad)?,
+                "timeout" => {
+                    config.timeout = humantime::parse_duration(&value).map_err(|err| {
+                        bad(format!(
+                            "timeout={value:?} is not a duration like 2s or 500ms: {err}"
+                        ))
+                    })?
+                }
+                _ => return Err(bad(format!("unknown option {name:?} (valid: {OPTIONS})"))),
+            }
+        }
+        if tls && !config.redlock {
+            return Err(bad(
+                "tls=true is for redlock://; use rediss:// for one server".into(),
+            ));
+        }
+        config.tls |= tls;
+        config.check().map_err(bad)?;
         Ok(config)
     }
 
-    /// Sets the key prefix (no `{` or `}`: they would break the hash tag).
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Result<Self> {
-        let prefix = prefix.into();
-        check_prefix(&prefix).map_err(Error::InvalidConfig)?;
-        self.prefix = prefix;
-        Ok(self)
+    /// Checks that the configuration can work; [`RedisLock::with_config`](crate::RedisLock::with_config)
+    /// calls it. The error ([`Error::InvalidConfig`]) names the field and
+    /// its value.
+    pub fn validate(&self) -> Result<()> {
+        self.check().map_err(Error::InvalidConfig)
     }
 
-    /// Turns fair (FIFO) waiting on or off. Redlock clients are never fair.
-    pub fn fair(mut self, fair: bool) -> Self {
-        self.fair = fair && !self.redlock;
-        self
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.endpoints.is_empty() {
+            return Err("endpoints: at least one server is needed".into());
+        }
+        if let Some(bad) = self
+            .endpoints
+            .iter()
+            .find(|endpoint| split_endpoint(endpoint).is_none())
+        {
+            return Err(format!(
+                "endpoints: {bad:?} is not host:port or [v6 address]:port"
+            ));
+        }
+        if !self.redlock && self.endpoints.len() != 1 {
+            return Err(format!(
+                "endpoints: one server unless redlock, got {}",
+                self.endpoints.len()
+            ));
+        }
+        if self.redlock && self.fair {
+            return Err(
+                "fair=true is not available with Redlock: its instances' queues would disagree"
+                    .into(),
+            );
+        }
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(format!(
+                "prefix={:?}: the key prefix must be non-empty and contain no braces",
+                self.prefix
+            ));
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&self.timeout) {
+            return Err(format!(
+                "timeout={}: must be between 1ms and 1h",
+                humantime::format_duration(self.timeout)
+            ));
+        }
+        Ok(())
     }
 
-    /// Bounds connecting and each server reply.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// The `host:port` of every server.
-    pub fn endpoints(&self) -> Vec<&str> {
-        self.nodes.iter().map(|n| n.endpoint.as_str()).collect()
-    }
-
-    /// Whether this is a Redlock quorum.
-    pub fn is_redlock(&self) -> bool {
-        self.redlock
-    }
-
-    /// Whether waiters are served in arrival order.
-    pub fn is_fair(&self) -> bool {
-        self.fair
-    }
-
-    /// The key prefix.
-    pub fn key_prefix(&self) -> &str {
-        &self.prefix
+    /// How the `redis` crate reaches `endpoint` (one of `endpoints`).
+    pub(crate) fn connection_info(&self, endpoint: &str) -> redis::RedisResult<ConnectionInfo> {
+        let (host, port) = split_endpoint(endpoint).ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad endpoint"))
+        })?;
+        let host = host.to_owned();
+        let addr = if self.tls {
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host, port)
+        };
+        let mut settings = RedisConnectionInfo::default().set_db(i64::from(self.db));
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        Ok(addr.into_connection_info()?.set_redis_settings(settings))
     }
 }
 
-fn check_prefix(prefix: &str) -> std::result::Result<(), String> {
-    if prefix.is_empty() || prefix.contains(['{', '}']) {
-        return Err(format!(
-            "the key prefix must be non-empty and contain no braces, got {prefix:?}"
-        ));
+/// `endpoint` with the default port when it names none.
+fn with_default_port(endpoint: &str) -> String {
+    let has_port = match endpoint.strip_prefix('[') {
+        Some(v6) => v6.contains("]:"),
+        None => endpoint.contains(':'),
+    };
+    if has_port {
+        endpoint.to_owned()
+    } else {
+        format!("{endpoint}:{DEFAULT_PORT}")
     }
-    Ok(())
 }
 
-fn parse_bool(value: &str) -> Option<bool> {
+/// The host (IPv6 without its brackets) and port of `host:port` or
+/// `[v6]:port`.
+fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']')?,
+        None if host.contains([':', '[', ']']) => return None,
+        None => host,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
+fn parse_bool(name: &str, value: &str) -> std::result::Result<bool, String> {
     match value {
-        "true" | "1" | "yes" | "on" => Some(true),
-        "false" | "0" | "no" | "off" => Some(false),
-        _ => None,
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{name}={value:?}: expected true or false")),
     }
 }
 
@@ -214,28 +327,45 @@ mod tests {
     #[test]
     fn single_instance_forms() {
         let c = RedisConfig::from_url("redis://127.0.0.1").unwrap();
-        assert_eq!(c.endpoints(), ["127.0.0.1:6379"]);
-        assert!(c.is_fair() && !c.is_redlock());
-        assert_eq!(c.key_prefix(), "distlock");
+        assert_eq!(c, RedisConfig::new("127.0.0.1"));
+        assert_eq!(c.endpoints, ["127.0.0.1:6379"]);
+        assert!(c.fair && !c.redlock && !c.tls);
+        assert_eq!(c.prefix, "distlock");
         let c = RedisConfig::from_url(
-            "rediss://:s3cret@cache.example:6380/2?prefix=myapp&fair=false&timeout_ms=500",
+            "rediss://:s3cret@cache.example:6380/2?prefix=myapp&fair=false&timeout=500ms",
         )
         .unwrap();
-        assert_eq!(c.nodes[0].url, "rediss://:s3cret@cache.example:6380/2");
-        assert_eq!(c.endpoints(), ["cache.example:6380"]);
-        assert_eq!(c.key_prefix(), "myapp");
-        assert!(!c.is_fair());
+        assert_eq!(c.endpoints, ["cache.example:6380"]);
+        assert!(c.tls && !c.fair);
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref()),
+            (None, Some("s3cret"))
+        );
+        assert_eq!(c.db, 2);
+        assert_eq!(c.prefix, "myapp");
         assert_eq!(c.timeout, Duration::from_millis(500));
+        let c = RedisConfig::from_url("redis://app:p%40ss@[::1]/").unwrap();
+        assert_eq!(c.endpoints, ["[::1]:6379"]);
+        assert_eq!(c.username.as_deref(), Some("app"));
+        assert_eq!(c.password.as_deref(), Some("p@ss"));
+        let info = c.connection_info(&c.endpoints[0]).unwrap();
+        assert_eq!(info.addr(), &ConnectionAddr::Tcp("::1".into(), 6379));
+        assert_eq!(info.redis_settings().password(), Some("p@ss"));
     }
 
     #[test]
     fn redlock_forms() {
         let c = RedisConfig::from_url("redlock://u:p@h1:1,h2:2,h3/1?prefix=x").unwrap();
-        assert!(c.is_redlock() && !c.is_fair());
-        assert_eq!(c.endpoints(), ["h1:1", "h2:2", "h3:6379"]);
-        assert_eq!(c.nodes[2].url, "redis://u:p@h3:6379/1");
+        assert!(c.redlock && !c.fair && !c.tls);
+        assert_eq!(c.endpoints, ["h1:1", "h2:2", "h3:6379"]);
+        assert_eq!(c.db, 1);
         let c = RedisConfig::from_url("redlock://h1:1,h2:2?tls=true").unwrap();
-        assert_eq!(c.nodes[1].url, "rediss://h2:2");
+        assert!(c.tls);
+        let info = c.connection_info("h2:2").unwrap();
+        assert!(matches!(
+            info.addr(),
+            ConnectionAddr::TcpTls { port: 2, .. }
+        ));
     }
 
     #[test]
@@ -248,6 +378,11 @@ mod tests {
             "redis://h?prefix=",
             "redis://h?what=1",
             "redis://h?fair=maybe",
+            "redis://h?timeout=soon",
+            "redis://h?timeout=0s",
+            "redis://h?timeout_ms=500",
+            "redis://h?tls=true",
+            "redlock://h1,h2?fair=true",
             "memcache://h",
             "redis://u:hunter2@h/x",
             "redlock://h1,,h2",
@@ -256,5 +391,50 @@ mod tests {
             assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
             assert!(!err.to_string().contains("hunter2"), "{err}");
         }
+        let err = RedisConfig::from_url("redis://h?timeout_ms=500").unwrap_err();
+        assert!(
+            err.to_string().contains("\"timeout_ms\"") && err.to_string().contains("timeout, tls"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validate_names_the_field_and_value() {
+        RedisConfig::new("cache").validate().unwrap();
+        let mut bad = RedisConfig::new("cache");
+        bad.prefix = "a{b}".into();
+        let err = bad.validate().unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig(text) if text.contains("prefix=\"a{b}\"")),
+            "{err}"
+        );
+        let mut bad = RedisConfig::redlock(["a", "b", "c"]);
+        bad.fair = true;
+        assert!(bad.validate().unwrap_err().to_string().contains("fair"));
+        let mut bad = RedisConfig::new("cache");
+        bad.timeout = Duration::ZERO;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("timeout=0s"));
+        let mut bad = RedisConfig::new("cache");
+        bad.endpoints.push("other:6379".into());
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("endpoints"));
+        assert!(RedisConfig::new("h:x").validate().is_err());
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let config = RedisConfig::from_url("redis://u:hunter2@h").unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("***"),
+            "{shown}"
+        );
     }
 }

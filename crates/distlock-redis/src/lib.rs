@@ -28,7 +28,7 @@
 //!
 //! Options (query string): `prefix=myapp` (default `distlock`; every key this
 //! backend writes starts with it; no braces), `fair=false` (default `true`
-//! for one server; Redlock is never fair), `timeout_ms=2000` (bound on
+//! for one server; Redlock is never fair), `timeout=2s` (bound on
 //! connecting and on each reply).
 //!
 //! # How it works
@@ -89,7 +89,7 @@
 //!
 //! `connect` fails with [`Error::Connection`](distlock_core::Error::Connection) naming the endpoint(s) when
 //! the server (or a Redlock majority) cannot be reached within about twice
-//! `timeout_ms`; it never hangs. Afterwards the connection reconnects by
+//! `timeout`; it never hangs. Afterwards the connection reconnects by
 //! itself. `try_lock` and `lock` return [`Error::Backend`](distlock_core::Error::Backend) at once when the
 //! server (or a majority) does not answer, rather than waiting out `wait`:
 //! retry at your level if an outage should be ridden out. Held locks keep
@@ -183,15 +183,17 @@ impl std::fmt::Debug for RedisLock {
 }
 
 impl RedisLock {
-    /// Parses `url` and connects.
+    /// Parses `url` (see [`RedisConfig::from_url`]) and connects.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::connect_with(RedisConfig::from_url(url)?).await
+        Self::with_config(RedisConfig::from_url(url)?).await
     }
 
-    /// Connects with a parsed or built configuration. Fails with
-    /// [`Error::Connection`](distlock_core::Error::Connection) naming the endpoints when (a majority of) the
-    /// servers cannot be reached within about twice the timeout.
-    pub async fn connect_with(config: RedisConfig) -> Result<Self> {
+    /// Checks `config` ([`RedisConfig::validate`]) and connects. Fails with
+    /// [`Error::Connection`](distlock_core::Error::Connection) naming the
+    /// endpoints when (a majority of) the servers cannot be reached within
+    /// about twice the timeout.
+    pub async fn with_config(config: RedisConfig) -> Result<Self> {
+        config.validate()?;
         Ok(RedisLock {
             shared: Arc::new(Shared::connect(config).await?),
         })

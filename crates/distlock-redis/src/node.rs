@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::ConnectionInfo;
 
-use crate::config::NodeConfig;
 use crate::subscriber::Subscriber;
 
 pub(crate) struct Node {
@@ -19,11 +19,12 @@ impl Node {
     /// Builds the node without waiting for the connection (it is made on
     /// first use and remade after failures).
     pub fn new(
-        config: &NodeConfig,
+        endpoint: &str,
+        info: ConnectionInfo,
         timeout: Duration,
         own_message: String,
     ) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(config.url.as_str())?;
+        let client = redis::Client::open(info)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -34,7 +35,7 @@ impl Node {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
         Ok(Node {
-            endpoint: config.endpoint.clone(),
+            endpoint: endpoint.to_owned(),
             conn,
             subscriber: Subscriber::new(client, timeout, own_message),
         })

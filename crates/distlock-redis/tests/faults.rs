@@ -25,7 +25,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_while_held_reports_loss_and_tokens_keep_growing() {
     let mut server = PrivateRedis::start();
-    let url = format!("{}?timeout_ms=500", server.url());
+    let url = format!("{}?timeout=500ms", server.url());
     let holder = RedisLock::connect(&url).await.unwrap();
     let ttl = Duration::from_millis(1500);
     let guard = holder
@@ -109,7 +109,7 @@ async fn connection_refused_is_a_clear_error_without_hanging() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_server_past_the_ttl_loses_the_lock_and_fences_the_old_holder() {
     let server = PrivateRedis::start();
-    let url = format!("{}?timeout_ms=300", server.url());
+    let url = format!("{}?timeout=300ms", server.url());
     let holder = RedisLock::connect(&url).await.unwrap();
     let ttl = Duration::from_millis(600);
     let guard = holder
@@ -176,7 +176,7 @@ async fn stalled_holder_without_renewal_is_fenced() {
 
 fn redlock_url(servers: &[PrivateRedis]) -> String {
     let hosts: Vec<String> = servers.iter().map(PrivateRedis::endpoint).collect();
-    format!("redlock://{}?timeout_ms=300", hosts.join(","))
+    format!("redlock://{}?timeout=300ms", hosts.join(","))
 }
 
 /// Redlock keeps granting with one of three instances down, and fails
