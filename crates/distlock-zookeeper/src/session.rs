@@ -1,11 +1,30 @@
 //! One ZooKeeper session per client, and the task that keeps every lease
 //! taken through it up to date with the session's state.
+//!
+//! The session is the lease: a lock lives while the session that created
+//! its node does, so `LockOptions::ttl` does not bound it on the server
+//! (capability `ttl_expiry = false`); it only paces the guard's ownership
+//! check (`held` module). While connected, a guard's `valid_until` is
+//! `None` (the session vouches). When the connection is lost the session
+//! is *suspended*: the server may expire it one session TTL after it last
+//! heard from us, so the guard vouches only for a third of the session TTL
+//! from the disconnect (which the client sees at most ~45% of the TTL after
+//! the last answer), then reports `lost()`; a reconnection of the same
+//! session in time brings it back to `None`. A connection attempt is given
+//! up after a sixth of the session TTL, so two fit in that grace (the
+//! client crate's default, 2/5, is longer than the grace: one attempt
+//! hanging on a server that is still starting lost every lock of the
+//! session). An expired or closed session fires `lost()` on every guard at
+//! once (one watcher task per client drives all leases, through the
+//! session's registry of [`WeakLease`]s). After the session has ended, the
+//! next acquisition opens a new one ([`SessionSlot::live`]).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use distlock_core::backend::{Lease, WeakLease};
-use distlock_core::{Error, LostReason, Result};
+use distlock_core::{Backoff, Error, LostReason, Result};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use zookeeper_client as zk;
@@ -25,13 +44,57 @@ use crate::BACKEND;
 const SUSPENDED_VALIDITY_NUM: u32 = 1;
 const SUSPENDED_VALIDITY_DEN: u32 = 3;
 
+/// How long [`Session::kill`] gives one steal (attaching to the session,
+/// then waiting for the close to end it) before it steals the session
+/// again.
+const KILL_ROUND: Duration = Duration::from_secs(2);
+
+/// A client's current session, replaced by a new one once it has ended.
+pub(crate) struct SessionSlot {
+    current: Mutex<Arc<Session>>,
+    /// Serialises opening a new session after the old one ended.
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl SessionSlot {
+    /// Opens the first session.
+    pub(crate) async fn connect(config: &ZooKeeperConfig) -> Result<Self> {
+        Ok(SessionSlot {
+            current: Mutex::new(Session::connect(config).await?),
+            reconnecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The current session, live or not.
+    pub(crate) fn current(&self) -> Arc<Session> {
+        self.current.lock().unwrap().clone()
+    }
+
+    /// The live session, or a new one if it has ended.
+    pub(crate) async fn live(&self, config: &ZooKeeperConfig) -> Result<Arc<Session>> {
+        let current = self.current();
+        if !current.ended() {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        let current = self.current();
+        if !current.ended() {
+            return Ok(current);
+        }
+        tracing::info!(endpoint = %current.endpoint, "zookeeper session ended; opening a new one");
+        let fresh = Session::connect(config).await?;
+        *self.current.lock().unwrap() = fresh.clone();
+        Ok(fresh)
+    }
+}
+
 /// A connected ZooKeeper session and the leases that depend on it.
 pub(crate) struct Session {
     pub(crate) client: zk::Client,
     /// The session id, the `ephemeralOwner` of every node we create.
     pub(crate) id: i64,
-    /// The negotiated session timeout.
-    pub(crate) timeout: Duration,
+    /// The negotiated session timeout (the session TTL).
+    pub(crate) ttl: Duration,
     pub(crate) endpoint: String,
     leases: Mutex<Registry>,
     watcher: Mutex<Option<AbortHandle>>,
@@ -95,7 +158,7 @@ impl Session {
         };
         let session = Arc::new(Session {
             id: client.session_id().0,
-            timeout: client.session_timeout(),
+            ttl: client.session_timeout(),
             endpoint,
             leases: Mutex::new(Registry {
                 prune_at: 64,
@@ -104,12 +167,81 @@ impl Session {
             watcher: Mutex::new(None),
             client,
         });
-        tracing::debug!(session = format_args!("{:#x}", session.id), timeout = ?session.timeout, endpoint = %session.endpoint, "zookeeper session established");
+        tracing::debug!(session = format_args!("{:#x}", session.id), ttl = ?session.ttl, endpoint = %session.endpoint, "zookeeper session established");
         let mut states = session.client.state_watcher();
         session.on_state(states.state());
         let task = tokio::spawn(watch_session(Arc::downgrade(&session), states));
         *session.watcher.lock().unwrap() = Some(task.abort_handle());
         Ok(session)
+    }
+
+    /// Ends this session on the server, as an expiry would: attaches a
+    /// second connection to the session and closes the session there.
+    /// Returns once this client has seen the session end (every lease of
+    /// it has then fired `lost()`).
+    pub(crate) async fn kill(&self) -> Result<()> {
+        let mut states = self.client.state_watcher();
+        let deadline = tokio::time::Instant::now() + self.ttl * 2;
+        // Why the last steal failed, for the error if none succeeds.
+        let mut last_error = None;
+        loop {
+            let connect = zk::Client::connector()
+                .with_session(self.client.session().clone())
+                .with_session_timeout(self.ttl)
+                // No fail-fast: our own client's reconnection can bump the
+                // thief's first connection; it retries until attached.
+                .connect(&self.endpoint);
+            // Bounded by a round, so a connect that keeps losing the session
+            // to our own client is retried (and the session's end looked
+            // for) well before the deadline.
+            let thief = tokio::time::timeout(KILL_ROUND, connect)
+                .await
+                .unwrap_or(Err(zk::Error::Timeout));
+            match thief {
+                // Dropping the only handle sends closeSession from the
+                // thief's connection.
+                Ok(thief) => drop(thief),
+                // An earlier round's close went through.
+                Err(zk::Error::SessionExpired) => {}
+                // Our own client kept taking the session back until the
+                // thief's connect timed out (or the link failed): the
+                // session may still have ended; else steal again.
+                Err(err) => {
+                    tracing::debug!(endpoint = %self.endpoint, error = %err, "zookeeper: could not attach to the session to close it");
+                    last_error = Some(err);
+                }
+            }
+            let ended = async {
+                let mut state = states.state();
+                while !state.is_terminated() {
+                    state = states.changed().await;
+                }
+                state
+            };
+            // The close is lost when our own client takes the session back
+            // first (it reconnects when the thief attaches): steal again.
+            let round =
+                KILL_ROUND.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if let Ok(state) = tokio::time::timeout(round, ended).await {
+                // The watcher task does the same; doing it here too means
+                // every lease is marked by the time we return.
+                self.on_state(state);
+                return Ok(());
+            }
+            tracing::debug!(endpoint = %self.endpoint, "zookeeper session outlived its close; stealing it again");
+            if tokio::time::Instant::now() >= deadline {
+                return Err(match last_error {
+                    Some(err) => Error::connection(BACKEND, self.endpoint.clone(), err),
+                    None => Error::backend(
+                        BACKEND,
+                        self.endpoint.clone(),
+                        "kill_session",
+                        "",
+                        "the session did not end within twice its timeout",
+                    ),
+                });
+            }
+        }
     }
 
     /// True once the session can no longer hold locks.
@@ -166,7 +298,7 @@ impl Session {
             }
             Disconnected | ConnectedReadOnly => {
                 if registry.suspended_until.is_none() {
-                    let grace = self.timeout * SUSPENDED_VALIDITY_NUM / SUSPENDED_VALIDITY_DEN;
+                    let grace = self.ttl * SUSPENDED_VALIDITY_NUM / SUSPENDED_VALIDITY_DEN;
                     let deadline = Instant::now() + grace;
                     tracing::warn!(session = format_args!("{:#x}", self.id), ?grace, "zookeeper session suspended; its locks are vouched for only until the grace ends");
                     registry.suspended_until = Some(deadline);
@@ -209,9 +341,59 @@ async fn watch_session(weak: Weak<Session>, mut states: zk::StateWatcher) {
     }
 }
 
-/// How long one connection attempt may take: a sixth of the session
-/// timeout (at least 500 ms), so that two attempts fit in the third of it
-/// that a suspended session's locks are vouched for.
-fn connection_timeout(session_timeout: Duration) -> Duration {
-    (session_timeout / 6).max(Duration::from_millis(500))
+/// How long one connection attempt may take: a sixth of the session TTL
+/// (at least 500 ms), so that two attempts fit in the third of it that a
+/// suspended session's locks are vouched for.
+fn connection_timeout(session_ttl: Duration) -> Duration {
+    (session_ttl / 6).max(Duration::from_millis(500))
+}
+
+/// The delays between retries of a request cut off by a connection loss.
+/// No jitter: while the client reconnects it queues the retried requests
+/// itself, so there is nothing to spread out.
+pub(crate) fn loss_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(10), Duration::from_millis(320)).jitter(0.0)
+}
+
+pub(crate) fn is_connection_loss(err: &zk::Error) -> bool {
+    matches!(err, zk::Error::ConnectionLoss)
+}
+
+/// True when the error means the session (and so every ephemeral node it
+/// made) is gone.
+pub(crate) fn is_session_end(err: &zk::Error) -> bool {
+    matches!(
+        err,
+        zk::Error::SessionExpired | zk::Error::ClientClosed | zk::Error::AuthFailed
+    )
+}
+
+/// Retries an idempotent request across connection losses, on
+/// [`loss_backoff`]. The client queues requests while it reconnects and
+/// fails them once the session has ended, so this ends with the session.
+pub(crate) async fn retry_on_loss<T, F, Fut>(mut request: F) -> std::result::Result<T, zk::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, zk::Error>>,
+{
+    let mut losses = 0u32;
+    loop {
+        match request().await {
+            Err(err) if is_connection_loss(&err) => {
+                tokio::time::sleep(loss_backoff().delay(losses)).await;
+                losses = losses.saturating_add(1);
+            }
+            result => return result,
+        }
+    }
+}
+
+/// A failed request on `key`'s lock, with the session's endpoint.
+pub(crate) fn op_error(
+    session: &Session,
+    operation: &'static str,
+    key: &str,
+    err: zk::Error,
+) -> Error {
+    Error::backend(BACKEND, session.endpoint.clone(), operation, key, err)
 }
