@@ -77,7 +77,7 @@ pub fn backend(name: &'static str) -> Option<Backend> {
         }
         "redis" => ("redis://127.0.0.1:6379", "127.0.0.1:6379"),
         "zookeeper" => (
-            "zk://127.0.0.1:2181/distlock-cli-test?session_timeout=2s",
+            "zk://127.0.0.1:2181/distlock-cli-test?session_ttl=2s",
             "127.0.0.1:2181",
         ),
         "etcd" => (
