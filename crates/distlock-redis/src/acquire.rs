@@ -1,4 +1,55 @@
 //! Attempts and waiting, and the fair queue.
+//!
+//! - **An attempt is one round trip**: the acquire script does `SET lock
+//!   owner NX PX ttl` and, when it succeeds, returns a fencing token (see
+//!   `GRANT_TOKEN_LUA` in [`scripts`](crate::scripts)). The lock, its
+//!   fence counter and its queue share one hash tag (see
+//!   [`keys`](crate::keys)). A failed attempt returns the holder's
+//!   remaining TTL.
+//! - **Waiting is notified**: a release publishes on the lock's channel,
+//!   and all waiters of a client share one pub/sub connection per server
+//!   ([`subscriber`](crate::subscriber)). A waiter subscribes, then
+//!   attempts again, so a release between its failed attempt and its
+//!   subscription is not missed. A subscription nobody uses stays on for
+//!   [`LINGER`](crate::subscriber::LINGER): a client that waits on the same
+//!   lock again within that time starts waiting after its one failed
+//!   attempt. Expiry publishes nothing, so a waiter also attempts again
+//!   when the holder's remaining TTL runs out, with jitter; without any
+//!   subscription it polls with the options' backoff. A dropped `lock`
+//!   future unsubscribes and, through its cleanup, deletes a lock it may
+//!   have been granted and leaves the queue (in the background).
+//! - **Fair mode** (one server, the default there): the acquire script
+//!   keeps a FIFO of waiters next to the lock, and a free lock goes to the
+//!   head of the queue, so no contender starves. An uncontended attempt is
+//!   still one round trip (the queue is empty), and `try_lock` never jumps
+//!   the queue. A waiter refreshes its queue entry every
+//!   [`WAITER_REFRESH`]; a crashed waiter's entry expires after
+//!   [`WAITER_TTL`].
+//! - **Direct handoff** (fair mode): the release script itself makes the
+//!   queue's head (a waiter whose entry is fresh) the owner, with a new
+//!   fencing token, for the TTL that waiter asked for but at most
+//!   [`HANDOFF_CLAIM`], and publishes the grant on the channel of that
+//!   waiter's client (one message per handoff, however many clients
+//!   wait). The waiter holds the lock when the message arrives, without
+//!   another round trip, vouching for it from the server clock reading of
+//!   its own last attempt (the grant carries the server time it was made
+//!   at; see [`Grant::valid_until`]). It then extends the lock to its TTL
+//!   in the background ([`held`](crate::held)); the guard is usable at
+//!   once, vouched for by the claim window until then. A waiter that
+//!   misses the message (its pub/sub connection died, a later message
+//!   overwrote it) learns of the grant from its next attempt, on any
+//!   wake-up and at the latest after [`WAITER_REFRESH`]. A message on its
+//!   grant channel that it cannot parse is taken for a plain release: it
+//!   attempts at once, and the attempt says whether the lock is its own.
+//!   A waiter dropped at the moment of the handoff deletes the lock it was
+//!   given, which wakes the next one.
+//!   A waiter whose process died within [`WAITER_TTL`] of its last refresh
+//!   can still be handed the lock, and then blocks it for the claim
+//!   window, not for its TTL.
+//! - **Redlock** sends each attempt to every server at once, each bounded
+//!   by a small share of the TTL; a majority grants. Partial grants are
+//!   deleted at once, and after a split vote (nobody got a majority) the
+//!   contenders are woken and retry after a short random delay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -445,8 +496,8 @@ mod tests {
         assert_eq!(Grant::parse("retry:abc"), None);
         assert_eq!(Grant::parse("grant x 1 2 abc"), None);
         assert_eq!(Grant::parse("grant 1 2 3"), None);
-        // An older release's message (no TTL) is not taken for a grant:
-        // its waiter learns of it from its next attempt.
+        // A message without the TTL is not taken for a grant: the waiter
+        // attempts again, and the attempt says whether the lock is its own.
         assert_eq!(Grant::parse("grant 1 2 abc:1f"), None);
     }
 

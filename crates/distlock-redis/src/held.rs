@@ -1,5 +1,19 @@
 //! A granted lock: its guard, release and extend, and the cleanup of
 //! attempts abandoned before a definite answer.
+//!
+//! - **Release and extend are one round trip each**: owner-checked scripts
+//!   (compare, then `DEL` / `PEXPIRE`), sent to every Redlock server at
+//!   once. A stale owner gets `NotHeld` and never touches a newer holder's
+//!   lock. In fair mode the release hands the lock to the queue's head in
+//!   the same script (see [`acquire`](crate::acquire)).
+//! - **Renewal** of auto-renewed locks is batched per client
+//!   ([`renewal`](crate::renewal)); a lock handed over for the claim window
+//!   only is extended to its TTL at once, by the renewal or, without it,
+//!   by one extend in the background.
+//! - **An abandoned attempt** (its future dropped, or failed before a
+//!   definite answer) may have been granted the lock or queued: its
+//!   cleanup deletes the one and leaves the other, and wakes the waiters
+//!   if either changed anything.
 
 use std::future::Future;
 use std::sync::Arc;

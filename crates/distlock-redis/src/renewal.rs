@@ -1,6 +1,11 @@
 //! Batched renewal: one task per client renews all of its auto-renewed
-//! locks with one pipeline per server and tick, instead of one task and
-//! one round trip per lock.
+//! locks with one pipeline per server and tick (about `ttl / 3`), instead
+//! of one task and one round trip per lock.
+//!
+//! A lock the servers no longer have for this owner is marked lost at
+//! once (`NotHeld`). While they cannot be reached, renewal retries (with
+//! [`RETRY`]'s delays) until the lease's local deadline, when `lost()`
+//! fires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, Weak};

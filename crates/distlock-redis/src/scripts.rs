@@ -9,8 +9,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind
 ///
 /// `redis::Script::key` and `arg` copy each argument into an invocation
 /// and then again into the command it sends; [`LuaScript::command`] starts
-/// the command and the caller appends keys and arguments once. About a
-/// microsecond of client time per call, on every acquire and release.
+/// the command and the caller appends keys and arguments once.
 pub(crate) struct LuaScript {
     script: Script,
 }
@@ -64,7 +63,7 @@ impl LuaScript {
 const GRANT_TOKEN_LUA: &str = r#"
 local function grant_token(fence, fence_ttl)
   local t = redis.call('TIME')
-  -- Kept as text: string.format on every grant cost ~2.5 us of server time.
+  -- Kept as text: no number formatting on every grant.
   local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
   local last = tonumber(redis.call('SET', fence, now, 'PX', fence_ttl, 'GET'))
   if last and last >= tonumber(now) then
@@ -203,11 +202,10 @@ return 0
 /// round trip. `px` is the TTL the head asked for, capped by the claim
 /// window: a head that died since its last refresh then holds the lock
 /// for that window, not for its whole TTL, and a live head extends it to
-/// its TTL at once (in the background). Older clients read the message
-/// as someone else's grant and learn of theirs from their next attempt.
-/// Otherwise the lock is deleted
-/// and an empty message wakes the waiters. A head whose entry has no TTL
-/// (written by an older client) gets the plain release.
+/// its TTL at once (in the background). Otherwise (no fresh head) the
+/// lock is deleted and an empty message wakes the waiters; so it is when
+/// the head's entry has no TTL part (the acquire script always writes
+/// one).
 pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> = LazyLock::new(|| {
     with_grant_token(
         r#"
