@@ -81,6 +81,7 @@ pub(crate) const WAITER_REFRESH: Duration = Duration::from_secs(1);
 const ABANDONED: &str = "a Redis lock or queue entry of an abandoned attempt";
 
 impl Shared {
+    /// `try_lock`: one attempt, which never queues.
     pub async fn try_acquire(
         self: &Arc<Self>,
         key: &str,
@@ -105,6 +106,10 @@ impl Shared {
         }
     }
 
+    /// `lock`: attempts until granted, woken by releases, the holder's
+    /// expiry or (fair mode) a grant message. The core bounds it by
+    /// `options.wait` by dropping it; the armed cleanup then removes what
+    /// the last attempt may have left on the server.
     pub async fn acquire(self: &Arc<Self>, key: &str, options: &LockOptions) -> Result<LockGuard> {
         let keys = LockKeys::new(&self.prefix, key);
         let owner = self.new_owner();
