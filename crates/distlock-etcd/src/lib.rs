@@ -23,11 +23,13 @@
 //! - Fair: waiters get the lock in arrival order, each watching only the
 //!   key ahead of it; a release wakes one waiter and nobody polls. A
 //!   dropped or timed-out `lock` leaves no key behind.
-//! - Through a leader election or a lost member, a guard stays valid until
-//!   `sent_at + TTL - drift` of its lease's last successful keep-alive.
-//!   `lost()` fires when etcd says the lease is gone (revoked or expired),
-//!   when no keep-alive succeeds before that deadline, or when the lock's
-//!   key is deleted by hand. A lost session is replaced on the next attempt.
+//! - Failover: etcd's quorum keeps every grant through a leader election
+//!   or a lost member, and a guard is vouched for only until
+//!   `sent_at + TTL - drift` of its lease's last successful keep-alive
+//!   (`sent_at`: when that keep-alive was sent). `lost()` fires when etcd says the lease is gone (revoked or expired),
+//!   when no keep-alive succeeds before that deadline, or, for a lock on
+//!   the session lease, when its key is deleted by hand (checked every
+//!   `session_ttl / 3`). A lost session is replaced on the next attempt.
 //!
 //! **Fencing tokens** are the lock key's create revision: etcd revisions
 //! are global and only grow, so tokens increase across holders, expiry and
