@@ -21,6 +21,7 @@ pub mod key;
 pub mod url;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,9 @@ pub fn self_renewed_guard(
 /// costs no allocation for it. It is spawned on the runtime current at
 /// drop time, else on the runtime that armed it; with neither (the
 /// runtime is gone) it cannot run, and a warning names `what` is left
-/// behind, to expire with its TTL or session.
+/// behind, to expire with its TTL or session. A cleanup started with
+/// [`run_now`](Self::run_now) whose caller is dropped midway finishes in
+/// the background the same way.
 #[must_use = "dropping it at once runs the cleanup"]
 pub struct CleanupOnDrop<F, Fut>
 where
@@ -118,6 +121,8 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     cleanup: Option<F>,
+    /// The cleanup `run_now` started, until it finishes.
+    running: Option<Pin<Box<Fut>>>,
     runtime: Option<Handle>,
     what: &'static str,
 }
@@ -132,6 +137,7 @@ where
     pub fn arm(what: &'static str, cleanup: F) -> Self {
         CleanupOnDrop {
             cleanup: Some(cleanup),
+            running: None,
             runtime: Handle::try_current().ok(),
             what,
         }
@@ -142,11 +148,15 @@ where
         self.cleanup = None;
     }
 
-    /// Runs the cleanup now, in this task, and disarms it.
+    /// Runs the cleanup now, in this task. If this future is dropped
+    /// before the cleanup finishes, the rest of it runs in the background.
     pub async fn run_now(mut self) {
-        if let Some(cleanup) = self.cleanup.take() {
-            cleanup().await;
-        }
+        let Some(cleanup) = self.cleanup.take() else {
+            return;
+        };
+        let running = self.running.insert(Box::pin(cleanup()));
+        running.as_mut().await;
+        self.running = None;
     }
 }
 
@@ -156,15 +166,17 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     fn drop(&mut self) {
-        let Some(cleanup) = self.cleanup.take() else {
-            return;
+        let cleanup = match (self.running.take(), self.cleanup.take()) {
+            (Some(running), _) => running,
+            (None, Some(cleanup)) => Box::pin(cleanup()),
+            (None, None) => return,
         };
         let Some(runtime) = Handle::try_current().ok().or_else(|| self.runtime.take()) else {
             tracing::warn!(what = self.what, "distlock: no runtime to clean up an abandoned attempt; it stays until its TTL or session ends");
             return;
         };
         let span = tracing::debug_span!("distlock.cleanup", what = self.what);
-        runtime.spawn(cleanup().instrument(span));
+        runtime.spawn(cleanup.instrument(span));
     }
 }
 
@@ -191,6 +203,26 @@ mod tests {
         .disarm();
         tokio::task::yield_now().await;
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cleanup_run_now_whose_caller_is_dropped_finishes_in_the_background() {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let cleanup = CleanupOnDrop::arm("a test entry", move || async move {
+            started_tx.send(()).unwrap();
+            go_rx.await.unwrap();
+            done_tx.send(()).unwrap();
+        });
+        let caller = tokio::spawn(cleanup.run_now());
+        started_rx.await.expect("the cleanup started");
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        go_tx.send(()).unwrap();
+        done_rx
+            .await
+            .expect("the cleanup finished after its caller was dropped");
     }
 
     #[test]
