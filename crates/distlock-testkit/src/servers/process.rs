@@ -399,7 +399,7 @@ impl ServerProcess {
                     self.log_tail()
                 )));
             }
-            tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
