@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use distlock_core::{DistributedLock, Error, LockGuard, LockOptions, LostReason};
 use distlock_etcd::EtcdLock;
-use support::{grown, PrivateEtcd};
+use distlock_testkit::servers::{free_port, PrivateEtcd};
+use support::{grown, EtcdTestExt};
 
 /// A private etcd with 3 s sessions and two clients of it, the first holding `key`: `(etcd, a, b, guard)`.
 async fn two_clients_first_holding(
@@ -104,7 +105,7 @@ async fn a_lock_survives_a_quick_server_restart() {
     let guard = a.try_lock("restart", &options).await.unwrap().unwrap();
     let token = guard.fencing_token();
     let deadline_before = guard.valid_until().unwrap();
-    etcd.kill_and_restart().await;
+    etcd.restart().await;
     // The keep-alive reconnects and moves the deadline forward; wait for
     // that on the lease itself.
     let renewed = tokio::time::timeout(Duration::from_secs(8), async {
@@ -132,11 +133,7 @@ async fn a_lock_survives_a_quick_server_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_a_clear_error_at_once() {
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let endpoint = format!("127.0.0.1:{port}");
     let started = Instant::now();
     let err = EtcdLock::connect(&format!("etcd://{endpoint},{endpoint}/x"))

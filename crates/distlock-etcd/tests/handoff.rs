@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use distlock_core::{DistributedLock, LockGuard, LockOptions};
 use distlock_etcd::EtcdLock;
+use distlock_testkit::servers::PrivateEtcd;
 use etcd_client::GetOptions;
-use support::{grown, PrivateEtcd};
+use support::{grown, EtcdTestExt};
 use tokio::task::JoinHandle;
 
 fn handled(counts: &HashMap<String, f64>, method: &str) -> f64 {

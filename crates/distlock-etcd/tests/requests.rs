@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use distlock_core::{DistributedLock, LockOptions};
 use distlock_etcd::EtcdLock;
-use support::{grown, PrivateEtcd};
+use distlock_testkit::servers::PrivateEtcd;
+use support::{grown, EtcdTestExt};
 
 fn counts(pairs: &[(&str, f64)]) -> std::collections::HashMap<String, f64> {
     pairs

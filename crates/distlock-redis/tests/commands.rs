@@ -2,14 +2,12 @@
 //! round-trip claims: try_lock + release is 2 commands, a waiter does not
 //! poll while nothing happens, renewal is one pipeline per tick.
 
-mod support;
-
 use std::time::Duration;
 
 use distlock_core::{DistributedLock, LockOptions};
 use distlock_redis::RedisLock;
+use distlock_testkit::servers::PrivateRedis;
 use futures::StreamExt;
-use support::PrivateRedis;
 
 /// The commands clients sent between two markers, without those scripts
 /// ran themselves (MONITOR shows those as `[0 lua]`).
@@ -88,6 +86,14 @@ impl Monitor {
 
 /// A command a client sent: not one a script ran (`[0 lua]`), nor a
 /// section marker.
+/// A plain synchronous connection to `server`, for checks.
+fn conn(server: &PrivateRedis) -> redis::Connection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
 fn is_client_command(line: &str) -> bool {
     !line.contains(" lua]") && !line.contains("distlock-marker-")
 }
@@ -102,7 +108,9 @@ fn command_name(line: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncontended_try_lock_and_release_are_two_round_trips() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let mut monitor = Monitor::start(&server).await;
     for fair in ["true", "false"] {
         let client = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
@@ -141,7 +149,9 @@ async fn uncontended_try_lock_and_release_are_two_round_trips() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_does_not_poll_while_nothing_is_released() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let mut monitor = Monitor::start(&server).await;
     for fair in ["true", "false"] {
         let holder = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
@@ -192,7 +202,9 @@ async fn a_waiter_does_not_poll_while_nothing_is_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
     const LOCKS: usize = 40;
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let client = RedisLock::connect(&server.url()).await.unwrap();
     let ttl = Duration::from_millis(900);
     let mut guards = Vec::new();
@@ -234,8 +246,10 @@ async fn renewal_of_many_locks_is_one_pipeline_per_tick() {
 /// connection nor the pub/sub connection its waiters shared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_client_closes_its_connections() {
-    let server = PrivateRedis::start();
-    let mut check = server.conn();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
+    let mut check = conn(&server);
     let connected = |check: &mut redis::Connection| -> usize {
         let list: String = redis::cmd("CLIENT").arg("LIST").query(check).unwrap();
         list.lines().count()
@@ -273,7 +287,9 @@ async fn a_dropped_client_closes_its_connections() {
 /// holds it when the grant message arrives, without another attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let mut monitor = Monitor::start(&server).await;
     let holder = RedisLock::connect(&server.url()).await.unwrap();
     let waiter = RedisLock::connect(&server.url()).await.unwrap();
@@ -378,8 +394,10 @@ async fn a_fair_release_hands_the_lock_to_the_queued_waiter_directly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_the_server_lost_are_loaded_again() {
-    let server = PrivateRedis::start();
-    let mut admin = server.conn();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
+    let mut admin = conn(&server);
     let mut monitor = Monitor::start(&server).await;
     for fair in ["true", "false"] {
         let client = RedisLock::connect(&format!("{}?fair={fair}", server.url()))
@@ -416,9 +434,11 @@ async fn scripts_the_server_lost_are_loaded_again() {
 /// after the linger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_wait_soon_after_reuses_the_subscription() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let mut monitor = Monitor::start(&server).await;
-    let mut admin = server.conn();
+    let mut admin = conn(&server);
     for fair in ["true", "false"] {
         let url = format!("{}?fair={fair}", server.url());
         let holder = RedisLock::connect(&url).await.unwrap();

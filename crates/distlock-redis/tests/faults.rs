@@ -1,22 +1,11 @@
 //! Faults against real, private Redis servers: restart, refused
 //! connections, a paused server, and Redlock with instances down.
 
-mod support;
-
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use distlock_core::{DistributedLock, Error, LockOptions, LostReason};
 use distlock_redis::RedisLock;
-use support::PrivateRedis;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use distlock_testkit::servers::{free_port, PrivateRedis};
 
 /// Redis without persistence forgets the lock on restart. The guard
 /// reports the loss (the next renewal finds the key gone) instead of
@@ -24,7 +13,9 @@ fn free_port() -> u16 {
 /// because the acquire script seeds the lost counter from the server clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_while_held_reports_loss_and_tokens_keep_growing() {
-    let mut server = PrivateRedis::start();
+    let Some(mut server) = PrivateRedis::start().await else {
+        return;
+    };
     let url = format!("{}?timeout=500ms", server.url());
     let holder = RedisLock::connect(&url).await.unwrap();
     let ttl = Duration::from_millis(1500);
@@ -34,7 +25,7 @@ async fn restart_while_held_reports_loss_and_tokens_keep_growing() {
         .unwrap()
         .unwrap();
     let old_token = guard.fencing_token();
-    server.restart();
+    server.restart().await;
     let reason = tokio::time::timeout(ttl * 3, guard.lost())
         .await
         .expect("lost() fired after the restart");
@@ -108,7 +99,9 @@ async fn connection_refused_is_a_clear_error_without_hanging() {
 /// `NotHeld`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_server_past_the_ttl_loses_the_lock_and_fences_the_old_holder() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let url = format!("{}?timeout=300ms", server.url());
     let holder = RedisLock::connect(&url).await.unwrap();
     let ttl = Duration::from_millis(600);
@@ -151,7 +144,9 @@ async fn paused_server_past_the_ttl_loses_the_lock_and_fences_the_old_holder() {
 /// `NotHeld`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_holder_without_renewal_is_fenced() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let (a, b) = (
         RedisLock::connect(&server.url()).await.unwrap(),
         RedisLock::connect(&server.url()).await.unwrap(),
@@ -174,8 +169,17 @@ async fn stalled_holder_without_renewal_is_fenced() {
     fresh.release().await.unwrap();
 }
 
+/// Three private servers for a Redlock; `None` (skip) without redis-server.
+async fn three_servers() -> Option<[PrivateRedis; 3]> {
+    Some([
+        PrivateRedis::start().await?,
+        PrivateRedis::start().await?,
+        PrivateRedis::start().await?,
+    ])
+}
+
 fn redlock_url(servers: &[PrivateRedis]) -> String {
-    let hosts: Vec<String> = servers.iter().map(PrivateRedis::endpoint).collect();
+    let hosts: Vec<String> = servers.iter().map(|server| server.endpoint()).collect();
     format!("redlock://{}?timeout=300ms", hosts.join(","))
 }
 
@@ -183,11 +187,9 @@ fn redlock_url(servers: &[PrivateRedis]) -> String {
 /// clearly (not a hang, not a silent timeout) with two down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
-    let mut servers = [
-        PrivateRedis::start(),
-        PrivateRedis::start(),
-        PrivateRedis::start(),
-    ];
+    let Some(mut servers) = three_servers().await else {
+        return;
+    };
     let url = redlock_url(&servers);
     let client = RedisLock::connect(&url).await.unwrap();
     let options = LockOptions::new()
@@ -243,11 +245,9 @@ async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
 /// release promptly, and hand the lock to a waiter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_with_a_paused_instance_still_grants_promptly() {
-    let servers = [
-        PrivateRedis::start(),
-        PrivateRedis::start(),
-        PrivateRedis::start(),
-    ];
+    let Some(servers) = three_servers().await else {
+        return;
+    };
     let url = redlock_url(&servers);
     let (a, b) = (
         RedisLock::connect(&url).await.unwrap(),

@@ -2,15 +2,13 @@
 //! waiter a release hands the lock to is gone (its `lock` future dropped),
 //! or never hears of the grant (its pub/sub connection died).
 
-mod support;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use distlock_core::{DistributedLock, LockGuard, LockOptions, Result};
 use distlock_redis::RedisLock;
-use support::PrivateRedis;
+use distlock_testkit::servers::PrivateRedis;
 
 type LockFuture<'a> = Pin<Box<dyn Future<Output = Result<LockGuard>> + Send + 'a>>;
 
@@ -95,7 +93,9 @@ async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<
 /// next waiter, which gets the lock at once (not after the TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_dropped_at_the_handoff_passes_the_lock_on() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let (holder, first, second) = (
         RedisLock::connect(&server.url()).await.unwrap(),
         RedisLock::connect(&server.url()).await.unwrap(),
@@ -158,7 +158,9 @@ async fn a_waiter_dropped_at_the_handoff_passes_the_lock_on() {
 /// own at its next wake-up (the dead connection) from its attempt's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_is_noticed_without_its_message() {
-    let server = PrivateRedis::start();
+    let Some(server) = PrivateRedis::start().await else {
+        return;
+    };
     let (holder, waiter) = (
         RedisLock::connect(&server.url()).await.unwrap(),
         RedisLock::connect(&server.url()).await.unwrap(),

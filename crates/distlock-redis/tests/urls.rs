@@ -1,22 +1,23 @@
 //! URL features against private servers: password and database, key
 //! prefix, and TLS (`rediss://`) with a test CA made by `openssl`.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
 use distlock_core::{DistributedLock, Error, LockOptions};
 use distlock_redis::RedisLock;
-use support::PrivateRedis;
+use distlock_testkit::servers::PrivateRedis;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_database_and_prefix_come_from_the_url() {
-    let server =
-        PrivateRedis::start_with(|_, _| vec!["--requirepass".into(), "s3cret pass".into()]);
+    let Some(server) =
+        PrivateRedis::start_with(|_, _| vec!["--requirepass".into(), "s3cret pass".into()]).await
+    else {
+        return;
+    };
     let url = format!(
         "redis://:s3cret%20pass@127.0.0.1:{}/3?prefix=myapp",
-        server.port
+        server.port()
     );
     let locks = RedisLock::connect(&url).await.expect("authenticated");
     let guard = locks
@@ -29,7 +30,7 @@ async fn password_database_and_prefix_come_from_the_url() {
 
     let mut conn = redis::Client::open(format!(
         "redis://:s3cret%20pass@127.0.0.1:{}/3",
-        server.port
+        server.port()
     ))
     .unwrap()
     .get_connection()
@@ -40,7 +41,7 @@ async fn password_database_and_prefix_come_from_the_url() {
         .query(&mut {
             let mut c = redis::Client::open(format!(
                 "redis://:s3cret%20pass@127.0.0.1:{}/0",
-                server.port
+                server.port()
             ))
             .unwrap()
             .get_connection()
@@ -52,7 +53,7 @@ async fn password_database_and_prefix_come_from_the_url() {
     assert_eq!(in_db0, 0, "nothing written to db 0");
     guard.release().await.unwrap();
 
-    let wrong = format!("redis://:wrong@127.0.0.1:{}/3", server.port);
+    let wrong = format!("redis://:wrong@127.0.0.1:{}/3", server.port());
     let err = RedisLock::connect(&wrong)
         .await
         .expect_err("wrong password");
@@ -69,7 +70,7 @@ async fn password_database_and_prefix_come_from_the_url() {
 /// variable affects nothing else).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_connects_over_tls() {
-    let server = PrivateRedis::start_with(|port, dir| {
+    let Some(server) = PrivateRedis::start_with(|port, dir| {
         make_certificates(dir);
         let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
         vec![
@@ -86,16 +87,20 @@ async fn rediss_connects_over_tls() {
             "--tls-auth-clients".into(),
             "no".into(),
         ]
-    });
-    std::env::set_var("SSL_CERT_FILE", server.dir.path().join("ca.crt"));
+    })
+    .await
+    else {
+        return;
+    };
+    std::env::set_var("SSL_CERT_FILE", server.dir().join("ca.crt"));
     let plain = tokio::time::timeout(
         Duration::from_secs(10),
-        RedisLock::connect(&format!("redis://127.0.0.1:{}", server.port)),
+        RedisLock::connect(&format!("redis://127.0.0.1:{}", server.port())),
     )
     .await
     .expect("no hang");
     assert!(plain.is_err(), "a plain connection to a TLS port must fail");
-    let locks = RedisLock::connect(&format!("rediss://127.0.0.1:{}?prefix=tls", server.port))
+    let locks = RedisLock::connect(&format!("rediss://127.0.0.1:{}?prefix=tls", server.port()))
         .await
         .expect("TLS connection");
     let options = LockOptions::new().wait(Duration::from_secs(3));

@@ -22,8 +22,13 @@
 //! that declares fairness also gives a queue probe
 //! ([`Harness::with_queue_probe`]): the FIFO case starts each waiter once
 //! the previous one is queued on the server.
+//!
+//! With the feature `servers`, [`servers`] starts private Redis, ZooKeeper
+//! and etcd servers for tests that count requests or inject faults.
 
 pub mod cases;
+#[cfg(feature = "servers")]
+pub mod servers;
 
 use std::future::Future;
 use std::sync::Arc;

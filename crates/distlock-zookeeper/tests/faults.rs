@@ -8,16 +8,16 @@ mod support;
 use std::time::{Duration, Instant};
 
 use distlock_core::{DistributedLock, Error, LockOptions, LostReason};
+use distlock_testkit::servers::{free_port, PrivateZooKeeper};
 use distlock_zookeeper::ZooKeeperLock;
-use support::{eventually, PrivateZooKeeper};
+use support::eventually;
 use zookeeper_client as zk;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_expired_under_a_held_lock_fires_lost_in_time_and_fences_the_next_holder() {
-    if !support::can_start() {
+    let Some(server) = PrivateZooKeeper::start().await else {
         return;
-    }
-    let server = PrivateZooKeeper::start().await;
+    };
     let session_timeout = Duration::from_secs(3);
     let a = ZooKeeperLock::connect(&server.url("session_ttl=3s"))
         .await
@@ -82,10 +82,9 @@ async fn session_expired_under_a_held_lock_fires_lost_in_time_and_fences_the_nex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_within_the_grace_keeps_the_lock() {
-    if !support::can_start() {
+    let Some(mut server) = PrivateZooKeeper::start().await else {
         return;
-    }
-    let mut server = PrivateZooKeeper::start().await;
+    };
     // A grace (a third of the timeout, 20 s) that a JVM restart on a loaded
     // machine stays within, even when a connection attempt hangs on the
     // starting server (given up after a sixth, 10 s).
@@ -99,7 +98,7 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
         .expect("free");
     assert_eq!(guard.valid_until(), None);
 
-    server.stop();
+    server.kill();
     eventually(
         "the guard notices the suspended session",
         Duration::from_secs(10),
@@ -142,7 +141,7 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_refused_is_a_clear_error_without_a_hang() {
-    let (p1, p2) = (support::free_port(), support::free_port());
+    let (p1, p2) = (free_port(), free_port());
     let started = Instant::now();
     let result = tokio::time::timeout(
         Duration::from_secs(10),
@@ -170,10 +169,11 @@ async fn connection_refused_is_a_clear_error_without_a_hang() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_directories_are_removed_and_tokens_keep_growing() {
-    if !support::can_start() {
+    let Some(server) =
+        PrivateZooKeeper::start_with_container_check(Duration::from_millis(100)).await
+    else {
         return;
-    }
-    let server = PrivateZooKeeper::start_with(Some(Duration::from_millis(100))).await;
+    };
     let a = ZooKeeperLock::connect(&server.url("")).await.unwrap();
     let admin = zk::Client::connect(&server.address()).await.unwrap();
     let key = "recreated";
@@ -215,10 +215,9 @@ async fn empty_directories_are_removed_and_tokens_keep_growing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
-    if !support::can_start() {
+    let Some(mut server) = PrivateZooKeeper::start().await else {
         return;
-    }
-    let mut server = PrivateZooKeeper::start().await;
+    };
     let a = ZooKeeperLock::connect(&server.url("session_ttl=5s"))
         .await
         .unwrap();
@@ -228,7 +227,7 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
         .await
         .unwrap()
         .expect("free");
-    server.stop();
+    server.kill();
     eventually(
         "the guard notices the suspended session",
         Duration::from_secs(5),
@@ -256,10 +255,9 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock() {
-    if !support::can_start() {
+    let Some(mut server) = PrivateZooKeeper::start().await else {
         return;
-    }
-    let mut server = PrivateZooKeeper::start().await;
+    };
     // A long session timeout: no idle pings inside the counted window, and
     // a grace (a third of it, 20 s) that a server restart on a loaded
     // machine stays within, even when a connection attempt hangs on the
@@ -282,7 +280,7 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
     // Both sessions lose their connection and come back: the server
     // re-sends watch events after a reconnection in no guaranteed order,
     // so the waiter must not take the holder's deletion alone as its turn.
-    server.stop();
+    server.kill();
     server.start_again().await;
     eventually(
         "both sessions are back and the waiter's watches are set again",
@@ -312,10 +310,9 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
 /// client's default, 2/5 of the session timeout (12 s), lost the lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_reconnection_attempt_is_given_up_within_the_grace() {
-    if !support::can_start() {
+    let Some(mut server) = PrivateZooKeeper::start().await else {
         return;
-    }
-    let mut server = PrivateZooKeeper::start().await;
+    };
     let url = server.url("session_ttl=30s");
     let a = ZooKeeperLock::connect(&url).await.unwrap();
     let guard = a
@@ -323,8 +320,8 @@ async fn a_hung_reconnection_attempt_is_given_up_within_the_grace() {
         .await
         .unwrap()
         .expect("free");
-    let port = server.port;
-    server.stop();
+    let port = server.port();
+    server.kill();
     // Stands in for the restarting server: accepts the client's next
     // attempt and stays silent. The listening socket closes once it has
     // it (the accepted connection stays open), so the real server can

@@ -10,8 +10,9 @@ mod support;
 use std::time::Duration;
 
 use distlock_core::{DistributedLock, LockOptions};
+use distlock_testkit::servers::PrivateZooKeeper;
 use distlock_zookeeper::ZooKeeperLock;
-use support::{spawn_waiter, PrivateZooKeeper};
+use support::spawn_waiter;
 
 /// Requests the server received from clients since `before`, not counting
 /// the `mntr` that reads the counter.
@@ -21,10 +22,7 @@ async fn requests_since(server: &PrivateZooKeeper, before: u64) -> u64 {
 
 /// A private server and `N` clients of it with 60 s sessions; `None` when none can be started.
 async fn server_with_clients<const N: usize>() -> Option<(PrivateZooKeeper, [ZooKeeperLock; N])> {
-    if !support::can_start() {
-        return None;
-    }
-    let server = PrivateZooKeeper::start().await;
+    let server = PrivateZooKeeper::start().await?;
     let url = server.url("session_ttl=60s");
     let mut clients = Vec::with_capacity(N);
     for name in ('a'..='z').take(N) {
