@@ -12,12 +12,16 @@
 //! the lease in a guard with [`scheduled_guard`] (the core renews it
 //! through [`HeldLock::extend`]) or [`self_renewed_guard`] (the backend
 //! renews it itself). An attempt that can be dropped midway arms a
-//! [`CleanupOnDrop`] for what it wrote on the server.
+//! [`CleanupOnDrop`] for what it wrote on the server. A session-based
+//! backend keeps the leases of the locks granted through a session in a
+//! [`SessionLeases`], which moves their validity with the session's and
+//! marks them all lost when it ends.
 //!
 //! `docs/architecture.md` walks through a `lock()` call with the memory
 //! backend as the reference.
 
 pub mod key;
+mod session_leases;
 pub mod url;
 
 use std::future::Future;
@@ -32,6 +36,7 @@ use tracing::Instrument;
 pub use crate::lease::{clock_drift, validity_deadline, Lease, WeakLease};
 pub use crate::renewal::RenewalScheduler;
 use crate::{Capabilities, LockGuard, LockOptions, Result};
+pub use session_leases::SessionLeases;
 
 /// The part of a lock service a backend implements; every `LockBackend` is
 /// a [`DistributedLock`](crate::DistributedLock), with the same method
