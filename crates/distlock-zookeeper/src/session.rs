@@ -16,15 +16,15 @@
 //! hanging on a server that is still starting lost every lock of the
 //! session). An expired or closed session fires `lost()` on every guard at
 //! once (one watcher task per client drives all leases, through the
-//! session's registry of [`WeakLease`]s). After the session has ended, the
+//! session's [`SessionLeases`]). After the session has ended, the
 //! next acquisition opens a new one ([`SessionSlot::live`]).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use distlock_core::backend::{Lease, WeakLease};
-use distlock_core::{Backoff, Error, LostReason, Result};
+use distlock_core::backend::{Lease, SessionLeases};
+use distlock_core::{Backoff, Error, Result};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use zookeeper_client as zk;
@@ -100,15 +100,13 @@ pub(crate) struct Session {
     watcher: Mutex<Option<AbortHandle>>,
 }
 
+/// The session's leases, and the validity a new one starts with.
 #[derive(Default)]
 struct Registry {
-    leases: Vec<WeakLease>,
-    /// Length at which finished entries are pruned next.
-    prune_at: usize,
+    /// Ended once the session has (expired, closed, auth failed).
+    leases: SessionLeases,
     /// Set while the connection is suspended: the deadline of every lease.
     suspended_until: Option<Instant>,
-    /// Set once the session has ended (expired, closed, auth failed).
-    ended: Option<String>,
 }
 
 impl Drop for Session {
@@ -160,10 +158,7 @@ impl Session {
             id: client.session_id().0,
             ttl: client.session_timeout(),
             endpoint,
-            leases: Mutex::new(Registry {
-                prune_at: 64,
-                ..Registry::default()
-            }),
+            leases: Mutex::new(Registry::default()),
             watcher: Mutex::new(None),
             client,
         });
@@ -255,22 +250,13 @@ impl Session {
     }
 
     /// A lease on a lock just granted through this session, registered so
-    /// that session events reach it.
+    /// that session events reach it; already lost (`SessionLost`) if the
+    /// session ended meanwhile.
     pub(crate) fn new_lease(&self, key: &str, fencing_token: u64, ttl: Duration) -> Lease {
         let mut registry = self.leases.lock().unwrap();
         let lease = Lease::new(key, fencing_token, ttl, registry.suspended_until);
-        if let Some(why) = &registry.ended {
-            lease.mark_lost(LostReason::SessionLost(why.clone()));
-            return lease;
-        }
-        if registry.leases.len() >= registry.prune_at {
-            registry.leases.retain(|weak| {
-                weak.upgrade()
-                    .is_some_and(|lease| lease.lost_reason().is_none())
-            });
-            registry.prune_at = (registry.leases.len() * 2).max(64);
-        }
-        registry.leases.push(lease.downgrade());
+        // Refused once the session ended: the lease is then lost already.
+        registry.leases.register(&lease);
         lease
     }
 
@@ -285,16 +271,11 @@ impl Session {
                         "zookeeper session reconnected; its locks are vouched for again"
                     );
                 }
-                for lease in live(&registry.leases) {
-                    match lease.lost_reason() {
-                        // The grace ran out while we were away: the server
-                        // may have handed the lock on meanwhile (to learn
-                        // otherwise needs a request); that stays final even
-                        // though the session came back.
-                        Some(reason) => lease.mark_lost(reason),
-                        None => lease.set_valid_until(None),
-                    }
-                }
+                // A lease whose grace ran out while we were away stays
+                // lost (`Expired`) even though the session came back: the
+                // server may have handed the lock on meanwhile (to learn
+                // otherwise needs a request).
+                registry.leases.set_valid_until(None);
             }
             Disconnected | ConnectedReadOnly => {
                 if registry.suspended_until.is_none() {
@@ -302,9 +283,7 @@ impl Session {
                     let deadline = Instant::now() + grace;
                     tracing::warn!(session = format_args!("{:#x}", self.id), ?grace, "zookeeper session suspended; its locks are vouched for only until the grace ends");
                     registry.suspended_until = Some(deadline);
-                    for lease in live(&registry.leases) {
-                        lease.set_valid_until(Some(deadline));
-                    }
+                    registry.leases.set_valid_until(Some(deadline));
                 }
             }
             Expired | Closed | AuthFailed => {
@@ -313,18 +292,12 @@ impl Session {
                     Closed => "the zookeeper session was closed",
                     _ => "zookeeper authentication failed",
                 };
-                registry.ended = Some(why.to_owned());
-                for lease in live(&registry.leases) {
-                    lease.mark_lost(LostReason::SessionLost(why.to_owned()));
-                }
-                registry.leases.clear();
+                // Both the watcher task and `kill` report the end: the
+                // first reason stays.
+                registry.leases.end(why);
             }
         }
     }
-}
-
-fn live(leases: &[WeakLease]) -> impl Iterator<Item = Lease> + '_ {
-    leases.iter().filter_map(WeakLease::upgrade)
 }
 
 /// Follows the session's states until it ends or the session is dropped.
