@@ -23,8 +23,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use distlock_core::backend::{validity_deadline, Lease, WeakLease};
-use distlock_core::{Backoff, LockOptions, LostReason};
+use distlock_core::backend::{validity_deadline, Lease, SessionLeases};
+use distlock_core::{Backoff, LockOptions};
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -110,9 +110,16 @@ impl KeepAlive {
 struct SessionState {
     /// Until when the last keep-alive vouches for the lease.
     valid_until: Instant,
-    lost: Option<String>,
-    /// Locks carried by the session, updated on every keep-alive.
-    leases: Vec<WeakLease>,
+    /// Locks carried by the session, updated on every keep-alive; ended
+    /// once the session is lost.
+    leases: SessionLeases,
+}
+
+impl SessionState {
+    /// True once the session was lost or its deadline passed.
+    fn is_lost(&self) -> bool {
+        self.leases.ended().is_some() || Instant::now() >= self.valid_until
+    }
 }
 
 /// The client's session lease.
@@ -132,8 +139,7 @@ impl Session {
             ttl,
             state: Mutex::new(SessionState {
                 valid_until,
-                lost: None,
-                leases: Vec::new(),
+                leases: SessionLeases::new(),
             }),
             lost_tx: watch::channel(false).0,
             task: Mutex::new(None),
@@ -142,8 +148,7 @@ impl Session {
 
     /// True once the session was lost or its deadline passed.
     pub(crate) fn is_lost(&self) -> bool {
-        let state = self.state.lock().unwrap();
-        state.lost.is_some() || Instant::now() >= state.valid_until
+        self.state.lock().unwrap().is_lost()
     }
 
     fn valid_until(&self) -> Instant {
@@ -169,12 +174,12 @@ impl Session {
     /// for keep-alive updates; `None` if the session is already lost.
     pub(crate) fn attach(&self, make: impl FnOnce(Instant) -> Lease) -> Option<Lease> {
         let mut state = self.state.lock().unwrap();
-        if state.lost.is_some() || Instant::now() >= state.valid_until {
+        if state.is_lost() {
             return None;
         }
         let lease = make(state.valid_until);
-        state.leases.push(lease.downgrade());
-        Some(lease)
+        // Not ended (checked under the same lock): always registered.
+        state.leases.register(&lease).then_some(lease)
     }
 
     /// Records a keep-alive answer. Returns false when it came too late:
@@ -182,50 +187,36 @@ impl Session {
     /// between and are not brought back.
     fn renewed(&self, valid_until: Instant) -> bool {
         let mut state = self.state.lock().unwrap();
-        if state.lost.is_some() || Instant::now() >= state.valid_until {
+        if state.is_lost() {
             return false;
         }
         state.valid_until = valid_until;
-        state.leases.retain(|weak| match weak.upgrade() {
-            // `is_held` also checks the lock's own deadline.
-            Some(lease) if lease.is_held() => {
-                lease.set_valid_until(Some(valid_until));
-                true
-            }
-            _ => false,
-        });
+        state.leases.set_valid_until(Some(valid_until));
         true
     }
 
-    /// Marks the session and every lock on it lost.
+    /// Marks the session and every lock on it lost
+    /// (`SessionLost(why)`). The first call wins: a later one, with
+    /// another reason, does nothing.
     pub(crate) fn lose(&self, why: &str) {
-        let leases = {
+        let locks = {
             let mut state = self.state.lock().unwrap();
-            if state.lost.is_some() {
+            if state.leases.ended().is_some() {
                 return;
             }
-            state.lost = Some(why.to_owned());
-            std::mem::take(&mut state.leases)
+            state.leases.end(why)
         };
-        let held: Vec<_> = leases
-            .iter()
-            .filter_map(WeakLease::upgrade)
-            .filter(|lease| lease.is_held())
-            .collect();
         // Only a loss that takes held locks with it deserves a warning; a
         // client closing with nothing held is routine.
-        if held.is_empty() {
+        if locks == 0 {
             tracing::debug!(lease_id = self.id, why, "distlock: etcd session ended");
         } else {
             tracing::warn!(
                 lease_id = self.id,
                 why,
-                locks = held.len(),
+                locks,
                 "distlock: etcd session lost"
             );
-        }
-        for lease in held {
-            lease.mark_lost(LostReason::SessionLost(why.to_owned()));
         }
         self.lost_tx.send_replace(true);
     }
@@ -242,7 +233,7 @@ impl Session {
         if let Some(task) = self.task.lock().unwrap().take() {
             task.abort();
         }
-        if self.state.lock().unwrap().lost.is_some() {
+        if self.state.lock().unwrap().leases.ended().is_some() {
             return;
         }
         self.lose(why);
