@@ -47,13 +47,21 @@ pub enum Error {
         feature: &'static str,
     },
 
-    /// `lock` waited for its whole `wait` without acquiring.
-    #[error("timed out after {waited:?} waiting for lock {key:?}")]
+    /// `lock` waited for its whole `wait` without acquiring. If the
+    /// service was unreachable meanwhile (the attempts were retried), the
+    /// last such error is the `source` and the message counts them.
+    #[error("timed out after {waited:?} waiting for lock {key:?}{}", outage_note(*.unreachable, .last_error))]
     Timeout {
         /// The lock's key.
         key: String,
         /// How long it waited.
         waited: Duration,
+        /// How many attempts failed because the service could not be
+        /// reached (each retried with the options' backoff).
+        unreachable: u32,
+        /// The last of those failures.
+        #[source]
+        last_error: Option<Box<Error>>,
     },
 
     /// The lock is no longer ours: it expired, was taken by another owner,
@@ -76,8 +84,27 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The service could not be reached during an operation on a lock (the
+    /// connection dropped or was refused, or no answer came in time), so
+    /// the outcome is unknown. `lock` retries it within its `wait`.
+    #[error("{backend} at {endpoint} is unreachable: {operation} of lock {key:?} failed")]
+    Unavailable {
+        /// The backend, e.g. `redis`.
+        backend: &'static str,
+        /// The endpoint(s) in use.
+        endpoint: String,
+        /// What was being done: `acquire`, `release`, `extend`, `wait`...
+        operation: &'static str,
+        /// The lock's key (empty for client-wide operations).
+        key: String,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The service answered with an error, or the connection failed during
-    /// an operation on a lock.
+    /// an operation on a lock (backends that tell the two apart report the
+    /// latter as [`Error::Unavailable`]).
     #[error("{backend} at {endpoint}: {operation} of lock {key:?} failed")]
     Backend {
         /// The backend, e.g. `etcd`.
@@ -130,6 +157,23 @@ impl Error {
         }
     }
 
+    /// `Error::Unavailable` with its context.
+    pub fn unavailable(
+        backend: &'static str,
+        endpoint: impl Into<String>,
+        operation: &'static str,
+        key: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Unavailable {
+            backend,
+            endpoint: endpoint.into(),
+            operation,
+            key: key.into(),
+            source: source.into(),
+        }
+    }
+
     /// `Error::InvalidUrl` for `url`.
     pub fn invalid_url(url: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidUrl {
@@ -148,9 +192,29 @@ impl Error {
         matches!(self, Error::Timeout { .. })
     }
 
-    /// True when retrying later may succeed: connection and backend errors.
+    /// True when retrying later may succeed: connection, unavailability
+    /// and backend errors.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Connection { .. } | Error::Backend { .. })
+        matches!(
+            self,
+            Error::Connection { .. } | Error::Unavailable { .. } | Error::Backend { .. }
+        )
+    }
+
+    /// True when the service could not be reached ([`Error::Connection`],
+    /// [`Error::Unavailable`]): what `lock` retries within its wait.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Connection { .. } | Error::Unavailable { .. })
+    }
+}
+
+/// The timeout message's note on failed attempts, if any.
+fn outage_note(unreachable: u32, last_error: &Option<Box<Error>>) -> String {
+    match last_error {
+        Some(last) if unreachable > 0 => format!(
+            "; {unreachable} attempt(s) meanwhile found the service unreachable, the last: {last}"
+        ),
+        _ => String::new(),
     }
 }
 

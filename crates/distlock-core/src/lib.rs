@@ -42,7 +42,7 @@ mod renewal;
 use async_trait::async_trait;
 use tracing::Instrument;
 
-use backend::{key, LockBackend};
+use backend::key;
 pub use error::{BoxError, Error, Result};
 pub use guard::LockGuard;
 pub use lease::LostReason;
@@ -84,25 +84,27 @@ pub trait DistributedLock: Send + Sync {
 
     /// Waits until the lock is acquired, until `options.wait` elapses
     /// ([`Error::Timeout`]), or until the future is dropped; dropping it
-    /// leaves no lock and no waiter record behind.
+    /// leaves no lock and no waiter record behind. While the service is
+    /// unreachable, attempts are retried with `options.backoff`; the
+    /// timeout then names the failures.
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard>;
 }
 
 #[async_trait]
-impl<B: LockBackend> DistributedLock for B {
+impl<B: backend::LockBackend> DistributedLock for B {
     fn backend(&self) -> &'static str {
-        LockBackend::backend(self)
+        backend::LockBackend::backend(self)
     }
 
     fn capabilities(&self) -> Capabilities {
-        LockBackend::capabilities(self)
+        backend::LockBackend::capabilities(self)
     }
 
     async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
         key::validate_key(key)?;
         options.validate()?;
-        let span = tracing::debug_span!("distlock.try_lock", backend = LockBackend::backend(self), key = %key);
-        LockBackend::try_lock(self, key, options)
+        let span = tracing::debug_span!("distlock.try_lock", backend = backend::LockBackend::backend(self), key = %key);
+        backend::LockBackend::try_lock(self, key, options)
             .instrument(span)
             .await
     }
@@ -110,8 +112,9 @@ impl<B: LockBackend> DistributedLock for B {
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         key::validate_key(key)?;
         options.validate()?;
-        let span = tracing::debug_span!("distlock.acquire", backend = LockBackend::backend(self), key = %key, wait = ?options.wait);
-        let acquire = LockBackend::lock(self, key, options).instrument(span);
+        let span = tracing::debug_span!("distlock.acquire", backend = backend::LockBackend::backend(self), key = %key, wait = ?options.wait);
+        let mut outage = Outage::default();
+        let acquire = lock_through_outages(self, key, options, &mut outage).instrument(span);
         match options.wait {
             None => acquire.await,
             Some(wait) => match tokio::time::timeout(wait, acquire).await {
@@ -119,8 +122,163 @@ impl<B: LockBackend> DistributedLock for B {
                 Err(_) => Err(Error::Timeout {
                     key: key.to_owned(),
                     waited: wait,
+                    unreachable: outage.failures,
+                    last_error: outage.last_error.map(Box::new),
                 }),
             },
         }
+    }
+}
+
+/// The attempts of one `lock` call that found the service unreachable.
+#[derive(Default)]
+struct Outage {
+    failures: u32,
+    last_error: Option<Error>,
+}
+
+/// The backend's `lock`, retried with the options' backoff while the
+/// service cannot be reached (a restart, a failover), so that an outage
+/// shorter than the wait costs the caller nothing. The wait bound, applied
+/// around this, reports the outage if it outlasts the wait.
+async fn lock_through_outages<B: backend::LockBackend + ?Sized>(
+    backend: &B,
+    key: &str,
+    options: &LockOptions,
+    outage: &mut Outage,
+) -> Result<LockGuard> {
+    loop {
+        match backend::LockBackend::lock(backend, key, options).await {
+            Err(err) if err.is_unreachable() => {
+                let delay = options.backoff.delay(outage.failures);
+                // Warned at the 1st, 2nd, 4th, 8th... failure: visible
+                // without flooding the log during a long outage.
+                if (outage.failures + 1).is_power_of_two() {
+                    tracing::warn!(error = %err, failures = outage.failures + 1, "distlock: the lock service is unreachable; retrying within the wait");
+                } else {
+                    tracing::debug!(error = %err, failures = outage.failures + 1, ?delay, "still unreachable");
+                }
+                outage.failures += 1;
+                outage.last_error = Some(err);
+                tokio::time::sleep(delay).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::memory::MemoryLock;
+
+    /// The memory backend behind a service that fails its first attempts
+    /// with `failure`.
+    struct Flaky {
+        inner: MemoryLock,
+        failures_left: AtomicU32,
+        attempts: AtomicU32,
+        failure: fn() -> Error,
+    }
+
+    impl Flaky {
+        fn new(failures: u32, failure: fn() -> Error) -> Self {
+            Flaky {
+                inner: MemoryLock::new(),
+                failures_left: AtomicU32::new(failures),
+                attempts: AtomicU32::new(0),
+                failure,
+            }
+        }
+    }
+
+    fn refused_connection() -> Error {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        Error::unavailable("flaky", "127.0.0.1:1", "acquire", "k", refused)
+    }
+
+    fn refused_by_the_server() -> Error {
+        Error::backend("flaky", "127.0.0.1:1", "acquire", "k", "NOPERM")
+    }
+
+    #[async_trait]
+    impl backend::LockBackend for Flaky {
+        fn backend(&self) -> &'static str {
+            "flaky"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn try_lock(&self, key: &str, options: &LockOptions) -> Result<Option<LockGuard>> {
+            backend::LockBackend::try_lock(&self.inner, key, options).await
+        }
+        async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let left = self.failures_left.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures_left.store(left - 1, Ordering::SeqCst);
+                return Err((self.failure)());
+            }
+            backend::LockBackend::lock(&self.inner, key, options).await
+        }
+    }
+
+    fn options(wait: Duration) -> LockOptions {
+        LockOptions::new().wait(wait).backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_shorter_than_the_wait_is_retried_through() {
+        let flaky = Flaky::new(5, refused_connection);
+        let guard = flaky
+            .lock("k", &options(Duration::from_secs(10)))
+            .await
+            .expect("granted after the outage");
+        assert_eq!(flaky.attempts.load(Ordering::SeqCst), 6);
+        guard.release().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_longer_than_the_wait_is_a_timeout_that_names_it() {
+        let flaky = Flaky::new(u32::MAX, refused_connection);
+        let err = flaky
+            .lock("k", &options(Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+        let Error::Timeout {
+            unreachable: failures,
+            last_error,
+            ..
+        } = &err
+        else {
+            panic!("expected a timeout, got {err}");
+        };
+        assert!(*failures >= 5, "{err}");
+        assert!(
+            matches!(last_error.as_deref(), Some(Error::Unavailable { .. })),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("found the service unreachable") && message.contains("127.0.0.1:1"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_answer_is_not_retried() {
+        let flaky = Flaky::new(1, refused_by_the_server);
+        let err = flaky
+            .lock("k", &options(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }), "{err}");
+        assert_eq!(flaky.attempts.load(Ordering::SeqCst), 1);
     }
 }

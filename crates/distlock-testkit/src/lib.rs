@@ -27,6 +27,7 @@
 //! and etcd servers for tests that count requests or inject faults.
 
 pub mod cases;
+pub mod events;
 #[cfg(feature = "servers")]
 pub mod servers;
 
