@@ -135,8 +135,8 @@ pub enum Error {
     Connect {
         /// The service's URL, without its password.
         url: String,
-        /// distlock's error.
-        source: distlock::Error,
+        /// distlock's error (boxed: it is large, and rare).
+        source: Box<distlock::Error>,
     },
     /// The service failed during the run: a lock cycle, a raw client or a
     /// round trip.

@@ -51,7 +51,7 @@ pub(crate) async fn run(config: &Config) -> Result<(), Error> {
             .await
             .map_err(|source| Error::Connect {
                 url: redacted.clone(),
-                source,
+                source: Box::new(source),
             })?;
         locker.backend()
     };

@@ -122,7 +122,7 @@ pub fn exit_code_for(err: &distlock::Error) -> u8 {
         | Error::InvalidConfig(_)
         | Error::InvalidUrl { .. }
         | Error::FeatureNotEnabled { .. } => EXIT_USAGE,
-        Error::Connection { .. } | Error::Backend { .. } => 69,
+        Error::Connection { .. } | Error::Unavailable { .. } | Error::Backend { .. } => 69,
         Error::Timeout { .. } => 75,
         Error::NotHeld { .. } => 76,
         _ => 70,

@@ -330,7 +330,13 @@ impl Shared {
         }
         if answered < self.quorum {
             let first_error = first_error.or_else(|| Some(timed_out("no answer")));
-            return Err(self.quorum_or_node_error("acquire", key, answered, first_error));
+            return Err(self.quorum_or_node_error(
+                "acquire",
+                key,
+                granted,
+                answered - granted,
+                first_error,
+            ));
         }
         Ok(Outcome::Busy { retry_in, clock })
     }

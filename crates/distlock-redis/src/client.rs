@@ -43,22 +43,50 @@ impl Drop for Shared {
     }
 }
 
-/// Not enough Redlock instances answered.
+/// A Redlock operation that no majority of instances agreed on.
 #[derive(Debug)]
 pub(crate) struct QuorumError {
-    pub answered: usize,
+    /// `acquire`, `release` or `extend`.
+    pub operation: &'static str,
+    /// Instances that did it.
+    pub succeeded: usize,
+    /// Instances that answered no (held by another owner, or not ours).
+    pub refused: usize,
     pub needed: usize,
     pub total: usize,
     pub first_error: Option<redis::RedisError>,
 }
 
+impl QuorumError {
+    /// Instances that gave no answer (an error or no reply in time).
+    fn unanswered(&self) -> usize {
+        self.total - self.succeeded - self.refused
+    }
+
+    /// Too few instances answered for any majority to be known.
+    fn too_few_answered(&self) -> bool {
+        self.succeeded + self.refused < self.needed
+    }
+}
+
 impl fmt::Display for QuorumError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "only {} of {} Redis instances answered; a majority of {} is needed",
-            self.answered, self.total, self.needed
-        )?;
+        let (operation, total, needed) = (self.operation, self.total, self.needed);
+        if self.too_few_answered() {
+            write!(
+                f,
+                "{} of {total} Redis instances gave no answer to {operation}; a majority of {needed} must answer",
+                self.unanswered()
+            )?;
+        } else {
+            write!(
+                f,
+                "no majority of {needed} of {total} Redis instances agreed on {operation}: {} did it, {} refused, {} gave no answer",
+                self.succeeded,
+                self.refused,
+                self.unanswered()
+            )?;
+        }
         if let Some(err) = &self.first_error {
             write!(f, " (first error: {err})")?;
         }
@@ -143,22 +171,31 @@ impl Shared {
         retry_message(&self.client_id)
     }
 
+    /// The error of `operation` on one server: [`Error::Unavailable`] when
+    /// the server could not be reached (which `lock` retries within its
+    /// wait), else [`Error::Backend`] with the server's answer.
     pub fn op_error(&self, operation: &'static str, key: &str, err: redis::RedisError) -> Error {
         let endpoint = if self.nodes.len() == 1 {
             &self.nodes[0].endpoint
         } else {
             &self.endpoints
         };
-        Error::backend(self.name, endpoint.as_str(), operation, key, err)
+        if is_unreachable(&err) {
+            Error::unavailable(self.name, endpoint.as_str(), operation, key, err)
+        } else {
+            Error::backend(self.name, endpoint.as_str(), operation, key, err)
+        }
     }
 
-    /// The error of an operation that did not get a quorum of answers: the
-    /// server's own error with one server, a [`QuorumError`] with Redlock.
+    /// The error of an operation that no majority agreed on: the server's
+    /// own error with one server, a [`QuorumError`] with Redlock, as
+    /// [`Error::Unavailable`] when too few instances answered to know.
     pub fn quorum_or_node_error(
         &self,
         operation: &'static str,
         key: &str,
-        answered: usize,
+        succeeded: usize,
+        refused: usize,
         first_error: Option<redis::RedisError>,
     ) -> Error {
         if self.nodes.len() == 1 {
@@ -168,18 +205,31 @@ impl Shared {
                 first_error.unwrap_or_else(|| timed_out("no answer")),
             );
         }
-        Error::backend(
-            self.name,
-            self.endpoints.as_str(),
+        let quorum_error = QuorumError {
             operation,
-            key,
-            QuorumError {
-                answered,
-                needed: self.quorum,
-                total: self.nodes.len(),
-                first_error,
-            },
-        )
+            succeeded,
+            refused,
+            needed: self.quorum,
+            total: self.nodes.len(),
+            first_error,
+        };
+        if quorum_error.too_few_answered() {
+            Error::unavailable(
+                self.name,
+                self.endpoints.as_str(),
+                operation,
+                key,
+                quorum_error,
+            )
+        } else {
+            Error::backend(
+                self.name,
+                self.endpoints.as_str(),
+                operation,
+                key,
+                quorum_error,
+            )
+        }
     }
 
     /// Runs `op` on every node at once (one node: directly, bounded by the
@@ -220,7 +270,67 @@ impl Shared {
     }
 }
 
+/// True when `err` says the server could not be reached (refused, dropped,
+/// no reply in time) or is still loading its data after a restart: the
+/// request's outcome is unknown and a later one may succeed. False for the
+/// server's error answers.
+pub(crate) fn is_unreachable(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+}
+
 /// What a client publishes when it gives back a split vote.
 fn retry_message(client_id: &str) -> String {
     format!("retry:{client_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quorum_error(succeeded: usize, refused: usize) -> QuorumError {
+        QuorumError {
+            operation: "release",
+            succeeded,
+            refused,
+            needed: 2,
+            total: 3,
+            first_error: None,
+        }
+    }
+
+    #[test]
+    fn a_split_answer_is_not_reported_as_too_few_answers() {
+        // One deleted, one refused, one silent: two answered, which is a
+        // majority, but they disagree.
+        let split = quorum_error(1, 1);
+        assert!(!split.too_few_answered());
+        assert_eq!(
+            split.to_string(),
+            "no majority of 2 of 3 Redis instances agreed on release: 1 did it, 1 refused, 1 gave no answer"
+        );
+        let silent = quorum_error(1, 0);
+        assert!(silent.too_few_answered());
+        assert_eq!(
+            silent.to_string(),
+            "2 of 3 Redis instances gave no answer to release; a majority of 2 must answer"
+        );
+    }
+
+    #[test]
+    fn unreachable_servers_are_told_from_error_answers() {
+        let refused = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        assert!(is_unreachable(&refused));
+        assert!(is_unreachable(&crate::node::timed_out("no answer")));
+        let answer = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+        ));
+        assert!(!is_unreachable(&answer));
+    }
 }

@@ -178,7 +178,7 @@ impl Shared {
         } else if refused > self.nodes.len() - self.quorum {
             Err(Error::not_held(key))
         } else {
-            Err(self.quorum_or_node_error("release", key, deleted + refused, first_error))
+            Err(self.quorum_or_node_error("release", key, deleted, refused, first_error))
         }
     }
 
@@ -218,7 +218,7 @@ impl Shared {
         } else if refused > self.nodes.len() - self.quorum {
             Err(Error::not_held(key))
         } else {
-            Err(self.quorum_or_node_error("extend", key, extended + refused, first_error))
+            Err(self.quorum_or_node_error("extend", key, extended, refused, first_error))
         }
     }
 

@@ -219,9 +219,10 @@ async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
     again.release().await.unwrap();
 
     servers[1].kill();
+    // One attempt reports at once that too few instances answered.
     let started = Instant::now();
     let err = client
-        .lock("quorum", &options)
+        .try_lock("quorum", &options)
         .await
         .expect_err("no majority");
     assert!(
@@ -229,15 +230,71 @@ async fn redlock_survives_one_instance_down_and_fails_clearly_with_two() {
         "took {:?}",
         started.elapsed()
     );
-    assert!(matches!(err, Error::Backend { .. }), "{err}");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
     let source = std::error::Error::source(&err)
         .map(|s| s.to_string())
         .unwrap_or_default();
-    assert!(source.contains("majority of 2"), "{err}: {source}");
+    assert!(
+        source.contains(
+            "2 of 3 Redis instances gave no answer to acquire; a majority of 2 must answer"
+        ),
+        "{err}: {source}"
+    );
+    // A waiting lock retries until its wait runs out, then names the outage.
+    let err = client
+        .lock("quorum", &options.clone().wait(Duration::from_secs(1)))
+        .await
+        .expect_err("no majority within the wait");
+    let Error::Timeout {
+        unreachable: failures,
+        last_error: Some(last_error),
+        ..
+    } = &err
+    else {
+        panic!("expected a timeout naming the outage, got {err}");
+    };
+    assert!(*failures >= 1, "{err}");
+    assert!(matches!(**last_error, Error::Unavailable { .. }), "{err}");
     let err = RedisLock::connect(&url)
         .await
         .expect_err("no majority to connect to");
     assert!(matches!(err, Error::Connection { .. }), "{err}");
+}
+
+/// A server restart shorter than the wait costs `lock` nothing: attempts
+/// that find the server down are retried with the backoff, and the lock is
+/// granted once it is back. (Before, `lock` failed at the first attempt
+/// that found the server down, whatever its wait.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_restart_shorter_than_the_wait_is_retried_through() {
+    let Some(mut server) = PrivateRedis::start().await else {
+        return;
+    };
+    let client = RedisLock::connect(&format!("{}?timeout=300ms", server.url()))
+        .await
+        .unwrap();
+    let options = LockOptions::new().wait(Duration::from_secs(20));
+    server.kill();
+    let err = client
+        .try_lock("restarting", &options)
+        .await
+        .expect_err("the server is down");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+
+    // The server comes back only after an attempt of the lock failed.
+    let (_logging, failed_once) = distlock_testkit::events::on_warning("unreachable");
+    let lock = client.lock("restarting", &options);
+    tokio::pin!(lock);
+    tokio::select! {
+        result = &mut lock => panic!("lock ended during the outage: {result:?}"),
+        _ = failed_once => {}
+    }
+    tokio::select! {
+        result = &mut lock => panic!("lock ended during the outage: {result:?}"),
+        () = server.start_again() => {}
+    }
+    let guard = lock.await.expect("granted once the server is back");
+    guard.release().await.unwrap();
 }
 
 /// A paused (SIGSTOP) Redlock instance costs each request only the
