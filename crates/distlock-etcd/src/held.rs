@@ -11,6 +11,13 @@
 //!   hand fires `lost()` with `NotHeld` too. A lock on a lease of its own
 //!   renews by refreshing that lease (etcd leases keep the TTL they were
 //!   granted with).
+//! - A check (or a release) that finds a session-bound lock's key gone
+//!   asks etcd whether the session lease is still there (one
+//!   `LeaseTimeToLive`, only on that path): a revoked or expired lease
+//!   takes its keys with it, and the check can run before the session's
+//!   keep-alive learns of it. If the lease is gone, the session ends
+//!   first, so that this lock and every other one on the session are lost
+//!   with `SessionLost`, as when the keep-alive finds it, not `NotHeld`.
 //! - A dropped or failed attempt deletes its key in the background, after
 //!   its transaction has finished (the key may appear only then): a key
 //!   left behind would be a waiter nobody serves, holding up the queue
@@ -27,8 +34,8 @@ use distlock_core::{Error, LostReason, Result};
 use etcd_client::{GetOptions, TxnResponse};
 use tokio::task::JoinHandle;
 
-use crate::rpc::bounded;
-use crate::session::{spawn_revoke, Binding};
+use crate::rpc::{bounded, is_lease_not_found};
+use crate::session::{spawn_revoke, Binding, Session, LEASE_GONE};
 use crate::{EtcdLock, Inner};
 
 /// A granted lock: its key, and the lease it lives on.
@@ -74,7 +81,11 @@ impl HeldLock for EtcdHeld {
         // (A dropped guard is marked released before this runs.)
         let lost =
             matches!(self.lease.lost_reason(), Some(reason) if reason != LostReason::Released);
-        if deleted.deleted() == 0 || lost {
+        if deleted.deleted() == 0 {
+            self.key_gone().await;
+            return Err(Error::not_held(&self.key));
+        }
+        if lost {
             return Err(Error::not_held(&self.key));
         }
         Ok(())
@@ -96,7 +107,11 @@ impl HeldLock for EtcdHeld {
                             .await
                     })
                     .await?;
-                if found.count() == 0 || session.is_lost() {
+                if found.count() == 0 {
+                    self.key_gone().await;
+                    return Err(Error::not_held(&self.key));
+                }
+                if session.is_lost() {
                     return Err(Error::not_held(&self.key));
                 }
                 Ok(())
@@ -120,6 +135,55 @@ impl HeldLock for EtcdHeld {
             }
         }
     }
+}
+
+impl EtcdHeld {
+    /// Our key is gone. On a session lease, asks etcd whether the lease
+    /// went with it (revoked or expired before the session's keep-alive
+    /// learnt of it) and if so ends the session first, so that every lock
+    /// on it is lost with `SessionLost` (the first reason wins) rather than
+    /// with the `NotHeld` the caller reports next. A key deleted by hand
+    /// leaves a live lease, and the session carries on.
+    async fn key_gone(&self) {
+        let Binding::Session(session) = &self.binding else {
+            return;
+        };
+        if session.is_lost() {
+            return;
+        }
+        let inner = &self.owner.inner;
+        let answer = bounded(inner.config.timeout, async {
+            inner
+                .client
+                .lease_client()
+                .time_to_live(session.id, None)
+                .await
+        })
+        .await;
+        match answer {
+            // etcd answers -1 for a lease it does not know; an error
+            // saying "lease not found" means the same.
+            Ok(answer) if answer.ttl() < 0 => lease_gone(session, &self.key),
+            Err(err) if is_lease_not_found(&err) => lease_gone(session, &self.key),
+            Ok(_) => {}
+            Err(err) => {
+                // The key is gone either way: NotHeld stands, and the
+                // keep-alive will tell about the lease.
+                let error = self.owner.error("check the session lease", &self.key, err);
+                tracing::debug!(lease_id = session.id, %error, "distlock: etcd could not check the session lease of a lock whose key is gone");
+            }
+        }
+    }
+}
+
+/// The session lease of `key`'s lock is gone: the session ends now.
+fn lease_gone(session: &Session, key: &str) {
+    tracing::debug!(
+        lease_id = session.id,
+        key,
+        "distlock: etcd lock key gone with its session lease"
+    );
+    session.lose(LEASE_GONE);
 }
 
 /// A transaction of an attempt, spawned so that it finishes even if the

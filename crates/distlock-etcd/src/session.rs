@@ -35,6 +35,9 @@ use crate::config::lease_seconds;
 use crate::rpc::{bounded, Failure};
 use crate::EtcdLock;
 
+/// Why the session was lost when etcd says its lease is gone.
+pub(crate) const LEASE_GONE: &str = "etcd says the session lease expired or was revoked";
+
 /// What one keep-alive round trip said about a lease.
 pub(crate) enum Refresh {
     /// The lease lives `ttl` from when the request was sent.
@@ -283,7 +286,7 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
                 next = sent_at + interval;
             }
             Ok(Ok(Refresh::Gone)) => {
-                session.lose("etcd says the session lease expired or was revoked");
+                session.lose(LEASE_GONE);
                 break;
             }
             Ok(Err(err)) => {

@@ -356,3 +356,105 @@ async fn a_session_locks_key_deleted_by_hand_fires_lost() {
     assert!(matches!(guard.release().await, Err(Error::NotHeld { .. })));
     next.release().await.unwrap();
 }
+
+/// A session-bound holder and the first of its two locks, on a private
+/// etcd with a 60 s session, and a raw client: the keep-alive (every 20 s)
+/// cannot learn of a revoke before the test is done.
+async fn two_locks_on_a_long_session() -> Option<(PrivateEtcd, EtcdLock, LockGuard, LockGuard)> {
+    let etcd = PrivateEtcd::start().await?;
+    let locks = EtcdLock::connect(&etcd.url("session_ttl=60s"))
+        .await
+        .unwrap();
+    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let checked = locks.try_lock("checked", &options).await.unwrap().unwrap();
+    let other = locks.try_lock("other", &options).await.unwrap().unwrap();
+    Some((etcd, locks, checked, other))
+}
+
+/// The ordering that made `revoking_the_session_lease_fires_lost` flaky,
+/// made certain: the session lease is revoked (deleting the lock's key
+/// with it) and the lock's ownership check, which the renewal runs every
+/// ttl / 3, finds the key gone before the session's keep-alive finds the
+/// lease gone. The loss is the session's, on this lock and every other
+/// one it carried, not a plain `NotHeld`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_finds_the_key_gone_with_the_session_lease_loses_the_session() {
+    let Some((etcd, locks, checked, other)) = two_locks_on_a_long_session().await else {
+        return;
+    };
+    let old_session = locks.session_lease_id();
+    let mut raw = etcd.raw_client().await;
+    raw.lease_revoke(old_session).await.unwrap();
+    // What the renewal does at ttl / 3, now.
+    let err = checked
+        .extend(Duration::from_secs(60))
+        .await
+        .expect_err("extended a lock whose key is gone");
+    assert!(err.is_not_held(), "{err}");
+    let reason = checked.lost_reason().expect("the lock is lost");
+    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason}");
+    let reason = other
+        .lost_reason()
+        .expect("the session's other lock is lost");
+    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason}");
+    // The next attempt opens a new session at once.
+    let again = locks
+        .try_lock("checked", &LockOptions::new().ttl(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("the key went with the lease");
+    assert_ne!(locks.session_lease_id(), old_session);
+    again.release().await.unwrap();
+}
+
+/// The same on release: a release that finds the key gone with the
+/// session lease ends the session, so its other locks learn of it now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_finds_the_key_gone_with_the_session_lease_loses_the_session() {
+    let Some((etcd, locks, released, other)) = two_locks_on_a_long_session().await else {
+        return;
+    };
+    let mut raw = etcd.raw_client().await;
+    raw.lease_revoke(locks.session_lease_id()).await.unwrap();
+    let lost = released.lost();
+    let err = released
+        .release()
+        .await
+        .expect_err("released a lock whose key is gone");
+    assert!(err.is_not_held(), "{err}");
+    let reason = lost.await;
+    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason}");
+    let reason = other
+        .lost_reason()
+        .expect("the session's other lock is lost");
+    assert!(matches!(reason, LostReason::SessionLost(_)), "{reason}");
+}
+
+/// A key deleted by hand while the session lease lives is `NotHeld`, and
+/// the session carries on: only a lease that is gone ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_finds_only_the_key_gone_keeps_the_session() {
+    let Some((etcd, locks, checked, other)) = two_locks_on_a_long_session().await else {
+        return;
+    };
+    let session = locks.session_lease_id();
+    let mut raw = etcd.raw_client().await;
+    let prefix = locks.lock_key_prefix("checked");
+    let deleted = raw
+        .delete(
+            prefix.as_str(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted(), 1, "the holder's key");
+    let err = checked
+        .extend(Duration::from_secs(60))
+        .await
+        .expect_err("extended a lock whose key is gone");
+    assert!(err.is_not_held(), "{err}");
+    assert_eq!(checked.lost_reason(), Some(LostReason::NotHeld));
+    assert!(other.is_held());
+    assert_eq!(locks.session_lease_id(), session);
+    other.release().await.unwrap();
+}
