@@ -108,8 +108,12 @@ impl HeldLock for ZooKeeperHeld {
         let budget = (ttl / 2)
             .min(self.session.ttl)
             .max(Duration::from_millis(50));
+        let sent_at = tokio::time::Instant::now();
         match tokio::time::timeout(budget, self.session.client.check_stat(&self.path)).await {
-            Ok(Ok(Some(stat))) if stat.ephemeral_owner == self.session.id => Ok(()),
+            Ok(Ok(Some(stat))) if stat.ephemeral_owner == self.session.id => {
+                self.session.contacted(sent_at);
+                Ok(())
+            }
             Ok(Ok(_)) => Err(Error::not_held(&self.key)),
             Ok(Err(err)) if is_session_end(&err) => Err(Error::not_held(&self.key)),
             Ok(Err(err)) => Err(op_error(&self.session, "extend", &self.key, err)),

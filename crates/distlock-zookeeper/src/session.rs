@@ -4,13 +4,23 @@
 //! The session is the lease: a lock lives while the session that created
 //! its node does, so `LockOptions::ttl` does not bound it on the server
 //! (capability `ttl_expiry = false`); it only paces the guard's ownership
-//! check (`held` module). While connected, a guard's `valid_until` is
-//! `None` (the session vouches). When the connection is lost the session
-//! is *suspended*: the server may expire it one session TTL after it last
-//! heard from us, so the guard vouches only for a third of the session TTL
-//! from the disconnect (which the client sees at most ~45% of the TTL after
-//! the last answer), then reports `lost()`; a reconnection of the same
-//! session in time brings it back to `None`. A connection attempt is given
+//! check (`held` module).
+//!
+//! Validity is bounded by the clock, not only by the connection state: the
+//! server may expire the session one session TTL after it last heard from
+//! us, and a process that was paused (SIGSTOP, a long GC, a stopped VM)
+//! sees no disconnect when it resumes. So a heartbeat (one `exists` every
+//! third of the session TTL) records the send time of the last request the
+//! server answered, and every lease is vouched for until that time plus
+//! the session TTL, less a clock-drift margin. `is_held()` is false, and
+//! `lost()` fires, from that deadline on, even in a process that just
+//! resumed and has not yet seen its connection drop.
+//!
+//! When the connection is lost the session is also *suspended*: the guard
+//! vouches for at most a third of the session TTL from the disconnect
+//! (which the client sees at most ~45% of the TTL after the last answer),
+//! then reports `lost()`; a reconnection of the same session in time lets
+//! the heartbeat move the deadline on again. A connection attempt is given
 //! up after a sixth of the session TTL, so two fit in that grace (the
 //! client crate's default, 2/5, is longer than the grace: one attempt
 //! hanging on a server that is still starting lost every lock of the
@@ -23,7 +33,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use distlock_core::backend::{Lease, SessionLeases};
+use distlock_core::backend::{validity_deadline, Lease, SessionLeases};
 use distlock_core::{Backoff, Error, Result};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -97,22 +107,38 @@ pub(crate) struct Session {
     pub(crate) ttl: Duration,
     pub(crate) endpoint: String,
     leases: Mutex<Registry>,
-    watcher: Mutex<Option<AbortHandle>>,
+    /// The session watcher and heartbeat tasks.
+    tasks: Mutex<Vec<AbortHandle>>,
+    /// Asks the heartbeat for an answer now (after a reconnection).
+    beat_now: Arc<tokio::sync::Notify>,
 }
 
 /// The session's leases, and the validity a new one starts with.
-#[derive(Default)]
 struct Registry {
     /// Ended once the session has (expired, closed, auth failed).
     leases: SessionLeases,
-    /// Set while the connection is suspended: the deadline of every lease.
+    /// When the latest request the server answered was sent: the server
+    /// heard from the session no earlier than that.
+    last_contact: Instant,
+    /// Set while the connection is suspended: the end of its grace.
     suspended_until: Option<Instant>,
+}
+
+impl Registry {
+    /// Until when the session's locks are vouched for: a session TTL after
+    /// the last contact (less the drift margin), and no later than the end
+    /// of a suspension's grace.
+    fn deadline(&self, session_ttl: Duration) -> Instant {
+        let contact = validity_deadline(self.last_contact, session_ttl);
+        self.suspended_until
+            .map_or(contact, |suspended| suspended.min(contact))
+    }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(watcher) = self.watcher.lock().unwrap().take() {
-            watcher.abort();
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
         }
     }
 }
@@ -122,6 +148,8 @@ impl Session {
     /// `Error::Connection` naming the hosts when no server answers.
     pub(crate) async fn connect(config: &ZooKeeperConfig) -> Result<Arc<Session>> {
         let endpoint = config.connect_string();
+        // The server heard from the session no earlier than this.
+        let connect_sent_at = Instant::now();
         let connecting = zk::Client::connector()
             .with_session_timeout(config.session_ttl)
             // The client's default gives up on a connection attempt after
@@ -158,15 +186,29 @@ impl Session {
             id: client.session_id().0,
             ttl: client.session_timeout(),
             endpoint,
-            leases: Mutex::new(Registry::default()),
-            watcher: Mutex::new(None),
+            leases: Mutex::new(Registry {
+                leases: SessionLeases::default(),
+                last_contact: connect_sent_at,
+                suspended_until: None,
+            }),
+            tasks: Mutex::new(Vec::new()),
+            beat_now: Arc::new(tokio::sync::Notify::new()),
             client,
         });
         tracing::debug!(session = format_args!("{:#x}", session.id), ttl = ?session.ttl, endpoint = %session.endpoint, "zookeeper session established");
         let mut states = session.client.state_watcher();
         session.on_state(states.state());
-        let task = tokio::spawn(watch_session(Arc::downgrade(&session), states));
-        *session.watcher.lock().unwrap() = Some(task.abort_handle());
+        let watcher = tokio::spawn(watch_session(Arc::downgrade(&session), states));
+        let heartbeat = tokio::spawn(heartbeat(
+            Arc::downgrade(&session),
+            session.beat_now.clone(),
+            session.ttl / 3,
+        ));
+        session
+            .tasks
+            .lock()
+            .unwrap()
+            .extend([watcher.abort_handle(), heartbeat.abort_handle()]);
         Ok(session)
     }
 
@@ -254,7 +296,7 @@ impl Session {
     /// session ended meanwhile.
     pub(crate) fn new_lease(&self, key: &str, fencing_token: u64, ttl: Duration) -> Lease {
         let mut registry = self.leases.lock().unwrap();
-        let lease = Lease::new(key, fencing_token, ttl, registry.suspended_until);
+        let lease = Lease::new(key, fencing_token, ttl, Some(registry.deadline(self.ttl)));
         // Refused once the session ended: the lease is then lost already.
         registry.leases.register(&lease);
         lease
@@ -274,15 +316,18 @@ impl Session {
                 // A lease whose grace ran out while we were away stays
                 // lost (`Expired`) even though the session came back: the
                 // server may have handed the lock on meanwhile (to learn
-                // otherwise needs a request).
-                registry.leases.set_valid_until(None);
+                // otherwise needs a request). The others are vouched for
+                // from the last contact, which the heartbeat renews now.
+                let deadline = registry.deadline(self.ttl);
+                registry.leases.set_valid_until(Some(deadline));
+                self.beat_now.notify_one();
             }
             Disconnected | ConnectedReadOnly => {
                 if registry.suspended_until.is_none() {
                     let grace = self.ttl * SUSPENDED_VALIDITY_NUM / SUSPENDED_VALIDITY_DEN;
-                    let deadline = Instant::now() + grace;
                     tracing::warn!(session = format_args!("{:#x}", self.id), ?grace, "zookeeper session suspended; its locks are vouched for only until the grace ends");
-                    registry.suspended_until = Some(deadline);
+                    registry.suspended_until = Some(Instant::now() + grace);
+                    let deadline = registry.deadline(self.ttl);
                     registry.leases.set_valid_until(Some(deadline));
                 }
             }
@@ -296,6 +341,43 @@ impl Session {
                 // first reason stays.
                 registry.leases.end(why);
             }
+        }
+    }
+
+    /// Records that the server answered a request sent at `sent_at`, and
+    /// moves the leases' deadline on accordingly.
+    pub(crate) fn contacted(&self, sent_at: Instant) {
+        let mut registry = self.leases.lock().unwrap();
+        if sent_at <= registry.last_contact {
+            return;
+        }
+        registry.last_contact = sent_at;
+        let deadline = registry.deadline(self.ttl);
+        registry.leases.set_valid_until(Some(deadline));
+    }
+}
+
+/// Asks the server for one cheap answer every third of the session TTL (and
+/// at once after a reconnection), so that the leases' deadline follows the
+/// last time the server heard from us. Ends with the session.
+async fn heartbeat(weak: Weak<Session>, beat_now: Arc<tokio::sync::Notify>, interval: Duration) {
+    loop {
+        // Not holding the session while idle: a dropped client ends it.
+        let _ = tokio::time::timeout(interval, beat_now.notified()).await;
+        let Some(session) = weak.upgrade() else {
+            return;
+        };
+        if session.ended() {
+            return;
+        }
+        let sent_at = Instant::now();
+        match tokio::time::timeout(interval, session.client.check_stat("/")).await {
+            Ok(Ok(_)) => session.contacted(sent_at),
+            Ok(Err(err)) if is_session_end(&err) => return,
+            // A connection loss or a slow answer: the deadline stays where
+            // the last answer put it, and the next beat tries again.
+            Ok(Err(err)) => tracing::debug!(error = %err, "zookeeper heartbeat failed"),
+            Err(_) => tracing::debug!(?interval, "zookeeper heartbeat got no answer in time"),
         }
     }
 }

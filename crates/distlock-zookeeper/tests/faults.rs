@@ -96,13 +96,19 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
         .await
         .unwrap()
         .expect("free");
-    assert_eq!(guard.valid_until(), None);
+    let ttl = a.session_ttl();
+    // Connected: vouched for up to a session TTL after the last answer.
+    let connected = guard.valid_until().expect("a deadline");
+    assert!(
+        connected > tokio::time::Instant::now() + ttl / 2,
+        "{guard:?}"
+    );
 
     server.kill();
     eventually(
         "the guard notices the suspended session",
         Duration::from_secs(10),
-        || async { guard.valid_until().is_some() },
+        || async { guard.valid_until().unwrap() <= tokio::time::Instant::now() + ttl / 2 },
     )
     .await;
     let deadline = guard.valid_until().unwrap();
@@ -116,7 +122,7 @@ async fn a_server_restart_within_the_grace_keeps_the_lock() {
     eventually(
         "the same session reconnects and vouches again",
         Duration::from_secs(18),
-        || async { guard.valid_until().is_none() },
+        || async { guard.valid_until().unwrap() > tokio::time::Instant::now() + ttl / 2 },
     )
     .await;
     assert!(guard.is_held(), "{guard:?}");
@@ -228,10 +234,11 @@ async fn a_lock_whose_grace_ran_out_stays_lost_when_the_session_returns() {
         .unwrap()
         .expect("free");
     server.kill();
+    let ttl = a.session_ttl();
     eventually(
         "the guard notices the suspended session",
         Duration::from_secs(5),
-        || async { guard.valid_until().is_some() },
+        || async { guard.valid_until().unwrap() <= tokio::time::Instant::now() + ttl / 2 },
     )
     .await;
     // Nobody awaits lost(): the passed deadline alone must make it final.
@@ -285,7 +292,11 @@ async fn a_waiter_whose_session_reconnected_lists_again_before_taking_the_lock()
     eventually(
         "both sessions are back and the waiter's watches are set again",
         Duration::from_secs(19),
-        || async { held.valid_until().is_none() && server.watch_count().await == 2 },
+        || async {
+            let vouched =
+                held.valid_until().unwrap() > tokio::time::Instant::now() + a.session_ttl() / 2;
+            vouched && server.watch_count().await == 2
+        },
     )
     .await;
     assert!(held.is_held());
@@ -339,7 +350,9 @@ async fn a_hung_reconnection_attempt_is_given_up_within_the_grace() {
     assert!(guard.is_held(), "{guard:?}");
     server.start_again().await;
     eventually("the session is back", Duration::from_secs(30), || async {
-        guard.valid_until().is_none() || !guard.is_held()
+        let vouched =
+            guard.valid_until().unwrap() > tokio::time::Instant::now() + a.session_ttl() / 2;
+        vouched || !guard.is_held()
     })
     .await;
     assert!(
