@@ -52,7 +52,10 @@ fn a_holder_paused_past_its_session_does_not_believe_it_holds() {
     let (other, granted) = others.block_on(async {
         let other = ZooKeeperLock::connect(URL).await.expect("connect");
         let wait = LockOptions::new().wait(Duration::from_secs(30));
-        let granted = other.lock(&key, &wait).await.expect("granted after the expiry");
+        let granted = other
+            .lock(&key, &wait)
+            .await
+            .expect("granted after the expiry");
         (other, granted)
     });
 
