@@ -99,7 +99,8 @@ impl std::error::Error for QuorumError {}
 impl Shared {
     /// Connects to the servers of `config` (validated). Fails with
     /// [`Error::Connection`] naming the endpoints when (a majority of) the
-    /// servers cannot be reached within about twice the timeout.
+    /// servers cannot be reached within the connect timeout plus the
+    /// timeout.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         let name = if config.redlock { "redlock" } else { "redis" };
         if config.tls {
@@ -110,12 +111,23 @@ impl Shared {
         let mut nodes = Vec::with_capacity(config.endpoints.len());
         for endpoint in &config.endpoints {
             let own_message = retry_message(&client_id);
-            let node = config
-                .connection_info(endpoint)
-                .and_then(|info| Node::new(endpoint, info, config.timeout, own_message));
+            let node = config.connection_info(endpoint).and_then(|info| {
+                Node::new(
+                    endpoint,
+                    info,
+                    config.timeout,
+                    config.connect_timeout,
+                    own_message,
+                )
+            });
             nodes.push(node.map_err(|err| Error::connection(name, endpoint.as_str(), err))?);
         }
-        let pings = join_all(nodes.iter().map(|node| node.ping(config.timeout * 2))).await;
+        let pings = join_all(
+            nodes
+                .iter()
+                .map(|node| node.ping(config.connect_timeout + config.timeout)),
+        )
+        .await;
         let quorum = nodes.len() / 2 + 1;
         let reachable = pings.iter().filter(|p| p.is_ok()).count();
         let mut failed = Vec::new();

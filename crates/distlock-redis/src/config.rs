@@ -16,11 +16,14 @@ pub const DEFAULT_PREFIX: &str = "distlock";
 /// take twice as long).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The default bound on connecting to a server: 4 seconds.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// The port of an endpoint that names none.
 const DEFAULT_PORT: u16 = 6379;
 
 /// The URL options, for the error that names an unknown one.
-const OPTIONS: &str = "prefix, fair, timeout, tls";
+const OPTIONS: &str = "prefix, fair, timeout, connect_timeout, tls";
 
 /// Where and how a [`RedisLock`](crate::RedisLock) connects: parsed from a
 /// URL (see the crate docs for the forms) or built with [`new`](Self::new)
@@ -64,9 +67,11 @@ pub struct RedisConfig {
     /// Fair (FIFO) waiting with direct handoff. One server only: Redlock's
     /// instances would disagree on the queue.
     pub fair: bool,
-    /// Bound on each server reply, and (twice it) on connecting; between
-    /// 1 ms and 1 h.
+    /// Bound on each server reply; between 1 ms and 1 h.
     pub timeout: Duration,
+    /// Bound on connecting to a server (at `connect` and on every
+    /// reconnection); between 1 ms and 1 h.
+    pub connect_timeout: Duration,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -81,6 +86,7 @@ impl fmt::Debug for RedisConfig {
             .field("prefix", &self.prefix)
             .field("fair", &self.fair)
             .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
@@ -100,6 +106,7 @@ impl RedisConfig {
             prefix: DEFAULT_PREFIX.to_owned(),
             fair: true,
             timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 
@@ -192,12 +199,9 @@ impl RedisConfig {
                 "prefix" => config.prefix = value,
                 "fair" => config.fair = parse_bool(name, &value).map_err(bad)?,
                 "tls" => tls = parse_bool(name, &value).map_err(bad)?,
-                "timeout" => {
-                    config.timeout = humantime::parse_duration(&value).map_err(|err| {
-                        bad(format!(
-                            "timeout={value:?} is not a duration like 2s or 500ms: {err}"
-                        ))
-                    })?
+                "timeout" => config.timeout = parse_duration(name, &value).map_err(bad)?,
+                "connect_timeout" => {
+                    config.connect_timeout = parse_duration(name, &value).map_err(bad)?
                 }
                 _ => return Err(bad(format!("unknown option {name:?} (valid: {OPTIONS})"))),
             }
@@ -250,11 +254,16 @@ impl RedisConfig {
                 self.prefix
             ));
         }
-        if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&self.timeout) {
-            return Err(format!(
-                "timeout={}: must be between 1ms and 1h",
-                humantime::format_duration(self.timeout)
-            ));
+        for (name, value) in [
+            ("timeout", self.timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&value) {
+                return Err(format!(
+                    "{name}={}: must be between 1ms and 1h",
+                    humantime::format_duration(value)
+                ));
+            }
         }
         Ok(())
     }
@@ -320,6 +329,12 @@ fn parse_bool(name: &str, value: &str) -> std::result::Result<bool, String> {
     }
 }
 
+/// A humantime duration option (`2s`, `500ms`).
+fn parse_duration(name: &str, value: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|err| format!("{name}={value:?} is not a duration like 2s or 500ms: {err}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,7 +347,7 @@ mod tests {
         assert!(c.fair && !c.redlock && !c.tls);
         assert_eq!(c.prefix, "distlock");
         let c = RedisConfig::from_url(
-            "rediss://:s3cret@cache.example:6380/2?prefix=myapp&fair=false&timeout=500ms",
+            "rediss://:s3cret@cache.example:6380/2?prefix=myapp&fair=false&timeout=500ms&connect_timeout=3s",
         )
         .unwrap();
         assert_eq!(c.endpoints, ["cache.example:6380"]);
@@ -344,6 +359,7 @@ mod tests {
         assert_eq!(c.db, 2);
         assert_eq!(c.prefix, "myapp");
         assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
         let c = RedisConfig::from_url("redis://app:p%40ss@[::1]/").unwrap();
         assert_eq!(c.endpoints, ["[::1]:6379"]);
         assert_eq!(c.username.as_deref(), Some("app"));

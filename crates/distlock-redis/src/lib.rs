@@ -6,8 +6,8 @@
 //! `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`. Options: `prefix`
 //! (default `distlock`; every key written starts with it; no braces),
 //! `fair` (default `true` for one server; Redlock is never fair), `timeout`
-//! (default `2s`: the bound on each reply; connecting may take twice it),
-//! and `tls=true` for `redlock://`. In code: [`RedisLock::with_config`]
+//! (default `2s`: the bound on each reply), `connect_timeout` (default
+//! `4s`: the bound on connecting), and `tls=true` for `redlock://`. In code: [`RedisLock::with_config`]
 //! with a [`RedisConfig`].
 //!
 //! **What it promises:** acquire, release and extend are one script each
@@ -70,7 +70,7 @@ use async_trait::async_trait;
 use distlock_core::backend;
 use distlock_core::{Capabilities, DistributedLock, LockGuard, LockOptions, Result};
 
-pub use config::{RedisConfig, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
+pub use config::{RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
 
 use client::Shared;
 
@@ -107,7 +107,7 @@ impl RedisLock {
     /// Checks `config` ([`RedisConfig::validate`]) and connects. Fails with
     /// [`Error::Connection`](distlock_core::Error::Connection) naming the
     /// endpoints when (a majority of) the servers cannot be reached within
-    /// about twice the timeout.
+    /// the connect timeout plus the timeout.
     pub async fn with_config(config: RedisConfig) -> Result<Self> {
         config.validate()?;
         Ok(RedisLock {

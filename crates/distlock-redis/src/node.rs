@@ -22,11 +22,12 @@ impl Node {
         endpoint: &str,
         info: ConnectionInfo,
         timeout: Duration,
+        connect_timeout: Duration,
         own_message: String,
     ) -> redis::RedisResult<Self> {
         let client = redis::Client::open(info)?;
         let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
+            .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(timeout))
             // Reconnect attempts per failure; every later request retries
             // again, so a server that comes back is found.
