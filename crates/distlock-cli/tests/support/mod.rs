@@ -339,7 +339,10 @@ fn take_away_etcd(_key: &str) -> bool {
     false
 }
 
-/// Deletes the ZooKeeper nodes whose path contains `key`, with zkCli.
+/// Deletes the ZooKeeper lock nodes under `key`'s directory, with zkCli.
+/// Not the directory: it is a container node that the server (or the
+/// backend) removes once it is empty, so deleting it too raced that
+/// removal and failed now and then with "node does not exist".
 fn take_away_zookeeper(key: &str) -> bool {
     let cli = Path::new("/usr/share/zookeeper/bin/zkCli.sh");
     if !cli.exists() {
@@ -356,14 +359,12 @@ fn take_away_zookeeper(key: &str) -> bool {
         ])
         .output()
         .expect("zkCli ls");
-    let mut nodes: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+    let nodes: Vec<String> = String::from_utf8_lossy(&listing.stdout)
         .lines()
-        .filter(|line| line.starts_with('/') && line.contains(key))
+        .filter(|line| line.starts_with('/') && line.contains(&format!("{key}/")))
         .map(str::to_owned)
         .collect();
     assert!(!nodes.is_empty(), "no ZooKeeper node holds the lock {key}");
-    // Children first.
-    nodes.sort_by_key(|node| std::cmp::Reverse(node.len()));
     for node in nodes {
         let status = Command::new(cli)
             .args(["-server", "127.0.0.1:2181", "deleteall", &node])
