@@ -94,11 +94,17 @@ impl FileLock {
     /// that directory. Async only for uniformity with the other backends:
     /// opening is a few local system calls.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::with_config(FileConfig::from_url(url)?)
+        Self::open_config(FileConfig::from_url(url)?)
     }
 
-    /// Uses `config.dir` for lock files, creating it if missing.
-    pub fn with_config(config: FileConfig) -> Result<Self> {
+    /// Uses `config.dir` for lock files, creating it if missing. Async,
+    /// like every backend's `with_config`; [`open`](Self::open) is the
+    /// synchronous shorthand.
+    pub async fn with_config(config: FileConfig) -> Result<Self> {
+        Self::open_config(config)
+    }
+
+    fn open_config(config: FileConfig) -> Result<Self> {
         config.validate()?;
         let FileConfig { dir } = config;
         let endpoint = dir.display().to_string();
@@ -119,7 +125,7 @@ impl FileLock {
     /// Uses `dir` for lock files, creating it if missing: shorthand for
     /// `with_config(FileConfig::new(dir))`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        Self::with_config(FileConfig::new(dir.as_ref()))
+        Self::open_config(FileConfig::new(dir.as_ref()))
     }
 
     /// The directory holding the lock files.
