@@ -21,6 +21,7 @@
 //! backend as the reference.
 
 pub mod key;
+mod retry;
 mod session_leases;
 pub mod url;
 
@@ -36,6 +37,7 @@ use tracing::Instrument;
 pub use crate::lease::{clock_drift, validity_deadline, Lease, WeakLease};
 pub use crate::renewal::RenewalScheduler;
 use crate::{Capabilities, LockGuard, LockOptions, Result};
+pub use retry::{removal_backoff, retry_in_background, Retry};
 pub use session_leases::SessionLeases;
 
 /// The part of a lock service a backend implements; every `LockBackend` is
