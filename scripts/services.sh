@@ -9,6 +9,7 @@
 #   etcd       127.0.0.1:2379 (peer 2380)   etcd://127.0.0.1:2379
 #
 # Usage: scripts/services.sh [start|stop|restart|status|install]   (default: start)
+#        scripts/services.sh cluster [start|stop|restart|status]    (default: start)
 #
 #   install  installs the Debian packages if missing (needs root or passwordless
 #            sudo) and makes sure the packages' own system services do not hold
@@ -18,10 +19,15 @@
 #   stop     stop what `start` started (by pid file) and wait until the ports are
 #            free. Services started by someone else (e.g. docker compose) are left.
 #   status   one line per service: up/down with its port. Exit 0 iff all are up.
+#   cluster  3-member etcd and ZooKeeper ensembles, a Redis primary with two
+#            replicas and three Sentinels, a 6-node Redis Cluster, on ports of
+#            their own (scripts/clusters.sh, docs/clusters.md). The commands
+#            above neither start nor stop them.
 #
 # Environment:
 #   DISTLOCK_SERVICES_DIR      state dir: data, logs, pid files (default /tmp/distlock-services)
 #   DISTLOCK_SERVICES_TIMEOUT  seconds to wait for each service to answer (default 60)
+#   DISTLOCK_CLUSTER_TIMEOUT   seconds `cluster start` waits for all to be ready (default 180)
 #
 # The same services for Docker users: compose/docker-compose.yml.
 set -euo pipefail
@@ -493,6 +499,11 @@ case "${1:-start}" in
     ;;
   status) cmd_status ;;
   install) cmd_install ;;
+  cluster)
+    # shellcheck source=scripts/clusters.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/clusters.sh"
+    cmd_cluster "${@:2}"
+    ;;
   -h | --help | help) sed -n '4,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" ;;
-  *) die "unknown command '$1' (use start, stop, restart, status or install)" ;;
+  *) die "unknown command '$1' (use start, stop, restart, status, install or cluster)" ;;
 esac
