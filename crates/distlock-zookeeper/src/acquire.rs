@@ -79,7 +79,8 @@ impl ZooKeeperLock {
         let protected = node::protected_prefix();
         let creating = CleanupOnDrop::arm(ABANDONED_NODE, {
             let (session, dir, protected) = (session.clone(), dir.clone(), protected.clone());
-            move || Box::pin(delete_unnamed(session, dir, protected)) as Cleanup
+            let key = key.to_owned();
+            move || Box::pin(delete_unnamed(session, dir, protected, key)) as Cleanup
         });
         let created = match node::create_node(&session, &dir, &protected, key).await {
             Ok(created) => created,
@@ -92,8 +93,8 @@ impl ZooKeeperLock {
         creating.disarm();
         let path = format!("{dir}/{}", created.name);
         let pending = CleanupOnDrop::arm(ABANDONED_NODE, {
-            let (session, path) = (session.clone(), path.clone());
-            move || Box::pin(delete_abandoned(session, path)) as Cleanup
+            let (session, path, key) = (session.clone(), path.clone(), key.to_owned());
+            move || Box::pin(delete_abandoned(session, path, key)) as Cleanup
         });
         Ok(Enqueued {
             session,
@@ -201,7 +202,7 @@ enum Position {
 }
 
 /// Lists the directory and places `own` in the queue: one request.
-async fn position(session: &Session, dir: &str, own: &Created, key: &str) -> Result<Position> {
+async fn position(session: &Arc<Session>, dir: &str, own: &Created, key: &str) -> Result<Position> {
     let children = retry_on_loss(|| session.client.list_children(dir))
         .await
         .map_err(|err| op_error(session, "acquire", key, err))?;
@@ -216,7 +217,7 @@ async fn position(session: &Session, dir: &str, own: &Created, key: &str) -> Res
         if name.starts_with(&own.protected) {
             // A second node of ours: a create we retried after a connection
             // loss landed after all. It must not queue ahead of us.
-            remove_twin(session, format!("{dir}/{name}"));
+            remove_twin(session, format!("{dir}/{name}"), key);
             continue;
         }
         let Some(sequence) = sequence_of(&name) else {
@@ -259,13 +260,12 @@ fn disappeared(session: &Session, dir: &str, own: &Created, key: &str) -> Error 
     )
 }
 
-/// Deletes a duplicate node of our own in the background.
-fn remove_twin(session: &Session, path: String) {
+/// Deletes a duplicate node of our own in the background (retried until
+/// it is gone, as an abandoned attempt's node is: it queues ahead of our
+/// own node, holding up everyone else).
+fn remove_twin(session: &Arc<Session>, path: String, key: &str) {
     tracing::warn!(%path, "deleting a duplicate lock node left by a retried create");
-    let client = session.client.clone();
-    tokio::spawn(async move {
-        let _ = retry_on_loss(|| client.delete(&path, None)).await;
-    });
+    tokio::spawn(delete_abandoned(session.clone(), path, key.to_owned()));
 }
 
 /// A one-shot watch on a node, set by a request whose answer we have.
@@ -367,7 +367,7 @@ fn state_changed(states: &mut zk::StateWatcher) -> bool {
 /// no particular order, so ours might follow the predecessor's); otherwise
 /// we list again, which checks both.
 async fn wait_turn(
-    session: &Session,
+    session: &Arc<Session>,
     dir: &str,
     own: &Created,
     key: &str,

@@ -4,7 +4,18 @@
 //! - Release is one `delete` of our own node. Its path holds our random
 //!   protected prefix, so it can never name another owner's node. If the
 //!   holder was the only node ahead of a waiter, that delete is the
-//!   waiter's grant (see the `acquire` module).
+//!   waiter's grant (see the `acquire` module). A connection loss is
+//!   retried at once (the client queues the request until it reconnects).
+//! - A release that fails otherwise (the client gave up on a connection
+//!   that stopped answering and failed the request with a plain message,
+//!   not a connection loss) reports the error to the caller, and the
+//!   delete is retried in the background ([`delete_in_background`]), with
+//!   backoff (50 ms doubling to 2 s), until the node is deleted or found
+//!   gone, or the session ends (expired, closed, or the client dropped:
+//!   the task holds the session weakly). Before this, such a node stayed
+//!   behind our live session, and every waiter, this client's next
+//!   attempt included, waited until a later fault ended the session
+//!   (issue 12: stalls of 19 to 43 s).
 //! - The session, not a TTL, keeps the lock, so nothing is extended: with
 //!   `auto_renew`, the core calls [`HeldLock::extend`] every `ttl / 3`,
 //!   which checks with one `exists` that our node still exists and belongs
@@ -17,13 +28,14 @@
 //!   answered, the node's name is not known:
 //!   [`delete_unnamed`] finds it by its protected prefix (requests go out
 //!   in call order, so a listing sent now sees a create that was already
-//!   sent); after, [`delete_abandoned`] deletes it by path.
+//!   sent); after, [`delete_abandoned`] deletes it by path. A cleanup that
+//!   fails is retried in the background like a release.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::backend::HeldLock;
+use distlock_core::backend::{removal_backoff, retry_in_background, HeldLock, Retry};
 use distlock_core::{Error, Result};
 use zookeeper_client as zk;
 
@@ -34,26 +46,115 @@ use crate::session::{
 };
 use crate::BACKEND;
 
+/// A node to delete that a release or an unfinished attempt left behind.
+#[derive(Clone)]
+enum Leftover {
+    /// A node whose path we know.
+    Path(String),
+    /// The node an attempt created in `dir` with `protected`, if any: the
+    /// create's answer never came.
+    Unnamed { dir: String, protected: String },
+}
+
 /// Deletes the node an unfinished attempt created in `dir` with
-/// `protected`, found by listing (the create's answer never came).
-pub(crate) async fn delete_unnamed(session: Arc<Session>, dir: String, protected: String) {
-    match find_own(&session, &dir, &protected, "").await {
-        Ok(Some(found)) => delete_abandoned(session, format!("{dir}/{}", found.name)).await,
+/// `protected`, found by listing (the create's answer never came). If
+/// that fails, it is retried in the background.
+pub(crate) async fn delete_unnamed(
+    session: Arc<Session>,
+    dir: String,
+    protected: String,
+    key: String,
+) {
+    match find_own(&session, &dir, &protected, &key).await {
+        Ok(Some(found)) => delete_abandoned(session, format!("{dir}/{}", found.name), key).await,
         Ok(None) => {}
-        Err(err) => tracing::debug!(error = %err, "cannot look for an abandoned node"),
+        Err(_) if session.ended() => {}
+        Err(err) => {
+            tracing::debug!(error = %err, "cannot look for an abandoned node; retrying in the background");
+            delete_in_background(
+                &session,
+                Leftover::Unnamed { dir, protected },
+                key,
+                ABANDONED,
+            );
+        }
     }
 }
 
 /// Deletes the lock node at `path`, which an unfinished attempt created.
-/// Nothing to do if it is gone, or went with its session.
-pub(crate) async fn delete_abandoned(session: Arc<Session>, path: String) {
+/// Nothing to do if it is gone, or went with its session. If the delete
+/// fails, it is retried in the background.
+pub(crate) async fn delete_abandoned(session: Arc<Session>, path: String, key: String) {
     match retry_on_loss(|| session.client.delete(&path, None)).await {
         Ok(()) => tracing::debug!(%path, "deleted the lock node of an unfinished attempt"),
         Err(zk::Error::NoNode) => {}
         Err(err) if is_session_end(&err) => {}
         Err(err) => {
-            tracing::warn!(%path, error = %err, "cannot delete an abandoned lock node; it stays until the session ends")
+            tracing::debug!(%path, error = %err, "cannot delete an abandoned lock node; retrying in the background");
+            delete_in_background(&session, Leftover::Path(path), key, ABANDONED);
         }
+    }
+}
+
+/// What the retries of an abandoned attempt's cleanup name in the log.
+const ABANDONED: &str = "an abandoned zookeeper lock node";
+
+/// Deletes `node` in the background, retrying with
+/// [`removal_backoff`] until it is deleted or found gone, or the session
+/// has ended or been dropped (taking the node with it). Holds the session
+/// weakly: a dropped client is not kept alive, and its session closes.
+fn delete_in_background(session: &Arc<Session>, node: Leftover, key: String, what: &'static str) {
+    let session = Arc::downgrade(session);
+    retry_in_background(what, removal_backoff(), move || {
+        let (session, node, key) = (session.clone(), node.clone(), key.clone());
+        async move { delete_once(&session, &node, &key).await }
+    });
+}
+
+/// One background attempt at deleting `node`.
+async fn delete_once(session: &Weak<Session>, node: &Leftover, key: &str) -> Retry {
+    let Some(session) = session.upgrade() else {
+        return Retry::Done;
+    };
+    if session.ended() {
+        return Retry::Done;
+    }
+    // Bounded, so that a dropped client's session is not held open by an
+    // attempt waiting out a long disconnection: the next attempt asks again.
+    let budget = session.ttl / 3;
+    let deleted = tokio::time::timeout(budget, async {
+        let path = match node {
+            Leftover::Path(path) => path.clone(),
+            Leftover::Unnamed { dir, protected } => {
+                match find_own(&session, dir, protected, key).await {
+                    Ok(Some(found)) => format!("{dir}/{}", found.name),
+                    Ok(None) => return Ok(()),
+                    Err(err) => return Err(err),
+                }
+            }
+        };
+        match session.client.delete(&path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(err) if is_session_end(&err) => Ok(()),
+            Err(err) => Err(op_error(&session, "delete a leftover node", key, err)),
+        }
+    })
+    .await;
+    match deleted {
+        Ok(Ok(())) => Retry::Done,
+        // The session ended meanwhile: the node went with it.
+        Ok(Err(_)) if session.ended() => Retry::Done,
+        Ok(Err(err)) => Retry::Again(err.into()),
+        Err(_) => Retry::Again(
+            Error::backend(
+                BACKEND,
+                session.endpoint.clone(),
+                "delete a leftover node",
+                key,
+                format!("no answer within {budget:?}"),
+            )
+            .into(),
+        ),
     }
 }
 
@@ -84,7 +185,20 @@ impl HeldLock for ZooKeeperHeld {
                     tokio::time::sleep(loss_backoff().delay(losses)).await;
                     losses = losses.saturating_add(1);
                 }
-                Err(err) => return Err(op_error(&self.session, "release", &self.key, err)),
+                // Any other failure (a connection given up on, which the
+                // client reports as a plain message, not a connection
+                // loss): our node may still be there, behind our live
+                // session, holding up every waiter. The caller learns of
+                // the failure; the delete is retried in the background.
+                Err(err) => {
+                    delete_in_background(
+                        &self.session,
+                        Leftover::Path(self.path.clone()),
+                        self.key.clone(),
+                        "a released zookeeper lock node",
+                    );
+                    return Err(op_error(&self.session, "release", &self.key, err));
+                }
             }
         }
     }
