@@ -48,6 +48,7 @@ RCLUSTER_PORTS=(7000 7001 7002 7003 7004 7005)
 CLUSTER_GROUPS=(etcd zookeeper sentinel redis-cluster)
 
 LAUNCHED=()          # members started by this run
+ACTIONS=()           # what else it did: resumed members, created the Redis Cluster
 CL_NEED_CREATE=0     # the Redis Cluster nodes run but form no cluster yet
 SENTINEL_PRIMARY=""  # port of the primary new Sentinel-group members follow
 NR_MEMBER=""         # set by the *_ready checks: which member is not ready
@@ -311,6 +312,7 @@ rcluster_create() {
     fail_member redis-cluster "node-${RCLUSTER_PORTS[0]}" "redis-cli --cluster create failed" \
       "$CDIR/cluster-create.log"
   fi
+  ACTIONS+=("created the Redis Cluster")
 }
 
 rcluster_ready() {
@@ -618,7 +620,7 @@ restart_group() {
   busy="$(busy_ports "$group" | paste -sd' ' -)"
   if [[ -n "$busy" ]]; then
     for line in $busy; do describe_port "$line"; done
-    die "cannot restart the $group: ports $busy are held by processes this script did not start"
+    die "cannot restart $group: ports $busy are held by processes this script did not start"
   fi
   fresh_group "$group"
 }
@@ -656,8 +658,9 @@ find_sentinel_primary() {
   done
 }
 
-# are the running Redis Cluster nodes (all six up, none in a cluster yet)
-# waiting for `--cluster create`? Prints yes, no (all in one) or mixed.
+# do the Redis Cluster nodes that answer form a cluster? Prints yes (every
+# one knows other nodes), no (all six answer, none knows another: they wait
+# for `--cluster create`) or mixed (anything else: some know no other node).
 rcluster_formed() {
   local p known fresh=0 formed=0
   for p in "${RCLUSTER_PORTS[@]}"; do
@@ -692,6 +695,7 @@ start_group() {
         kill -CONT "$M_PID" 2>/dev/null || true
         alive=$((alive + 1))
         cnote "$group: $name (pid $M_PID) was stopped (SIGSTOP), sent it SIGCONT"
+        ACTIONS+=("resumed $name")
         ;;
       taken)
         describe_port "$M_TAKEN"
@@ -708,17 +712,12 @@ start_group() {
   if [[ "$group" == redis-cluster ]]; then
     case "$(rcluster_formed)" in
       no)
-        if ((${#down[@]} == 0)); then
-          CL_NEED_CREATE=1
-          cnote "$group: all $total nodes run but form no cluster yet; creating it"
-          return 0
-        fi
-        cnote "$group: the running nodes form no cluster; restarting the $group from nothing"
-        restart_group "$group"
+        CL_NEED_CREATE=1
+        cnote "$group: all $total nodes run but form no cluster yet"
         return 0
         ;;
       mixed)
-        cnote "$group: some nodes are in a cluster, some not; restarting the $group from nothing"
+        cnote "$group: some running nodes are in no cluster; restarting $group from nothing"
         restart_group "$group"
         return 0
         ;;
@@ -734,14 +733,14 @@ start_group() {
   fi
   for name in "${down[@]}"; do
     if ! member_restartable "$name"; then
-      cnote "$group: $name is down and has no state to rejoin from; restarting the $group from nothing"
+      cnote "$group: $name is down and has no state to rejoin from; restarting $group from nothing"
       restart_group "$group"
       return 0
     fi
   done
   if [[ "$group" == sentinel ]]; then
     if ! find_sentinel_primary; then
-      cnote "$group: no primary to rejoin (none answers as the Sentinels' primary); restarting the $group from nothing"
+      cnote "$group: no primary to rejoin (none answers as the Sentinels' primary); restarting $group from nothing"
       restart_group "$group"
       return 0
     fi
@@ -790,8 +789,9 @@ cluster_start() {
   for group in redis-cluster sentinel etcd zookeeper; do
     wait_group "$group" "$deadline"
   done
-  if ((${#LAUNCHED[@]})); then
-    cnote "started ${LAUNCHED[*]}; everything ready in $((SECONDS - t0))s"
+  if ((${#LAUNCHED[@]})); then ACTIONS=("started ${LAUNCHED[*]}" "${ACTIONS[@]}"); fi
+  if ((${#ACTIONS[@]})); then
+    cnote "$(printf '%s; ' "${ACTIONS[@]}")everything ready in $((SECONDS - t0))s"
   else
     cnote "everything was already up and ready; nothing started"
   fi
