@@ -152,12 +152,7 @@ impl EtcdLock {
         let dir = self.lock_key_prefix(key);
         let seq = self.inner.take_seq();
         let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
-        let pending = Arc::new(PendingKey::new(
-            &self.inner,
-            etcd_key,
-            seq,
-            binding.own_lease(),
-        ));
+        let pending = Arc::new(PendingKey::new(&self.inner, key, etcd_key, seq, &binding));
         let cleanup = CleanupOnDrop::arm("an etcd lock key", {
             let pending = pending.clone();
             move || async move {

@@ -18,25 +18,36 @@
 //!   keep-alive learns of it. If the lease is gone, the session ends
 //!   first, so that this lock and every other one on the session are lost
 //!   with `SessionLost`, as when the keep-alive finds it, not `NotHeld`.
+//! - A release whose delete fails (no answer within the timeout, a member
+//!   down) returns the error, and the key is removed in the background
+//!   ([`remove_in_background`]): retried with backoff (50 ms doubling to
+//!   2 s) until etcd confirms it, or the lease it lives on is lost, or the
+//!   client is dropped (the task holds it weakly; dropping it revokes the
+//!   session lease). Before this, the key stayed on the session lease the
+//!   client kept alive, and nobody, this client included, got the lock
+//!   until the session ended (issue 12: a 14 s stall, and one to the end
+//!   of a run).
 //! - A dropped or failed attempt deletes its key in the background, after
 //!   its transaction has finished (the key may appear only then): a key
 //!   left behind would be a waiter nobody serves, holding up the queue
-//!   until its lease ends.
+//!   until its lease ends. A removal that fails is retried the same way.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::backend::{CleanupOnDrop, HeldLock, Lease};
+use distlock_core::backend::{
+    removal_backoff, retry_in_background, CleanupOnDrop, HeldLock, Lease, Retry,
+};
 use distlock_core::{Error, LostReason, Result};
 use etcd_client::{GetOptions, TxnResponse};
 use tokio::task::JoinHandle;
 
 use crate::rpc::{bounded, is_lease_not_found};
 use crate::session::{spawn_revoke, Binding, Session, LEASE_GONE};
-use crate::{EtcdLock, Inner};
+use crate::{EtcdLock, Inner, NAME};
 
 /// A granted lock: its key, and the lease it lives on.
 pub(crate) struct EtcdHeld {
@@ -66,7 +77,24 @@ impl HeldLock for EtcdHeld {
                     .delete(self.etcd_key.as_str(), None)
                     .await
             })
-            .await?;
+            .await;
+        let deleted = match deleted {
+            Ok(deleted) => deleted,
+            // The key may still be there, on a lease kept alive, holding up
+            // every waiter: the caller learns of the failure, and the key
+            // is removed in the background. (Its number is not given
+            // back: the delete may still land.)
+            Err(failure) => {
+                remove_in_background(
+                    &owner.inner,
+                    KeyLease::of(&self.binding),
+                    self.etcd_key.clone(),
+                    self.key.clone(),
+                    "a released etcd lock key",
+                );
+                return Err(failure.error);
+            }
+        };
         if first_release {
             // etcd answered the only delete sent: the key is gone and
             // nothing can create it again, so its name may be reused.
@@ -186,6 +214,102 @@ fn lease_gone(session: &Session, key: &str) {
     session.lose(LEASE_GONE);
 }
 
+/// The lease a key lives on, held so that it keeps nothing alive.
+#[derive(Clone)]
+pub(crate) enum KeyLease {
+    /// The client's session lease: once the session is lost (or dropped),
+    /// nothing keeps the lease alive, and the key goes with it.
+    Session(Weak<Session>),
+    /// A lock's own lease: revoking it deletes the key too.
+    Own(i64),
+}
+
+impl KeyLease {
+    pub(crate) fn of(binding: &Binding) -> Self {
+        match binding {
+            Binding::Session(session) => KeyLease::Session(Arc::downgrade(session)),
+            Binding::Own(own) => KeyLease::Own(own.id),
+        }
+    }
+
+    /// True once the lease is lost to us: the key goes when it ends.
+    fn lost(&self) -> bool {
+        match self {
+            KeyLease::Session(session) => session.upgrade().is_none_or(|session| session.is_lost()),
+            // Unknown here; a revoke says if it is gone.
+            KeyLease::Own(_) => false,
+        }
+    }
+}
+
+/// Deletes `etcd_key`, or revokes the lock's own lease it lives on (which
+/// deletes it too), one request bounded by the configured timeout. A
+/// lease or key already gone counts as done.
+async fn remove_key(
+    inner: &Inner,
+    lease: &KeyLease,
+    etcd_key: &str,
+) -> Result<(), etcd_client::Error> {
+    let timeout = inner.config.timeout;
+    match lease {
+        KeyLease::Own(id) => bounded(timeout, async {
+            inner.client.lease_client().revoke(*id).await.map(drop)
+        })
+        .await
+        .or_else(|err| match err {
+            // Already gone: so is the key.
+            etcd_client::Error::GRpcStatus(status) if status.message().contains("not found") => {
+                Ok(())
+            }
+            other => Err(other),
+        }),
+        KeyLease::Session(_) => {
+            bounded(timeout, async {
+                inner
+                    .client
+                    .kv_client()
+                    .delete(etcd_key, None)
+                    .await
+                    .map(drop)
+            })
+            .await
+        }
+    }
+}
+
+/// Removes `etcd_key` (the key of `key`'s lock) in the background, after
+/// a removal failed: retried with [`removal_backoff`] until it succeeds,
+/// or its lease is lost, or the client is dropped (which ends the session
+/// and revokes its lease). Holds the client weakly, so that it does not
+/// keep a dropped client's session alive.
+pub(crate) fn remove_in_background(
+    inner: &Arc<Inner>,
+    lease: KeyLease,
+    etcd_key: String,
+    key: String,
+    what: &'static str,
+) {
+    let inner = Arc::downgrade(inner);
+    retry_in_background(what, removal_backoff(), move || {
+        let (inner, lease, etcd_key, key) =
+            (inner.clone(), lease.clone(), etcd_key.clone(), key.clone());
+        async move {
+            let Some(inner) = inner.upgrade() else {
+                return Retry::Done;
+            };
+            if lease.lost() {
+                return Retry::Done;
+            }
+            match remove_key(&inner, &lease, &etcd_key).await {
+                Ok(()) => Retry::Done,
+                Err(err) => Retry::Again(
+                    Error::backend(NAME, inner.endpoints.clone(), "remove", &key, err).into(),
+                ),
+            }
+        }
+    });
+}
+
 /// A transaction of an attempt, spawned so that it finishes even if the
 /// attempt is dropped.
 pub(crate) type TxnTask = JoinHandle<Result<TxnResponse, etcd_client::Error>>;
@@ -196,12 +320,14 @@ pub(crate) type TxnTask = JoinHandle<Result<TxnResponse, etcd_client::Error>>;
 /// finished, so that no waiter record is left behind.
 pub(crate) struct PendingKey {
     inner: Arc<Inner>,
+    /// The lock's key, for errors.
+    key: String,
     pub(crate) etcd_key: String,
     /// The number in `etcd_key`, given back once it is removed in the
     /// attempt's task.
     seq: u64,
-    /// A lock's own lease: revoking it deletes the key too.
-    own_lease: Option<i64>,
+    /// The lease the key lives on.
+    lease: KeyLease,
     /// Transactions that may still create the key. The attempt holds the
     /// lock while it awaits one, and the cleanup can only run once the
     /// attempt is done or dropped.
@@ -209,19 +335,21 @@ pub(crate) struct PendingKey {
 }
 
 impl PendingKey {
-    /// The key `etcd_key`, numbered `seq`, on the session lease or on
-    /// `own_lease`.
+    /// The key `etcd_key` of `key`'s lock, numbered `seq`, on `binding`'s
+    /// lease.
     pub(crate) fn new(
         inner: &Arc<Inner>,
+        key: &str,
         etcd_key: String,
         seq: u64,
-        own_lease: Option<i64>,
+        binding: &Binding,
     ) -> Self {
         PendingKey {
             inner: inner.clone(),
+            key: key.to_owned(),
             etcd_key,
             seq,
-            own_lease,
+            lease: KeyLease::of(binding),
             txns: tokio::sync::Mutex::new(Vec::new()),
         }
     }
@@ -247,45 +375,25 @@ impl PendingKey {
     }
 
     /// Deletes the key (revokes a lock's own lease) once the transactions
-    /// that may create it are done; false if that failed.
+    /// that may create it are done; false if that failed, and the removal
+    /// goes on in the background ([`remove_in_background`]).
     pub(crate) async fn remove(&self) -> bool {
         let txns = std::mem::take(&mut *self.txns.lock().await);
         // The key may appear only once the transactions are done.
         for txn in txns {
             let _ = txn.await;
         }
-        let inner = &self.inner;
-        let timeout = inner.config.timeout;
-        let outcome = match self.own_lease {
-            Some(id) => bounded(timeout, async {
-                inner.client.lease_client().revoke(id).await.map(drop)
-            })
-            .await
-            .or_else(|err| match err {
-                // Already gone: so is the key.
-                etcd_client::Error::GRpcStatus(status)
-                    if status.message().contains("not found") =>
-                {
-                    Ok(())
-                }
-                other => Err(other),
-            }),
-            None => {
-                bounded(timeout, async {
-                    inner
-                        .client
-                        .kv_client()
-                        .delete(self.etcd_key.as_str(), None)
-                        .await
-                        .map(drop)
-                })
-                .await
-            }
-        };
-        match outcome {
+        match remove_key(&self.inner, &self.lease, &self.etcd_key).await {
             Ok(()) => true,
             Err(err) => {
-                tracing::warn!(key = %self.etcd_key, error = %err, "distlock: removing an abandoned etcd lock key failed; it stays until its lease ends");
+                tracing::debug!(key = %self.etcd_key, error = %err, "distlock: removing an abandoned etcd lock key failed; retrying in the background");
+                remove_in_background(
+                    &self.inner,
+                    self.lease.clone(),
+                    self.etcd_key.clone(),
+                    self.key.clone(),
+                    "an abandoned etcd lock key",
+                );
                 false
             }
         }
