@@ -443,12 +443,29 @@ where
     }
 }
 
-/// A failed request on `key`'s lock, with the session's endpoint.
+/// A failed request on `key`'s lock, with the session's endpoint:
+/// [`Error::Unavailable`] when the server could not be reached (which
+/// `lock` retries within its wait), else [`Error::Backend`].
 pub(crate) fn op_error(
     session: &Session,
     operation: &'static str,
     key: &str,
     err: zk::Error,
 ) -> Error {
-    Error::backend(BACKEND, session.endpoint.clone(), operation, key, err)
+    if is_unreachable(&err) {
+        Error::unavailable(BACKEND, session.endpoint.clone(), operation, key, err)
+    } else {
+        Error::backend(BACKEND, session.endpoint.clone(), operation, key, err)
+    }
+}
+
+/// True when the request's outcome is unknown because the connection
+/// failed: a connection loss, a timeout, or the client's own connection
+/// errors (`no response from connection in ...`, I/O errors), which it
+/// reports as `Custom` errors.
+pub(crate) fn is_unreachable(err: &zk::Error) -> bool {
+    matches!(
+        err,
+        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::Custom(_)
+    )
 }
