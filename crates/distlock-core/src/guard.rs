@@ -245,7 +245,7 @@ fn spawn_release(
                 Ok(()) => tracing::debug!("released"),
                 Err(err) if err.is_not_held() => tracing::debug!("was no longer held"),
                 Err(err) => {
-                    tracing::warn!(error = %err, "background release failed; the lock stays until its TTL")
+                    tracing::warn!(error = %err, "background release failed; the backend retries it where it can, else the lock ends with its TTL or session")
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! - [`LockGuard`] is a held lock: a lease with a fencing token, renewal,
 //!   a lost-lock signal and release on drop.
 //! - [`memory::MemoryLock`] is the in-process backend.
-//! - [`backend`] is for implementers only: the [`LockBackend`]
+//! - [`backend`] is for implementers only: the [`LockBackend`](backend::LockBackend)
 //!   trait a backend implements, and the lease, renewal, key and URL parts it
 //!   builds on. The core adds key and option checks, the `wait` bound,
 //!   tracing spans, renewal and the lost-lock machinery, so every backend
