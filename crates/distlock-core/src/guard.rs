@@ -55,7 +55,13 @@ impl LockGuard {
     /// A guard the core does not renew (see
     /// [`backend::self_renewed_guard`](crate::backend::self_renewed_guard)).
     pub(crate) fn unrenewed(backend: &'static str, lease: Lease, held: Arc<dyn HeldLock>) -> Self {
-        Self::with_renewal(lease, held, backend, None)
+        LockGuard {
+            backend,
+            lease,
+            held: Some(held),
+            renewal: None,
+            runtime: Handle::try_current().ok(),
+        }
     }
 
     /// A guard renewed by `scheduler` when `renew` (see
@@ -67,6 +73,8 @@ impl LockGuard {
         scheduler: &RenewalScheduler,
         renew: bool,
     ) -> Self {
+        // One look-up of the runtime: it serves the renewal and the
+        // release on drop.
         let runtime = Handle::try_current().ok();
         let renewal = match &runtime {
             Some(runtime) if renew => {
@@ -74,21 +82,12 @@ impl LockGuard {
             }
             _ => None,
         };
-        Self::with_renewal(lease, held, backend, renewal)
-    }
-
-    fn with_renewal(
-        lease: Lease,
-        held: Arc<dyn HeldLock>,
-        backend: &'static str,
-        renewal: Option<Scheduled>,
-    ) -> Self {
         LockGuard {
             backend,
             lease,
             held: Some(held),
             renewal,
-            runtime: Handle::try_current().ok(),
+            runtime,
         }
     }
 

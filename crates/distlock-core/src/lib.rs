@@ -114,7 +114,18 @@ impl<B: backend::LockBackend> DistributedLock for B {
         options.validate()?;
         let span = tracing::debug_span!("distlock.acquire", backend = backend::LockBackend::backend(self), key = %key, wait = ?options.wait);
         let mut outage = Outage::default();
-        let acquire = lock_through_outages(self, key, options, &mut outage).instrument(span);
+        let outage_seen = &mut outage;
+        let acquire = async move {
+            match backend::LockBackend::lock(self, key, options).await {
+                // Boxed: the retry loop (with its timer) stays out of the
+                // common path's future, which is allocated on every call.
+                Err(err) if err.is_unreachable() => {
+                    Box::pin(lock_through_outages(self, key, options, outage_seen, err)).await
+                }
+                result => result,
+            }
+        }
+        .instrument(span);
         match options.wait {
             None => acquire.await,
             Some(wait) => match tokio::time::timeout(wait, acquire).await {
@@ -123,7 +134,7 @@ impl<B: backend::LockBackend> DistributedLock for B {
                     key: key.to_owned(),
                     waited: wait,
                     unreachable: outage.failures,
-                    last_error: outage.last_error.map(Box::new),
+                    last_error: outage.last_error,
                 }),
             },
         }
@@ -131,14 +142,17 @@ impl<B: backend::LockBackend> DistributedLock for B {
 }
 
 /// The attempts of one `lock` call that found the service unreachable.
+/// The error is boxed: this lives in every `lock` future, which stays
+/// smaller (and cheaper to allocate) for it.
 #[derive(Default)]
 struct Outage {
     failures: u32,
-    last_error: Option<Error>,
+    last_error: Option<Box<Error>>,
 }
 
-/// The backend's `lock`, retried with the options' backoff while the
-/// service cannot be reached (a restart, a failover), so that an outage
+/// The backend's `lock` after its attempt failed with `first_error` (the
+/// service could not be reached), retried with the options' backoff while
+/// the service stays unreachable (a restart, a failover), so that an outage
 /// shorter than the wait costs the caller nothing. The wait bound, applied
 /// around this, reports the outage if it outlasts the wait.
 async fn lock_through_outages<B: backend::LockBackend + ?Sized>(
@@ -146,22 +160,23 @@ async fn lock_through_outages<B: backend::LockBackend + ?Sized>(
     key: &str,
     options: &LockOptions,
     outage: &mut Outage,
+    first_error: Error,
 ) -> Result<LockGuard> {
+    let mut err = first_error;
     loop {
+        let delay = options.backoff.delay(outage.failures);
+        // Warned at the 1st, 2nd, 4th, 8th... failure: visible without
+        // flooding the log during a long outage.
+        if (outage.failures + 1).is_power_of_two() {
+            tracing::warn!(error = %err, failures = outage.failures + 1, "distlock: the lock service is unreachable; retrying within the wait");
+        } else {
+            tracing::debug!(error = %err, failures = outage.failures + 1, ?delay, "still unreachable");
+        }
+        outage.failures += 1;
+        outage.last_error = Some(Box::new(err));
+        tokio::time::sleep(delay).await;
         match backend::LockBackend::lock(backend, key, options).await {
-            Err(err) if err.is_unreachable() => {
-                let delay = options.backoff.delay(outage.failures);
-                // Warned at the 1st, 2nd, 4th, 8th... failure: visible
-                // without flooding the log during a long outage.
-                if (outage.failures + 1).is_power_of_two() {
-                    tracing::warn!(error = %err, failures = outage.failures + 1, "distlock: the lock service is unreachable; retrying within the wait");
-                } else {
-                    tracing::debug!(error = %err, failures = outage.failures + 1, ?delay, "still unreachable");
-                }
-                outage.failures += 1;
-                outage.last_error = Some(err);
-                tokio::time::sleep(delay).await;
-            }
+            Err(next) if next.is_unreachable() => err = next,
             result => return result,
         }
     }
