@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use distlock_core::{DistributedLock, LockOptions};
 use distlock_etcd::EtcdLock;
 use distlock_testkit::servers::PrivateEtcd;
-use support::{kill_paused, EtcdTestExt};
+use support::EtcdTestExt;
 
 /// How long the waiter may take to be granted once the server is back:
 /// the background retry backs off to 2 s at most; without it, the waiter
@@ -85,7 +85,7 @@ async fn a_release_cut_off_by_a_paused_server_is_retried_and_the_waiter_granted(
     // A paused server that resumes may still read and apply the delete
     // left in its socket; one that went down never does. The leases
     // survive the restart (etcd keeps them on disk and renews them).
-    kill_paused(&mut etcd);
+    etcd.kill_paused();
     etcd.start_again().await;
 
     // The holder's session lease is kept alive; only the retry deletes

@@ -10,7 +10,7 @@ use std::time::Duration;
 use distlock_core::{DistributedLock, LockOptions};
 use distlock_testkit::servers::PrivateZooKeeper;
 use distlock_zookeeper::ZooKeeperLock;
-use support::{eventually, kill_paused, spawn_waiter};
+use support::{eventually, spawn_waiter};
 use zookeeper_client as zk;
 
 /// How long the waiter may take to be granted once the server is back:
@@ -58,7 +58,7 @@ async fn a_release_cut_off_by_a_paused_server_is_retried_and_the_waiter_granted(
     // A paused server that resumes reads the delete still in its socket
     // and applies it after all; one that went down never does. Both
     // sessions survive the restart (the server keeps them in its log).
-    kill_paused(&mut server);
+    server.kill_paused();
     server.start_again().await;
 
     // The holder's session lives on; only the retry deletes its node. (The

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use distlock_testkit::servers::{PrivateEtcd, ServerProcess};
+use distlock_testkit::servers::PrivateEtcd;
 
 /// A raw client of the private etcd, and its request counters.
 pub trait EtcdTestExt {
@@ -68,19 +68,4 @@ pub fn grown(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Has
             (delta != 0.0).then(|| (name.clone(), delta))
         })
         .collect()
-}
-
-/// Kills a paused server where it stands: SIGKILL with no SIGCONT first
-/// ([`ServerProcess::kill`] resumes it for an instant), so that it never
-/// reads the requests still in its sockets, as a member that crashed or
-/// was cut off would not. Then reaps it; `start_again` brings it back on
-/// the same data.
-pub fn kill_paused(server: &mut ServerProcess) {
-    let pid = server.pid().as_raw().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -KILL {pid}: {status}");
-    server.kill();
 }

@@ -293,6 +293,16 @@ impl ServerProcess {
         }
     }
 
+    /// Kills a paused server where it stands: SIGKILL without the SIGCONT
+    /// that [`kill`](Self::kill) sends first, so that it never reads the
+    /// requests still in its sockets, as a member that crashed or was cut
+    /// off would not. Then reaps it; [`start_again`](Self::start_again)
+    /// brings it back on the same data.
+    pub fn kill_paused(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.kill();
+    }
+
     /// [`kill`](Self::kill), then [`start_again`](Self::start_again).
     pub async fn restart(&mut self) {
         self.kill();

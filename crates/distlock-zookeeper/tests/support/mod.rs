@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use distlock_core::{DistributedLock, LockGuard, LockOptions};
-use distlock_testkit::servers::ServerProcess;
 use distlock_zookeeper::ZooKeeperLock;
 use tokio::task::JoinHandle;
 
@@ -34,19 +33,4 @@ pub fn spawn_waiter(
 ) -> JoinHandle<distlock_core::Result<LockGuard>> {
     let (client, key, options) = (client.clone(), key.to_owned(), options.clone());
     tokio::spawn(async move { client.lock(&key, &options).await })
-}
-
-/// Kills a paused server where it stands: SIGKILL with no SIGCONT first
-/// ([`ServerProcess::kill`] resumes it for an instant), so that it never
-/// reads the requests still in its sockets, as a member that crashed or
-/// was cut off would not. Then reaps it; `start_again` brings it back on
-/// the same data.
-pub fn kill_paused(server: &mut ServerProcess) {
-    let pid = server.pid().as_raw().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -KILL {pid}: {status}");
-    server.kill();
 }
