@@ -235,9 +235,23 @@ impl ServerProcess {
     }
 
     /// Freezes the server (SIGSTOP): it keeps its sockets and connections
-    /// but answers nothing until [`resume`](Self::resume).
+    /// but answers nothing until [`resume`](Self::resume). Returns once
+    /// every thread of it is stopped: `kill` only queues the signal, and a
+    /// thread busy on the other core could otherwise still answer a
+    /// request sent right after this returns.
     pub fn pause(&self) {
         self.signal(Signal::SIGSTOP);
+        let pid = self.pid();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private {} (pid {pid}) did not stop within 10 s of SIGSTOP",
+                self.name
+            );
+            // No event tells when a signal took effect; /proc is polled.
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Thaws a paused server (SIGCONT).
@@ -526,4 +540,24 @@ fn listening_inodes(port: u16) -> Vec<u64> {
         }
     }
     inodes
+}
+
+/// True when every thread of `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`); false while one still runs or cannot be
+/// read.
+fn all_threads_stopped(pid: Pid) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.into_iter().all(|task| {
+        let Ok(task) = task else { return false };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return false;
+        };
+        // The state follows the command name, which is in parentheses and
+        // may contain spaces.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
 }
