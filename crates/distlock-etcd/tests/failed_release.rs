@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use distlock_core::{DistributedLock, LockOptions};
 use distlock_etcd::EtcdLock;
@@ -18,19 +18,7 @@ use support::EtcdTestExt;
 /// waits its whole minute.
 const GRANTED_WITHIN: Duration = Duration::from_secs(10);
 
-/// Polls `condition` every 20 ms until it holds or `within` passes: for
-/// server-side state that has no event to await.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use distlock_testkit::eventually;
 
 /// The number of keys under `prefix`.
 async fn count(raw: &etcd_client::Client, prefix: &str) -> usize {

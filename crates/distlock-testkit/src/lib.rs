@@ -181,6 +181,24 @@ pub async fn service_ready(name: &str, addr: &str) -> bool {
     }
 }
 
+/// Polls `condition` every 20 ms until it holds, and panics naming `what`
+/// if `within` passes first: for server-side state that has no event to
+/// await (a node deleted in the background, a watch registered).
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A key no other test run uses: `distlock-test/<case>/<random>`.
 pub fn unique_key(case: &str) -> String {
     format!("distlock-test/{case}/{:016x}", fastrand::u64(..))
