@@ -483,9 +483,19 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A new directory for one server, under the system's temp dir.
+/// A new directory for one server: in memory (`/dev/shm`) where there is
+/// one, else under the system's temp dir. The fault tests time leases of a
+/// few seconds, and an etcd or ZooKeeper whose fsync waits behind a disk
+/// busy with a build stalls every request for as long: on tmpfs a test
+/// sees the faults it injects, not the disk's.
 fn new_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() && !shm.metadata().is_ok_and(|m| m.permissions().readonly()) {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!(
         "distlock-{name}-{}-{:016x}",
         std::process::id(),
         fastrand::u64(..)
