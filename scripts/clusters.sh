@@ -893,15 +893,74 @@ cluster_status() {
   return "$rc"
 }
 
+# ------------------------------------------------------------- faults ----
+
+# The member that leads group $1 now: the etcd or ZooKeeper leader, the
+# Sentinel primary, or (redis-cluster) the primary serving the slot of key
+# $2. Prints its name; fails, saying why, when there is none.
+cluster_leader() {
+  local group=${1:-} key=${2:-} name exe port extra addr slot p
+  case "$group" in
+    etcd | zookeeper)
+      while read -r name exe port extra; do
+        case "$(member_role "$name" "$port")" in
+          leader*) echo "$name" && return 0 ;;
+        esac
+      done < <(group_members "$group")
+      die "cluster leader: no $group member reports itself leader now"
+      ;;
+    sentinel)
+      for p in "${SENTINEL_PORTS[@]}"; do
+        addr="$(sentinel_primary "$p")"
+        if [[ -n "$addr" ]]; then echo "redis-${addr##*:}" && return 0; fi
+      done
+      die "cluster leader: no Sentinel names a primary for $SENTINEL_MASTER"
+      ;;
+    redis-cluster)
+      [[ -n "$key" ]] || die "cluster leader redis-cluster needs a key: cluster leader redis-cluster KEY"
+      for p in "${RCLUSTER_PORTS[@]}"; do
+        slot="$(rcli "$p" cluster keyslot "$key")"
+        [[ "$slot" =~ ^[0-9]+$ ]] || continue
+        # CLUSTER NODES: id host:port@bus flags primary ping pong epoch link slot-ranges...
+        addr="$(rcli "$p" cluster nodes | awk -v slot="$slot" '
+          $3 ~ /master/ && $3 !~ /fail/ {
+            for (i = 9; i <= NF; i++) {
+              n = split($i, r, "-"); lo = r[1] + 0; hi = (n == 2 ? r[2] : r[1]) + 0
+              if ($i !~ /^\[/ && lo <= slot && slot <= hi) { a = $2; sub(/@.*/, "", a); sub(/.*:/, "", a); print a; exit }
+            }
+          }')"
+        if [[ "$addr" =~ ^[0-9]+$ ]]; then echo "node-$addr" && return 0; fi
+      done
+      die "cluster leader: no Redis Cluster node says who serves the slot of '$key'"
+      ;;
+    *) die "cluster leader: unknown group '$group' (use etcd, zookeeper, sentinel or redis-cluster)" ;;
+  esac
+}
+
+# Sends signal $2 (KILL, STOP, CONT, TERM) to member $1, by its pid file:
+# never by name, which would reach the single-node servers too.
+cluster_signal() {
+  local name=${1:-} signal=${2:-} pid
+  [[ -n "$name" && -n "$signal" ]] || die "usage: cluster signal MEMBER KILL|STOP|CONT|TERM"
+  case "$signal" in KILL | STOP | CONT | TERM) ;; *) die "cluster signal: unknown signal '$signal' (use KILL, STOP, CONT or TERM)" ;; esac
+  [[ -n "$(member_group "$name")" ]] || die "cluster signal: unknown member '$name' (see cluster status)"
+  pid="$(cat "$CDIR/$name.pid" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] && pid_alive "$pid" ||
+    die "cluster signal: $name is not running (no live pid in $CDIR/$name.pid)"
+  kill "-$signal" "$pid"
+}
+
 cmd_cluster() {
   case "${1:-start}" in
     start) cluster_start ;;
+    leader) cluster_leader "${@:2}" ;;
+    signal) cluster_signal "${@:2}" ;;
     stop) cluster_stop ;;
     restart)
       cluster_stop
       cluster_start
       ;;
     status) cluster_status ;;
-    *) die "unknown cluster command '$1' (use cluster start, stop, restart or status)" ;;
+    *) die "unknown cluster command '$1' (use cluster start, stop, restart, status, leader or signal)" ;;
   esac
 }
