@@ -56,12 +56,15 @@
 
 mod acquire;
 mod client;
+mod cluster;
 mod config;
 mod held;
 mod keys;
 mod node;
 mod renewal;
+mod replicas;
 mod scripts;
+mod sentinel;
 mod subscriber;
 
 use std::sync::Arc;
@@ -70,7 +73,9 @@ use async_trait::async_trait;
 use distlock_core::backend;
 use distlock_core::{Capabilities, DistributedLock, LockGuard, LockOptions, Result};
 
-pub use config::{RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT};
+pub use config::{
+    RedisConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
+};
 
 use client::Shared;
 
@@ -121,9 +126,16 @@ impl RedisLock {
         keys::LockKeys::new(&self.shared.prefix, key).lock
     }
 
-    /// The `host:port` of the servers, comma-separated.
+    /// The `host:port` of the servers, comma-separated (the Sentinels, or
+    /// a Cluster's seed nodes, as configured).
     pub fn endpoints(&self) -> &str {
         &self.shared.endpoints
+    }
+
+    /// The `host:port` of the primary in use, for a client that follows
+    /// Sentinels (`redis+sentinel://`); `None` for the other topologies.
+    pub fn primary(&self) -> Option<String> {
+        self.shared.nodes[0].primary()
     }
 }
 
