@@ -148,7 +148,9 @@ impl Shared {
             };
             let retry_in = match outcome {
                 Outcome::Granted(granted) => {
-                    if let Err(err) = self.wait_for_replicas(key, &keys, &owner, options.ttl).await
+                    if let Err(err) = self
+                        .wait_for_replicas(key, &keys, &owner, options.ttl)
+                        .await
                     {
                         cleanup.run_now().await;
                         return Err(err);
@@ -218,7 +220,10 @@ impl Shared {
                 else {
                     break;
                 };
-                if let Err(err) = self.wait_for_replicas(key, &keys, &owner, options.ttl).await {
+                if let Err(err) = self
+                    .wait_for_replicas(key, &keys, &owner, options.ttl)
+                    .await
+                {
                     cleanup.run_now().await;
                     return Err(err);
                 }

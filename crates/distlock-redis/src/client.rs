@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use distlock_core::{Error, Result};
-use futures::future::join_all;
 use crate::config::RedisConfig;
 use crate::node::{timed_out, Conn, Node};
 use crate::renewal::Renewals;
 use crate::scripts::{LuaScript, Publishing};
 use crate::sentinel::SentinelPrimary;
 use crate::subscriber::Subscriber;
+use distlock_core::{Error, Result};
+use futures::future::join_all;
 
 /// How long the fence counter outlives the last grant. Tokens stay
 /// increasing after it expires (they are seeded from the server clock).
@@ -122,13 +122,12 @@ impl Shared {
             nodes.push(Node::sentinel(all.clone(), primary));
         } else if config.cluster {
             let bound = config.connect_timeout + config.timeout;
-            let conn = match tokio::time::timeout(bound, crate::cluster::connect(&config, None))
-                .await
-            {
-                Ok(conn) => conn,
-                Err(_) => Err(timed_out("no cluster node answered in time")),
-            }
-            .map_err(|err| Error::connection(name, all.as_str(), err))?;
+            let conn =
+                match tokio::time::timeout(bound, crate::cluster::connect(&config, None)).await {
+                    Ok(conn) => conn,
+                    Err(_) => Err(timed_out("no cluster node answered in time")),
+                }
+                .map_err(|err| Error::connection(name, all.as_str(), err))?;
             let subscriber = Subscriber::cluster(&config, retry_message(&client_id));
             nodes.push(Node::cluster(all.clone(), conn, subscriber));
         }

@@ -217,11 +217,12 @@ impl RedisConfig {
     /// percent-encoded.
     pub fn from_url(url: &str) -> Result<Self> {
         let bad = |reason: String| Error::invalid_url(redact_url(url), reason);
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| {
-                bad("expected redis://, rediss://, redlock://, redis+sentinel:// or redis+cluster://".into())
-            })?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            bad(
+                "expected redis://, rediss://, redlock://, redis+sentinel:// or redis+cluster://"
+                    .into(),
+            )
+        })?;
         let UrlParts {
             userinfo,
             hosts,
@@ -241,12 +242,10 @@ impl RedisConfig {
             "redlock" => RedisConfig::redlock(Vec::<String>::new()),
             "redis+sentinel" => RedisConfig::sentinel(Vec::<String>::new(), ""),
             "redis+cluster" => RedisConfig::cluster(Vec::<String>::new()),
-            _ => {
-                return Err(bad(
-                    "unknown scheme; expected redis, rediss, redlock, redis+sentinel or redis+cluster"
-                        .into(),
-                ))
-            }
+            _ => return Err(bad(
+                "unknown scheme; expected redis, rediss, redlock, redis+sentinel or redis+cluster"
+                    .into(),
+            )),
         };
         let default_port = if config.sentinel_master.is_some() {
             DEFAULT_SENTINEL_PORT
@@ -316,7 +315,9 @@ impl RedisConfig {
                 }
                 "wait_replicas" => {
                     config.wait_replicas = value.parse().map_err(|_| {
-                        bad(format!("wait_replicas={value:?}: expected a number of replicas"))
+                        bad(format!(
+                            "wait_replicas={value:?}: expected a number of replicas"
+                        ))
                     })?
                 }
                 "wait_timeout" => {
@@ -660,7 +661,11 @@ mod tests {
         }
         let mut both = RedisConfig::cluster(["h"]);
         both.sentinel_master = Some("m".into());
-        assert!(both.validate().unwrap_err().to_string().contains("one topology"));
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("one topology"));
     }
 
     #[test]

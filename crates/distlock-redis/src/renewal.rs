@@ -265,8 +265,7 @@ async fn renew_batch(
                 .arg(ttls[i]),
         );
     }
-    let replies = match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await
-    {
+    let replies = match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await {
         Ok(Ok(values)) if values.len() == which.len() => Ok(values),
         Ok(Ok(_)) => Err(timed_out(
             "renewal pipeline answered the wrong number of replies",
@@ -305,9 +304,8 @@ async fn renew_by_slot(
             .map(|which| renew_batch(conn.clone(), due, ttls, which, bound)),
     )
     .await;
-    let mut results: Vec<redis::RedisResult<i64>> = (0..due.len())
-        .map(|_| Err(timed_out("no batch")))
-        .collect();
+    let mut results: Vec<redis::RedisResult<i64>> =
+        (0..due.len()).map(|_| Err(timed_out("no batch"))).collect();
     for (which, mut batch) in batches.values().zip(replies) {
         for &i in which {
             results[i] = std::mem::replace(&mut batch[i], Ok(0));

@@ -89,11 +89,7 @@ impl Shared {
                 match tokio::time::timeout(bound, pipe.query_async(&mut conn)).await {
                     Ok(result) => result.map_err(|err| self.op_error("replicate", key, err))?,
                     Err(_) => {
-                        return Err(self.op_error(
-                            "replicate",
-                            key,
-                            timed_out("no answer to WAIT"),
-                        ))
+                        return Err(self.op_error("replicate", key, timed_out("no answer to WAIT")))
                     }
                 };
             if extended != 1 {

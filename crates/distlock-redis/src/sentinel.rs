@@ -342,7 +342,8 @@ fn sentinel_info(config: &RedisConfig, endpoint: &str) -> RedisResult<Connection
 
 /// How the redis crate reaches the primary it finds.
 fn node_info(config: &RedisConfig) -> SentinelNodeConnectionInfo {
-    let info = SentinelNodeConnectionInfo::default().set_redis_connection_info(config.redis_settings());
+    let info =
+        SentinelNodeConnectionInfo::default().set_redis_connection_info(config.redis_settings());
     if config.tls {
         info.set_tls_mode(redis::TlsMode::Secure)
     } else {

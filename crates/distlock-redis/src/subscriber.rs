@@ -47,9 +47,9 @@ pub(crate) struct Subscriber {
 
 /// Where a subscriber connects.
 enum Source {
-    Server(redis::Client),
+    Server(Box<redis::Client>),
     /// A Redis Cluster (its configuration): sharded pub/sub over RESP3.
-    Cluster(Box<RedisConfig>),
+    Cluster(RedisConfig),
 }
 
 /// Where SUBSCRIBE and UNSUBSCRIBE go.
@@ -119,12 +119,12 @@ pub(crate) struct Subscription {
 
 impl Subscriber {
     pub fn new(client: redis::Client, timeout: Duration, own_message: String) -> Arc<Self> {
-        Self::with_source(Source::Server(client), timeout, own_message)
+        Self::with_source(Source::Server(Box::new(client)), timeout, own_message)
     }
 
     /// Sharded pub/sub on the Redis Cluster of `config`.
     pub fn cluster(config: &RedisConfig, own_message: String) -> Arc<Self> {
-        let source = Source::Cluster(Box::new(config.clone()));
+        let source = Source::Cluster(config.clone());
         Self::with_source(source, config.timeout, own_message)
     }
 
@@ -319,11 +319,11 @@ impl Subscriber {
     async fn open_cluster(&self, config: &RedisConfig) -> redis::RedisResult<Arc<PubSubConn>> {
         let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
         let connect = crate::cluster::connect(config, Some(pushes));
-        let cluster = match tokio::time::timeout(config.connect_timeout + self.timeout, connect).await
-        {
-            Ok(result) => result?,
-            Err(_) => return Err(timed_out("cluster pub/sub connection timed out")),
-        };
+        let cluster =
+            match tokio::time::timeout(config.connect_timeout + self.timeout, connect).await {
+                Ok(result) => result?,
+                Err(_) => return Err(timed_out("cluster pub/sub connection timed out")),
+            };
         let (closer, mut closed) = tokio::sync::oneshot::channel::<()>();
         let conn = Arc::new(PubSubConn {
             sink: Sink::Cluster(cluster),
@@ -347,10 +347,8 @@ impl Subscriber {
                     (
                         PushKind::SMessage | PushKind::Message,
                         [Value::BulkString(channel), Value::BulkString(payload), ..],
-                    ) => {
-                        if payload.as_slice() != own_message.as_bytes() {
-                            conn.deliver(&String::from_utf8_lossy(channel), payload);
-                        }
+                    ) if payload.as_slice() != own_message.as_bytes() => {
+                        conn.deliver(&String::from_utf8_lossy(channel), payload);
                     }
                     // The crate subscribes again by itself; meanwhile a
                     // message may be lost: wake the waiters to ask the

@@ -58,8 +58,7 @@ mod conformance {
                 let url = fault_url.clone();
                 async move {
                     let client = RedisLock::connect(&url).await.unwrap();
-                    let deleted: i64 =
-                        query(redis::cmd("DEL").arg(client.redis_key(&key))).await;
+                    let deleted: i64 = query(redis::cmd("DEL").arg(client.redis_key(&key))).await;
                     assert_eq!(deleted, 1, "no lock key to take away");
                 }
             })

@@ -141,7 +141,10 @@ async fn wait_replicas_more_than_exist_fails_and_leaves_no_key() {
     else {
         panic!("expected Unavailable, got {err:?}");
     };
-    assert_eq!((*backend, err_key.as_str()), ("redis-sentinel", key.as_str()));
+    assert_eq!(
+        (*backend, err_key.as_str()),
+        ("redis-sentinel", key.as_str())
+    );
     let primary = locks.primary().unwrap();
     assert!(endpoint.contains(&primary), "{endpoint}");
     let source = std::error::Error::source(&err).unwrap().to_string();
@@ -157,10 +160,14 @@ async fn wait_replicas_more_than_exist_fails_and_leaves_no_key() {
     assert!(err.is_timeout(), "{err:?}");
     // The dropped attempt's cleanup runs in the background.
     let name = locks.redis_key(&key);
-    eventually("the abandoned grant is deleted", Duration::from_secs(5), || {
-        let (mut conn, name) = (conn.clone(), name.clone());
-        async move { !exists(&mut conn, &name).await }
-    })
+    eventually(
+        "the abandoned grant is deleted",
+        Duration::from_secs(5),
+        || {
+            let (mut conn, name) = (conn.clone(), name.clone());
+            async move { !exists(&mut conn, &name).await }
+        },
+    )
     .await;
     let _: i64 = redis::cmd("DEL")
         .arg(name.replace(":lock", ":fence"))
@@ -197,9 +204,11 @@ async fn follows_a_sentinel_failover() {
         .query_async(&mut sentinel)
         .await
         .unwrap();
-    eventually("the Sentinels name a new primary", Duration::from_secs(20), || async {
-        primary_conn().await.0 != old
-    })
+    eventually(
+        "the Sentinels name a new primary",
+        Duration::from_secs(20),
+        || async { primary_conn().await.0 != old },
+    )
     .await;
     let (new, mut new_conn) = primary_conn().await;
     eventually("the client follows", Duration::from_secs(10), || async {
@@ -231,19 +240,23 @@ async fn follows_a_sentinel_failover() {
         .query_async(&mut old_conn)
         .await
         .unwrap();
-    eventually("both replicas follow the new primary", Duration::from_secs(30), || {
-        let mut conn = new_conn.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            info.lines()
-                .filter(|line| line.starts_with("slave") && line.contains("state=online"))
-                .count()
-                == 2
-        }
-    })
+    eventually(
+        "both replicas follow the new primary",
+        Duration::from_secs(30),
+        || {
+            let mut conn = new_conn.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                info.lines()
+                    .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+                    .count()
+                    == 2
+            }
+        },
+    )
     .await;
 }
