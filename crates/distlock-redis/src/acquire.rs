@@ -62,7 +62,7 @@ use tokio::time::Instant;
 use crate::client::{Shared, FENCE_IDLE_TTL};
 use crate::keys::LockKeys;
 use crate::node::timed_out;
-use crate::scripts::{ACQUIRE, RELEASE};
+use crate::scripts::ACQUIRE;
 use crate::subscriber::Subscription;
 
 /// How long a fair waiter's queue entry lives without a refresh: a waiter
@@ -91,6 +91,13 @@ impl Shared {
         let owner = self.new_owner();
         let cleanup = CleanupOnDrop::arm(ABANDONED, || self.abandon(&keys, &owner, ""));
         let outcome = match self.attempt(key, &keys, &owner, "", options.ttl).await {
+            Ok(Outcome::Granted(granted)) => self
+                .wait_for_replicas(key, &keys, &owner, options.ttl)
+                .await
+                .map(|()| Outcome::Granted(granted)),
+            outcome => outcome,
+        };
+        let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(err) => {
                 cleanup.run_now().await;
@@ -141,6 +148,13 @@ impl Shared {
             };
             let retry_in = match outcome {
                 Outcome::Granted(granted) => {
+                    if let Err(err) = self
+                        .wait_for_replicas(key, &keys, &owner, options.ttl)
+                        .await
+                    {
+                        cleanup.run_now().await;
+                        return Err(err);
+                    }
                     cleanup.disarm();
                     return Ok(self.make_guard(key, keys, owner, granted, options));
                 }
@@ -206,6 +220,13 @@ impl Shared {
                 else {
                     break;
                 };
+                if let Err(err) = self
+                    .wait_for_replicas(key, &keys, &owner, options.ttl)
+                    .await
+                {
+                    cleanup.run_now().await;
+                    return Err(err);
+                }
                 cleanup.disarm();
                 let granted = Granted {
                     token: grant.token,
@@ -345,14 +366,15 @@ impl Shared {
     /// publishes a retry hint the releasing client itself ignores.
     async fn release_all(&self, keys: &LockKeys, owner: &str, ttl: Duration, wake: bool) {
         let channel = if wake { keys.channel.as_str() } else { "" };
-        let mut command = RELEASE.command(1);
+        let script = self.scripts.release;
+        let mut command = script.command(1);
         command
             .arg(&keys.lock)
             .arg(owner)
             .arg(channel)
             .arg(self.retry_message());
         let _ = self
-            .script_on_all::<i64>(self.node_timeout(ttl), &RELEASE, &command)
+            .script_on_all::<i64>(self.node_timeout(ttl), script, &command)
             .await;
     }
 
@@ -361,7 +383,7 @@ impl Shared {
     fn live_subscriptions(&self, channels: &[&str]) -> Vec<Subscription> {
         let mut live = Vec::new();
         for node in &self.nodes {
-            match node.subscriber.live(channels) {
+            match node.subscriber().live(channels) {
                 Some(subscriptions) => live.extend(subscriptions),
                 None => return Vec::new(),
             }
@@ -378,12 +400,13 @@ impl Shared {
             self.timeout * 2
         };
         let results = join_all(self.nodes.iter().map(|node| async move {
-            let result = match tokio::time::timeout(bound, node.subscriber.subscribe(channels)).await {
+            let subscriber = node.subscriber();
+            let result = match tokio::time::timeout(bound, subscriber.subscribe(channels)).await {
                 Ok(result) => result,
                 Err(_) => Err(timed_out("SUBSCRIBE was not confirmed in time")),
             };
             if let Err(err) = &result {
-                tracing::debug!(endpoint = %node.endpoint, error = %err, "distlock: cannot subscribe; waiting by polling");
+                tracing::debug!(endpoint = %node.endpoint(), error = %err, "distlock: cannot subscribe; waiting by polling");
             }
             result
         }))

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::RedisConfig;
+use crate::node::{timed_out, Conn, Node};
+use crate::renewal::Renewals;
+use crate::scripts::{LuaScript, Publishing};
+use crate::sentinel::SentinelPrimary;
+use crate::subscriber::Subscriber;
 use distlock_core::{Error, Result};
 use futures::future::join_all;
-use redis::aio::ConnectionManager;
-
-use crate::config::RedisConfig;
-use crate::node::{timed_out, Node};
-use crate::renewal::Renewals;
-use crate::scripts::LuaScript;
 
 /// How long the fence counter outlives the last grant. Tokens stay
 /// increasing after it expires (they are seeded from the server clock).
@@ -33,6 +33,11 @@ pub(crate) struct Shared {
     pub endpoints: String,
     pub renewals: Arc<Renewals>,
     pub client_id: String,
+    /// The scripts that publish: `SPUBLISH` on a Redis Cluster.
+    pub scripts: Publishing,
+    /// Replicas that must acknowledge a grant (`WAIT`); 0: none.
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
     seq: AtomicU64,
 }
 
@@ -102,14 +107,36 @@ impl Shared {
     /// servers cannot be reached within the connect timeout plus the
     /// timeout.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
-        let name = if config.redlock { "redlock" } else { "redis" };
+        let name = config.backend_name();
         if config.tls {
             // Several rustls providers may be compiled in; pick ours once.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client_id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let mut nodes = Vec::with_capacity(config.endpoints.len());
-        for endpoint in &config.endpoints {
+        let all = config.endpoints.join(",");
+        if config.sentinel_master.is_some() {
+            let primary = SentinelPrimary::connect(&config, retry_message(&client_id))
+                .await
+                .map_err(|err| Error::connection(name, all.as_str(), err))?;
+            nodes.push(Node::sentinel(all.clone(), primary));
+        } else if config.cluster {
+            let bound = config.connect_timeout + config.timeout;
+            let conn =
+                match tokio::time::timeout(bound, crate::cluster::connect(&config, None)).await {
+                    Ok(conn) => conn,
+                    Err(_) => Err(timed_out("no cluster node answered in time")),
+                }
+                .map_err(|err| Error::connection(name, all.as_str(), err))?;
+            let subscriber = Subscriber::cluster(&config, retry_message(&client_id));
+            nodes.push(Node::cluster(all.clone(), conn, subscriber));
+        }
+        let fixed = if nodes.is_empty() {
+            &config.endpoints[..]
+        } else {
+            &[]
+        };
+        for endpoint in fixed {
             let own_message = retry_message(&client_id);
             let node = config.connection_info(endpoint).and_then(|info| {
                 Node::new(
@@ -134,7 +161,7 @@ impl Shared {
         let mut first_error = None;
         for (node, ping) in nodes.iter().zip(pings) {
             if let Err(err) = ping {
-                failed.push(node.endpoint.clone());
+                failed.push(node.endpoint());
                 first_error.get_or_insert(err);
             }
         }
@@ -145,19 +172,18 @@ impl Shared {
         if !failed.is_empty() {
             tracing::warn!(unreachable = %failed.join(","), "distlock: some Redlock instances are unreachable; a majority answers");
         }
-        let endpoints = nodes
-            .iter()
-            .map(|n| n.endpoint.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
+        let scripts = Publishing::new(config.cluster);
         Ok(Shared {
+            scripts,
+            wait_replicas: config.wait_replicas,
+            wait_timeout: config.wait_timeout,
             name,
             nodes,
             quorum,
             prefix: config.prefix,
             fair: config.fair,
             timeout: config.timeout,
-            endpoints,
+            endpoints: all,
             renewals: Arc::new(Renewals::default()),
             client_id,
             seq: AtomicU64::new(0),
@@ -187,15 +213,21 @@ impl Shared {
     /// the server could not be reached (which `lock` retries within its
     /// wait), else [`Error::Backend`] with the server's answer.
     pub fn op_error(&self, operation: &'static str, key: &str, err: redis::RedisError) -> Error {
-        let endpoint = if self.nodes.len() == 1 {
-            &self.nodes[0].endpoint
+        let endpoint = self.endpoint();
+        if is_unreachable(&err) || is_failing_over(&err) {
+            Error::unavailable(self.name, endpoint, operation, key, err)
         } else {
-            &self.endpoints
-        };
-        if is_unreachable(&err) {
-            Error::unavailable(self.name, endpoint.as_str(), operation, key, err)
+            Error::backend(self.name, endpoint, operation, key, err)
+        }
+    }
+
+    /// What errors name: the one server (Sentinel: the primary in use),
+    /// or every endpoint.
+    pub fn endpoint(&self) -> String {
+        if self.nodes.len() == 1 {
+            self.nodes[0].endpoint()
         } else {
-            Error::backend(self.name, endpoint.as_str(), operation, key, err)
+            self.endpoints.clone()
         }
     }
 
@@ -248,14 +280,14 @@ impl Shared {
     /// connection's reply timeout).
     pub async fn on_all<T, F, Fut>(&self, per_node: Duration, op: F) -> Vec<redis::RedisResult<T>>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if self.nodes.len() == 1 {
-            return vec![op(self.nodes[0].conn.clone()).await];
+            return vec![op(self.nodes[0].conn()).await];
         }
         join_all(self.nodes.iter().map(|node| {
-            let request = op(node.conn.clone());
+            let request = op(node.conn());
             async move {
                 match tokio::time::timeout(per_node, request).await {
                     Ok(result) => result,
@@ -291,6 +323,24 @@ pub(crate) fn is_unreachable(err: &redis::RedisError) -> bool {
         || err.is_timeout()
         || err.is_connection_dropped()
         || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+}
+
+/// True when `err` is an answer a failover gives: a replica refusing a
+/// write (`READONLY`: Sentinel switched primaries), a primary cut off from
+/// its replicas (`MASTERDOWN`), a Cluster slot that is moving or without a
+/// primary (`TRYAGAIN`, `CLUSTERDOWN`). Nothing was done, and a later
+/// attempt, on the new primary, may succeed.
+pub(crate) fn is_failing_over(err: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        err.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+        )
+    )
 }
 
 /// What a client publishes when it gives back a split vote.

@@ -1,5 +1,5 @@
-//! The configuration, and the `redis://`, `rediss://` and `redlock://` URLs
-//! that spell it.
+//! The configuration, and the `redis://`, `rediss://`, `redlock://`,
+//! `redis+sentinel://` and `redis+cluster://` URLs that spell it.
 
 use std::fmt;
 use std::time::Duration;
@@ -19,11 +19,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default bound on connecting to a server: 4 seconds.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// The default bound on a `WAIT` for replica acknowledgements (see
+/// [`RedisConfig::wait_timeout`]): 100 ms. Replicas on a healthy network
+/// acknowledge within a millisecond or two; 100 ms absorbs a busy replica
+/// or a slow link while keeping what a missing replica costs each grant
+/// small against any sensible TTL (at least 10 ms, usually seconds).
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// The port of an endpoint that names none.
 const DEFAULT_PORT: u16 = 6379;
 
+/// The port of a Sentinel endpoint that names none.
+const DEFAULT_SENTINEL_PORT: u16 = 26379;
+
 /// The URL options, for the error that names an unknown one.
-const OPTIONS: &str = "prefix, fair, timeout, connect_timeout, tls";
+const OPTIONS: &str =
+    "prefix, fair, timeout, connect_timeout, tls, db, wait_replicas, wait_timeout";
 
 /// Where and how a [`RedisLock`](crate::RedisLock) connects: parsed from a
 /// URL (see the crate docs for the forms) or built with [`new`](Self::new)
@@ -48,10 +59,25 @@ const OPTIONS: &str = "prefix, fair, timeout, connect_timeout, tls";
 #[non_exhaustive]
 pub struct RedisConfig {
     /// `host:port` of each server (`[v6 address]:port` for IPv6): one, or
-    /// the independent servers of a Redlock quorum (3 or 5).
+    /// the independent servers of a Redlock quorum (3 or 5), or the
+    /// Sentinels (with [`sentinel_master`](Self::sentinel_master)), or seed
+    /// nodes of a Redis Cluster (with [`cluster`](Self::cluster)).
     pub endpoints: Vec<String>,
     /// A Redlock quorum over `endpoints` rather than one server.
     pub redlock: bool,
+    /// `Some(master name)`: `endpoints` are Redis Sentinels, and the locks
+    /// live on the primary they name for it (`redis+sentinel://`).
+    pub sentinel_master: Option<String>,
+    /// `endpoints` are seed nodes of a Redis Cluster (`redis+cluster://`).
+    pub cluster: bool,
+    /// After each grant, wait until this many replicas acknowledged it
+    /// (`WAIT`), else give the lock back and fail; 0 (the default) does
+    /// not wait. One primary only (`redis://`, Sentinel, Cluster). See
+    /// "Replica acknowledgements" in the crate docs for what it narrows.
+    pub wait_replicas: u32,
+    /// The bound of that `WAIT`; between 1 ms and 1 h, default
+    /// [`DEFAULT_WAIT_TIMEOUT`].
+    pub wait_timeout: Duration,
     /// TLS to every server (rustls, system roots): `rediss://`, or
     /// `tls=true` on a `redlock://` URL.
     pub tls: bool,
@@ -79,6 +105,10 @@ impl fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("endpoints", &self.endpoints)
             .field("redlock", &self.redlock)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("cluster", &self.cluster)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .field("tls", &self.tls)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
@@ -99,6 +129,10 @@ impl RedisConfig {
         RedisConfig {
             endpoints: vec![with_default_port(&endpoint.into())],
             redlock: false,
+            sentinel_master: None,
+            cluster: false,
+            wait_replicas: 0,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
             tls: false,
             username: None,
             password: None,
@@ -125,16 +159,70 @@ impl RedisConfig {
         }
     }
 
+    /// The primary that the Sentinels at `sentinels` (`host`, `host:port`;
+    /// port 26379 when none) name for `master`, with the defaults of
+    /// [`new`](Self::new).
+    pub fn sentinel<S: Into<String>>(
+        sentinels: impl IntoIterator<Item = S>,
+        master: impl Into<String>,
+    ) -> Self {
+        RedisConfig {
+            endpoints: sentinels
+                .into_iter()
+                .map(|endpoint| with_port(&endpoint.into(), DEFAULT_SENTINEL_PORT))
+                .collect(),
+            sentinel_master: Some(master.into()),
+            ..RedisConfig::new("")
+        }
+    }
+
+    /// A Redis Cluster reached through the seed nodes `nodes` (any node
+    /// will do; more than one in case one is down), with the defaults of
+    /// [`new`](Self::new).
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        RedisConfig {
+            endpoints: nodes
+                .into_iter()
+                .map(|endpoint| with_default_port(&endpoint.into()))
+                .collect(),
+            cluster: true,
+            ..RedisConfig::new("")
+        }
+    }
+
+    /// The topology's backend name, as errors and spans report it:
+    /// `redis`, `redlock`, `redis-sentinel` or `redis-cluster`.
+    pub(crate) fn backend_name(&self) -> &'static str {
+        if self.redlock {
+            "redlock"
+        } else if self.sentinel_master.is_some() {
+            "redis-sentinel"
+        } else if self.cluster {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+
     /// Parses `redis://[user:password@]host[:port][/db]`, `rediss://…`
-    /// (TLS) or `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`, with
-    /// the options `prefix`, `fair` (`true`/`false`), `timeout` (a
-    /// duration such as `2s` or `500ms`) and, for `redlock://`, `tls`.
-    /// User, password and option values may be percent-encoded.
+    /// (TLS), `redlock://[user:password@]h1:p1,h2:p2,h3:p3[/db]`,
+    /// `redis+sentinel://[user:password@]s1:26379,s2:26379,s3:26379/<master name>`
+    /// or `redis+cluster://[user:password@]h1:7000,h2:7001`, with the
+    /// options `prefix`, `fair` (`true`/`false`), `timeout` (a duration
+    /// such as `2s` or `500ms`), `connect_timeout`, `wait_replicas` and
+    /// `wait_timeout` (one primary only), `db` (Sentinel, where the path is
+    /// the master name) and, except for `redis://`/`rediss://`, `tls`.
+    /// User and password are the data nodes' (Sentinels are reached
+    /// without them). User, password and option values may be
+    /// percent-encoded.
     pub fn from_url(url: &str) -> Result<Self> {
         let bad = |reason: String| Error::invalid_url(redact_url(url), reason);
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected redis://, rediss:// or redlock://".into()))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            bad(
+                "expected redis://, rediss://, redlock://, redis+sentinel:// or redis+cluster://"
+                    .into(),
+            )
+        })?;
         let UrlParts {
             userinfo,
             hosts,
@@ -152,18 +240,24 @@ impl RedisConfig {
                 ..RedisConfig::new("")
             },
             "redlock" => RedisConfig::redlock(Vec::<String>::new()),
-            _ => {
-                return Err(bad(
-                    "unknown scheme; expected redis, rediss or redlock".into()
-                ))
-            }
+            "redis+sentinel" => RedisConfig::sentinel(Vec::<String>::new(), ""),
+            "redis+cluster" => RedisConfig::cluster(Vec::<String>::new()),
+            _ => return Err(bad(
+                "unknown scheme; expected redis, rediss, redlock, redis+sentinel or redis+cluster"
+                    .into(),
+            )),
+        };
+        let default_port = if config.sentinel_master.is_some() {
+            DEFAULT_SENTINEL_PORT
+        } else {
+            DEFAULT_PORT
         };
         config.endpoints.clear();
         for host in hosts.split(',') {
             if host.is_empty() {
                 return Err(bad("missing host".into()));
             }
-            let endpoint = with_default_port(host);
+            let endpoint = with_port(host, default_port);
             if split_endpoint(&endpoint).is_none() {
                 return Err(bad(format!(
                     "bad host {host:?}: expected host, host:port or [v6 address]:port"
@@ -183,7 +277,23 @@ impl RedisConfig {
             config.password = password.map(decode).transpose()?;
         }
         match path.strip_prefix('/').unwrap_or(path) {
+            "" if config.sentinel_master.is_some() => {
+                return Err(bad(
+                    "the path must be the Sentinel master name, e.g. /mymaster".into(),
+                ))
+            }
             "" => {}
+            name if config.sentinel_master.is_some() => {
+                let name = percent_decode(name)
+                    .filter(|name| !name.is_empty() && !name.contains('/'))
+                    .ok_or_else(|| bad(format!("bad Sentinel master name {name:?}")))?;
+                config.sentinel_master = Some(name);
+            }
+            _ if config.cluster => {
+                return Err(bad(
+                    "a Redis Cluster has database 0 only; no path after the hosts".into(),
+                ))
+            }
             db => {
                 config.db = db
                     .parse()
@@ -203,12 +313,33 @@ impl RedisConfig {
                 "connect_timeout" => {
                     config.connect_timeout = parse_duration(name, &value).map_err(bad)?
                 }
+                "wait_replicas" => {
+                    config.wait_replicas = value.parse().map_err(|_| {
+                        bad(format!(
+                            "wait_replicas={value:?}: expected a number of replicas"
+                        ))
+                    })?
+                }
+                "wait_timeout" => {
+                    config.wait_timeout = parse_duration(name, &value).map_err(bad)?
+                }
+                "db" if config.sentinel_master.is_some() => {
+                    config.db = value
+                        .parse()
+                        .map_err(|_| bad(format!("db={value:?}: expected a database number")))?
+                }
+                "db" => {
+                    return Err(bad(
+                        "db= is for redis+sentinel://; elsewhere the path names the database"
+                            .into(),
+                    ))
+                }
                 _ => return Err(bad(format!("unknown option {name:?} (valid: {OPTIONS})"))),
             }
         }
-        if tls && !config.redlock {
+        if tls && !(config.redlock || config.sentinel_master.is_some() || config.cluster) {
             return Err(bad(
-                "tls=true is for redlock://; use rediss:// for one server".into(),
+                "tls=true is for redlock://, redis+sentinel:// and redis+cluster://; use rediss:// for one server".into(),
             ));
         }
         config.tls |= tls;
@@ -236,10 +367,40 @@ impl RedisConfig {
                 "endpoints: {bad:?} is not host:port or [v6 address]:port"
             ));
         }
-        if !self.redlock && self.endpoints.len() != 1 {
+        let topologies = [self.redlock, self.sentinel_master.is_some(), self.cluster];
+        if topologies.iter().filter(|&&on| on).count() > 1 {
+            return Err(
+                "redlock, sentinel_master and cluster exclude each other: pick one topology".into(),
+            );
+        }
+        if topologies == [false; 3] && self.endpoints.len() != 1 {
             return Err(format!(
-                "endpoints: one server unless redlock, got {}",
+                "endpoints: one server unless redlock, Sentinel or Cluster, got {}",
                 self.endpoints.len()
+            ));
+        }
+        if let Some(master) = &self.sentinel_master {
+            if master.is_empty() {
+                return Err("sentinel_master: the master name must not be empty".into());
+            }
+        }
+        if self.cluster && self.db != 0 {
+            return Err(format!(
+                "db={}: a Redis Cluster has database 0 only",
+                self.db
+            ));
+        }
+        if self.wait_replicas > 0 && self.wait_timeout >= self.timeout {
+            return Err(format!(
+                "wait_timeout={}: must be shorter than timeout={} (the WAIT's answer comes within timeout)",
+                humantime::format_duration(self.wait_timeout),
+                humantime::format_duration(self.timeout)
+            ));
+        }
+        if self.redlock && self.wait_replicas > 0 {
+            return Err(format!(
+                "wait_replicas={}: Redlock's instances have no replicas to wait for",
+                self.wait_replicas
             ));
         }
         if self.redlock && self.fair {
@@ -257,6 +418,7 @@ impl RedisConfig {
         for (name, value) in [
             ("timeout", self.timeout),
             ("connect_timeout", self.connect_timeout),
+            ("wait_timeout", self.wait_timeout),
         ] {
             if !(Duration::from_millis(1)..=Duration::from_secs(3600)).contains(&value) {
                 return Err(format!(
@@ -284,6 +446,13 @@ impl RedisConfig {
         } else {
             ConnectionAddr::Tcp(host, port)
         };
+        Ok(addr
+            .into_connection_info()?
+            .set_redis_settings(self.redis_settings()))
+    }
+
+    /// Database, user and password of the data nodes.
+    pub(crate) fn redis_settings(&self) -> RedisConnectionInfo {
         let mut settings = RedisConnectionInfo::default().set_db(i64::from(self.db));
         if let Some(username) = &self.username {
             settings = settings.set_username(username);
@@ -291,12 +460,17 @@ impl RedisConfig {
         if let Some(password) = &self.password {
             settings = settings.set_password(password);
         }
-        Ok(addr.into_connection_info()?.set_redis_settings(settings))
+        settings
     }
 }
 
 /// `endpoint` with the default port when it names none.
 fn with_default_port(endpoint: &str) -> String {
+    with_port(endpoint, DEFAULT_PORT)
+}
+
+/// `endpoint` with `port` when it names none.
+fn with_port(endpoint: &str, port: u16) -> String {
     let has_port = match endpoint.strip_prefix('[') {
         Some(v6) => v6.contains("]:"),
         None => endpoint.contains(':'),
@@ -304,13 +478,13 @@ fn with_default_port(endpoint: &str) -> String {
     if has_port {
         endpoint.to_owned()
     } else {
-        format!("{endpoint}:{DEFAULT_PORT}")
+        format!("{endpoint}:{port}")
     }
 }
 
 /// The host (IPv6 without its brackets) and port of `host:port` or
 /// `[v6]:port`.
-fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
+pub(crate) fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
     let (host, port) = endpoint.rsplit_once(':')?;
     let port = port.parse().ok()?;
     let host = match host.strip_prefix('[') {
@@ -442,6 +616,56 @@ mod tests {
             .to_string()
             .contains("endpoints"));
         assert!(RedisConfig::new("h:x").validate().is_err());
+    }
+
+    #[test]
+    fn sentinel_and_cluster_forms() {
+        let c = RedisConfig::from_url(
+            "redis+sentinel://u:p@s1,s2:26380,s3/mymaster?db=2&wait_replicas=1&wait_timeout=50ms",
+        )
+        .unwrap();
+        assert_eq!(c.endpoints, ["s1:26379", "s2:26380", "s3:26379"]);
+        assert_eq!(c.sentinel_master.as_deref(), Some("mymaster"));
+        assert_eq!((c.db, c.wait_replicas), (2, 1));
+        assert_eq!(c.wait_timeout, Duration::from_millis(50));
+        assert!(c.fair && !c.cluster && !c.redlock);
+        assert_eq!(c.backend_name(), "redis-sentinel");
+        assert_eq!(c, {
+            let mut built = RedisConfig::sentinel(["s1", "s2:26380", "s3"], "mymaster");
+            built.db = 2;
+            built.wait_replicas = 1;
+            built.wait_timeout = Duration::from_millis(50);
+            built.username = Some("u".into());
+            built.password = Some("p".into());
+            built
+        });
+        let c = RedisConfig::from_url("redis+cluster://h1:7000,h2:7001?tls=true").unwrap();
+        assert_eq!(c.endpoints, ["h1:7000", "h2:7001"]);
+        assert!(c.cluster && c.tls && c.fair);
+        assert_eq!(c.wait_timeout, DEFAULT_WAIT_TIMEOUT);
+        assert_eq!(c.backend_name(), "redis-cluster");
+        let c = RedisConfig::from_url("redis://h?wait_replicas=2").unwrap();
+        assert_eq!(c.wait_replicas, 2);
+        for url in [
+            "redis+sentinel://s1,s2",
+            "redis+sentinel://s1/",
+            "redis+cluster://h1/1",
+            "redis+cluster://h1?db=1",
+            "redis://h?db=1",
+            "redis://h?wait_replicas=-1",
+            "redis://h?wait_timeout=0s",
+            "redlock://h1,h2,h3?wait_replicas=1",
+        ] {
+            let err = RedisConfig::from_url(url).expect_err(url);
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
+        }
+        let mut both = RedisConfig::cluster(["h"]);
+        both.sentinel_master = Some("m".into());
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("one topology"));
     }
 
     #[test]

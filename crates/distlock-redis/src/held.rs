@@ -29,7 +29,7 @@ use crate::acquire::{Granted, HANDOFF_CLAIM};
 use crate::client::{Shared, FENCE_IDLE_TTL};
 use crate::keys::LockKeys;
 use crate::renewal::Renewals;
-use crate::scripts::{ABANDON, EXTEND, RELEASE, RELEASE_FAIR};
+use crate::scripts::EXTEND;
 
 /// One granted lock.
 struct RedisHeld {
@@ -144,21 +144,23 @@ impl Shared {
         let (script, command) = if self.fair {
             // Fair mode is one server only: hand the lock to the queue's
             // head in the same script.
-            let mut command = keys.script_command(&RELEASE_FAIR);
+            let script = self.scripts.release_fair;
+            let mut command = keys.script_command(script);
             command
                 .arg(owner)
                 .arg(&keys.channel)
                 .arg(FENCE_IDLE_TTL.as_millis() as u64)
                 .arg(HANDOFF_CLAIM.as_millis() as u64);
-            (&*RELEASE_FAIR, command)
+            (script, command)
         } else {
-            let mut command = RELEASE.command(1);
+            let script = self.scripts.release;
+            let mut command = script.command(1);
             command
                 .arg(&keys.lock)
                 .arg(owner)
                 .arg(&keys.channel)
                 .arg("");
-            (&*RELEASE, command)
+            (script, command)
         };
         let results = self
             .script_on_all::<i64>(self.node_timeout(ttl), script, &command)
@@ -242,7 +244,8 @@ impl Shared {
             waiter.to_owned(),
         );
         async move {
-            let mut command = ABANDON.command(3);
+            let script = shared.scripts.abandon;
+            let mut command = script.command(3);
             command
                 .arg(&keys.lock)
                 .arg(&keys.queue)
@@ -251,7 +254,7 @@ impl Shared {
                 .arg(&waiter)
                 .arg(&keys.channel);
             let results = shared
-                .script_on_all::<i64>(shared.timeout, &ABANDON, &command)
+                .script_on_all::<i64>(shared.timeout, script, &command)
                 .await;
             for result in results {
                 if let Err(err) = result {

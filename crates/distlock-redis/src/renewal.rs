@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::client::Shared;
-use crate::node::timed_out;
+use crate::node::{timed_out, Conn};
 use crate::scripts::EXTEND;
 
 /// Delays between the retries of a renewal the servers did not answer:
@@ -169,19 +169,14 @@ async fn run(renewals: Arc<Renewals>, shared: Weak<Shared>) {
     }
 }
 
-/// One pipeline per server: the script is loaded first (a restarted server
-/// forgot it), then one owner-checked PEXPIRE per lock.
+/// One pipeline per server (on a Redis Cluster: per slot, see
+/// [`cluster`](crate::cluster)): the script is loaded first (a restarted
+/// server forgot it), then one owner-checked PEXPIRE per lock.
 async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
     let ttls: Vec<u64> = due
         .iter()
         .map(|d| d.lease.ttl().as_millis() as u64)
         .collect();
-    let mut pipe = redis::pipe();
-    pipe.load_script(EXTEND.script()).ignore();
-    for (d, ttl_ms) in due.iter().zip(&ttls) {
-        pipe.invoke_script(EXTEND.script().key(&d.lock_key).arg(&d.owner).arg(*ttl_ms));
-    }
-    let count = due.len();
     // One server: its reply timeout. Redlock: the per-instance bound of
     // the shortest TTL, so a paused instance does not eat the validity.
     let bound = if shared.nodes.len() > 1 {
@@ -191,16 +186,15 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
         shared.timeout
     };
     let sent_at = Instant::now();
-    let results: Vec<redis::RedisResult<Vec<i64>>> = join_all(shared.nodes.iter().map(|node| {
-        let (pipe, mut conn) = (&pipe, node.conn.clone());
+    // Per node, per lock: 1 extended, 0 refused, or the error.
+    let results: Vec<Vec<redis::RedisResult<i64>>> = join_all(shared.nodes.iter().map(|node| {
+        let (due, ttls) = (&due, &ttls);
         async move {
-            match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await {
-                Ok(Ok(values)) if values.len() == count => Ok(values),
-                Ok(Ok(_)) => Err(timed_out(
-                    "renewal pipeline answered the wrong number of replies",
-                )),
-                Ok(Err(err)) => Err(err),
-                Err(_) => Err(timed_out("no answer to the renewal pipeline")),
+            if node.is_cluster() {
+                renew_by_slot(node.conn(), due, ttls, bound).await
+            } else {
+                let all: Vec<usize> = (0..due.len()).collect();
+                renew_batch(node.conn(), due, ttls, &all, bound).await
             }
         }
     }))
@@ -216,9 +210,9 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
         let ttl = d.lease.ttl();
         let (mut extended, mut refused) = (0, 0);
         let mut first_error: Option<&redis::RedisError> = None;
-        for result in &results {
+        for result in results.iter().map(|per_lock| &per_lock[i]) {
             match result {
-                Ok(values) if values[i] == 1 => extended += 1,
+                Ok(1) => extended += 1,
                 Ok(_) => refused += 1,
                 Err(err) => {
                     first_error.get_or_insert(err);
@@ -249,6 +243,83 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
             }
         }
     }
+}
+
+/// Renews the locks `which` (indexes into `due`) with one pipeline on
+/// `conn`; one result per lock of `due` (the others: an error, unused).
+async fn renew_batch(
+    mut conn: Conn,
+    due: &[Due],
+    ttls: &[u64],
+    which: &[usize],
+    bound: Duration,
+) -> Vec<redis::RedisResult<i64>> {
+    let mut pipe = redis::pipe();
+    pipe.load_script(EXTEND.script()).ignore();
+    for &i in which {
+        pipe.invoke_script(
+            EXTEND
+                .script()
+                .key(&due[i].lock_key)
+                .arg(&due[i].owner)
+                .arg(ttls[i]),
+        );
+    }
+    let replies = match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+        Ok(Ok(values)) if values.len() == which.len() => Ok(values),
+        Ok(Ok(_)) => Err(timed_out(
+            "renewal pipeline answered the wrong number of replies",
+        )),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(timed_out("no answer to the renewal pipeline")),
+    };
+    let mut results: Vec<redis::RedisResult<i64>> = (0..due.len())
+        .map(|_| Err(timed_out("not in this batch")))
+        .collect();
+    for (n, &i) in which.iter().enumerate() {
+        results[i] = match &replies {
+            Ok(values) => Ok(values[n]),
+            Err(err) => Err(err.clone()),
+        };
+    }
+    results
+}
+
+/// Renews on a Redis Cluster: a pipeline may only touch one slot, so the
+/// locks are batched by hash tag (the slot's name), the batches sent at
+/// once.
+async fn renew_by_slot(
+    conn: Conn,
+    due: &[Due],
+    ttls: &[u64],
+    bound: Duration,
+) -> Vec<redis::RedisResult<i64>> {
+    let mut batches: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, d) in due.iter().enumerate() {
+        batches.entry(hash_tag(&d.lock_key)).or_default().push(i);
+    }
+    let replies = join_all(
+        batches
+            .values()
+            .map(|which| renew_batch(conn.clone(), due, ttls, which, bound)),
+    )
+    .await;
+    let mut results: Vec<redis::RedisResult<i64>> =
+        (0..due.len()).map(|_| Err(timed_out("no batch"))).collect();
+    for (which, mut batch) in batches.values().zip(replies) {
+        for &i in which {
+            results[i] = std::mem::replace(&mut batch[i], Ok(0));
+        }
+    }
+    results
+}
+
+/// The hash tag of a lock key (`prefix:{tag}:lock`), which decides its
+/// slot; the whole key when it has none.
+fn hash_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or(key, |(tag, _)| tag)
 }
 
 #[cfg(test)]

@@ -173,9 +173,13 @@ return fenced()
 
 /// Owner-checked release. KEYS: lock. ARGV: owner, channel (`""`: do not
 /// publish), message. Returns 1 if deleted, 0 if not ours.
-pub(crate) static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
-        r#"
+pub(crate) static RELEASE: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(RELEASE_LUA));
+
+/// [`RELEASE`] for a Redis Cluster (`SPUBLISH`).
+pub(crate) static RELEASE_SHARDED: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(&sharded(RELEASE_LUA)));
+
+const RELEASE_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   if ARGV[2] ~= '' then
@@ -184,9 +188,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
-"#,
-    )
-});
+"#;
 
 /// Owner-checked release with direct handoff (fair mode, one server).
 ///
@@ -206,9 +208,14 @@ return 0
 /// lock is deleted and an empty message wakes the waiters; so it is when
 /// the head's entry has no TTL part (the acquire script always writes
 /// one).
-pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> = LazyLock::new(|| {
-    with_grant_token(
-        r#"
+pub(crate) static RELEASE_FAIR: LazyLock<LuaScript> =
+    LazyLock::new(|| with_grant_token(RELEASE_FAIR_LUA));
+
+/// [`RELEASE_FAIR`] for a Redis Cluster (`SPUBLISH`).
+pub(crate) static RELEASE_FAIR_SHARDED: LazyLock<LuaScript> =
+    LazyLock::new(|| with_grant_token(&sharded(RELEASE_FAIR_LUA)));
+
+const RELEASE_FAIR_LUA: &str = r#"
 local lock, fence, queue, waiters = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local owner, channel, fence_idle = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local claim = tonumber(ARGV[4])
@@ -252,9 +259,7 @@ end
 redis.call('DEL', lock)
 redis.call('PUBLISH', channel, '')
 return 1
-"#,
-    )
-});
+"#;
 
 /// Owner-checked extend. KEYS: lock. ARGV: owner, ttl_ms.
 /// Returns 1 if extended, 0 if not ours.
@@ -274,9 +279,13 @@ return 0
 /// deletes the lock if this attempt got it after all, leaves the queue,
 /// and wakes the other waiters if either changed anything.
 /// KEYS: lock, queue, waiters. ARGV: owner, waiter id, channel.
-pub(crate) static ABANDON: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
-        r#"
+pub(crate) static ABANDON: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(ABANDON_LUA));
+
+/// [`ABANDON`] for a Redis Cluster (`SPUBLISH`).
+pub(crate) static ABANDON_SHARDED: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(&sharded(ABANDON_LUA)));
+
+const ABANDON_LUA: &str = r#"
 local changed = false
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -291,6 +300,50 @@ if changed then
   return 1
 end
 return 0
-"#,
-    )
-});
+"#;
+
+/// The scripts that publish, for one topology.
+pub(crate) struct Publishing {
+    pub release: &'static LuaScript,
+    pub release_fair: &'static LuaScript,
+    pub abandon: &'static LuaScript,
+}
+
+impl Publishing {
+    /// `PUBLISH` (one server, Sentinel, Redlock) or, on a Redis Cluster,
+    /// `SPUBLISH`: the channels carry the lock's hash tag, so a sharded
+    /// message stays in the lock's slot (the script may only touch it).
+    pub fn new(sharded: bool) -> Self {
+        if sharded {
+            Publishing {
+                release: &RELEASE_SHARDED,
+                release_fair: &RELEASE_FAIR_SHARDED,
+                abandon: &ABANDON_SHARDED,
+            }
+        } else {
+            Publishing {
+                release: &RELEASE,
+                release_fair: &RELEASE_FAIR,
+                abandon: &ABANDON,
+            }
+        }
+    }
+}
+
+/// `code` with its `PUBLISH` calls made `SPUBLISH`.
+fn sharded(code: &str) -> String {
+    code.replace("'PUBLISH'", "'SPUBLISH'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharded_scripts_publish_in_the_slot() {
+        for code in [RELEASE_LUA, RELEASE_FAIR_LUA, ABANDON_LUA] {
+            let sharded = sharded(code);
+            assert!(!sharded.contains("'PUBLISH'") && sharded.contains("'SPUBLISH'"));
+        }
+    }
+}

@@ -3,6 +3,14 @@
 //! when a release (or an abandoned attempt) publishes on it; a fair waiter
 //! also subscribes to a channel of its own, where a release hands it the
 //! lock.
+//!
+//! On a Redis Cluster the same is done with sharded pub/sub: the scripts
+//! `SPUBLISH` (the channels carry the lock's hash tag, so they live in its
+//! slot), and one RESP3 cluster connection per client `SSUBSCRIBE`s on the
+//! slot's primary and receives the messages as pushes. The redis crate
+//! subscribes again after a reconnection or a slot move; a message sent
+//! meanwhile is lost, which the waiters' timers cover (see
+//! [`acquire`](crate::acquire)).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +19,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::PubSubSink;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::RedisConfig;
 use crate::node::timed_out;
 
 /// How long a subscription nobody uses stays on: a client that waits for
@@ -21,9 +32,11 @@ use crate::node::timed_out;
 /// loop) starts waiting without a `SUBSCRIBE` and a second attempt.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
-/// Subscriptions of one client to one server.
+/// Subscriptions of one client to one server (or one Redis Cluster).
 pub(crate) struct Subscriber {
-    client: redis::Client,
+    source: Source,
+    /// Set by [`close`](Self::close): no more subscriptions here.
+    closed: AtomicBool,
     /// Messages this client published itself and must not wake on.
     own_message: String,
     timeout: Duration,
@@ -32,8 +45,38 @@ pub(crate) struct Subscriber {
     current: tokio::sync::Mutex<Option<Arc<PubSubConn>>>,
 }
 
+/// Where a subscriber connects.
+enum Source {
+    Server(Box<redis::Client>),
+    /// A Redis Cluster (its configuration): sharded pub/sub over RESP3.
+    Cluster(RedisConfig),
+}
+
+/// Where SUBSCRIBE and UNSUBSCRIBE go.
+#[derive(Clone)]
+enum Sink {
+    Server(PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channels: &[&str]) -> redis::RedisResult<()> {
+        match self {
+            Sink::Server(sink) => sink.subscribe(channels).await,
+            Sink::Cluster(conn) => conn.ssubscribe(channels).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::Server(sink) => sink.unsubscribe(channel).await,
+            Sink::Cluster(conn) => conn.sunsubscribe(channel).await,
+        }
+    }
+}
+
 struct PubSubConn {
-    sink: PubSubSink,
+    sink: Sink,
     channels: Mutex<HashMap<String, Channel>>,
     dead: AtomicBool,
     /// Dropped with the connection: stops the dispatcher, which closes the
@@ -76,8 +119,19 @@ pub(crate) struct Subscription {
 
 impl Subscriber {
     pub fn new(client: redis::Client, timeout: Duration, own_message: String) -> Arc<Self> {
+        Self::with_source(Source::Server(Box::new(client)), timeout, own_message)
+    }
+
+    /// Sharded pub/sub on the Redis Cluster of `config`.
+    pub fn cluster(config: &RedisConfig, own_message: String) -> Arc<Self> {
+        let source = Source::Cluster(config.clone());
+        Self::with_source(source, config.timeout, own_message)
+    }
+
+    fn with_source(source: Source, timeout: Duration, own_message: String) -> Arc<Self> {
         Arc::new(Subscriber {
-            client,
+            source,
+            closed: AtomicBool::new(false),
             own_message,
             timeout,
             current: tokio::sync::Mutex::new(None),
@@ -92,6 +146,9 @@ impl Subscriber {
         channels: &[&str],
     ) -> redis::RedisResult<Vec<Subscription>> {
         let mut current = self.current.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(timed_out("the server is no longer the primary"));
+        }
         let conn = match current.as_ref().filter(|c| !c.dead.load(Ordering::Acquire)) {
             Some(conn) => conn.clone(),
             None => {
@@ -189,13 +246,42 @@ impl Subscriber {
         Some(subscriptions)
     }
 
+    /// Ends this subscriber for good (Sentinel: the server is no longer
+    /// the primary): its connection counts as dead, and every waiter on it
+    /// wakes, attempts again and subscribes on the client's new primary.
+    pub fn close(self: &Arc<Self>) {
+        self.closed.store(true, Ordering::Release);
+        let this = self.clone();
+        let close = async move {
+            if let Some(conn) = this.current.lock().await.take() {
+                conn.kill();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(close);
+            }
+            Err(_) => {
+                if let Ok(mut current) = self.current.try_lock() {
+                    if let Some(conn) = current.take() {
+                        conn.kill();
+                    }
+                }
+            }
+        }
+    }
+
     async fn open(&self) -> redis::RedisResult<Arc<PubSubConn>> {
-        let pubsub = match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await
-        {
+        let config = match &self.source {
+            Source::Server(client) => client,
+            Source::Cluster(config) => return self.open_cluster(config).await,
+        };
+        let pubsub = match tokio::time::timeout(self.timeout, config.get_async_pubsub()).await {
             Ok(result) => result?,
             Err(_) => return Err(timed_out("pub/sub connection timed out")),
         };
         let (sink, mut stream) = pubsub.split();
+        let sink = Sink::Server(sink);
         let (closer, mut closed) = tokio::sync::oneshot::channel::<()>();
         let conn = Arc::new(PubSubConn {
             sink,
@@ -218,23 +304,61 @@ impl Subscriber {
                     continue;
                 }
                 let Some(conn) = weak.upgrade() else { return };
-                let channels = conn.channels.lock().unwrap();
-                if let Some(entry) = channels.get(msg.get_channel_name()) {
-                    let message: Arc<str> = String::from_utf8_lossy(msg.get_payload_bytes()).into();
-                    entry.wake.send_modify(|w| {
-                        w.message = Some(message);
-                    });
-                }
+                conn.deliver(msg.get_channel_name(), msg.get_payload_bytes());
             }
             // The connection is gone: wake every waiter so it retries and
             // subscribes again on a new connection.
             if let Some(conn) = weak.upgrade() {
-                conn.dead.store(true, Ordering::Release);
-                for entry in conn.channels.lock().unwrap().values() {
-                    entry.wake.send_modify(|w| {
-                        w.message = None;
-                    });
+                conn.kill();
+            }
+        });
+        Ok(conn)
+    }
+
+    /// A RESP3 cluster connection whose pushes carry the sharded messages.
+    async fn open_cluster(&self, config: &RedisConfig) -> redis::RedisResult<Arc<PubSubConn>> {
+        let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
+        let connect = crate::cluster::connect(config, Some(pushes));
+        let cluster =
+            match tokio::time::timeout(config.connect_timeout + self.timeout, connect).await {
+                Ok(result) => result?,
+                Err(_) => return Err(timed_out("cluster pub/sub connection timed out")),
+            };
+        let (closer, mut closed) = tokio::sync::oneshot::channel::<()>();
+        let conn = Arc::new(PubSubConn {
+            sink: Sink::Cluster(cluster),
+            channels: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            _closer: closer,
+        });
+        let weak = Arc::downgrade(&conn);
+        let own_message = self.own_message.clone();
+        tokio::spawn(async move {
+            loop {
+                let push = tokio::select! {
+                    push = received.recv() => match push {
+                        Some(push) => push,
+                        None => break,
+                    },
+                    _ = &mut closed => return,
+                };
+                let Some(conn) = weak.upgrade() else { return };
+                match (push.kind, &push.data[..]) {
+                    (
+                        PushKind::SMessage | PushKind::Message,
+                        [Value::BulkString(channel), Value::BulkString(payload), ..],
+                    ) if payload.as_slice() != own_message.as_bytes() => {
+                        conn.deliver(&String::from_utf8_lossy(channel), payload);
+                    }
+                    // The crate subscribes again by itself; meanwhile a
+                    // message may be lost: wake the waiters to ask the
+                    // server.
+                    (PushKind::Disconnection, _) => conn.wake_all(),
+                    _ => {}
                 }
+            }
+            if let Some(conn) = weak.upgrade() {
+                conn.kill();
             }
         });
         Ok(conn)
@@ -300,6 +424,35 @@ impl Subscriber {
             }
         }
         drop(current);
+    }
+}
+
+impl PubSubConn {
+    /// Wakes the waiters of `channel` with `payload`.
+    fn deliver(&self, channel: &str, payload: &[u8]) {
+        let channels = self.channels.lock().unwrap();
+        if let Some(entry) = channels.get(channel) {
+            let message: Arc<str> = String::from_utf8_lossy(payload).into();
+            entry.wake.send_modify(|w| {
+                w.message = Some(message);
+            });
+        }
+    }
+
+    /// Wakes every waiter without a message: each asks the server.
+    fn wake_all(&self) {
+        for entry in self.channels.lock().unwrap().values() {
+            entry.wake.send_modify(|w| {
+                w.message = None;
+            });
+        }
+    }
+
+    /// Marks the connection dead and wakes every waiter, which then
+    /// subscribes again (on a new connection).
+    fn kill(&self) {
+        self.dead.store(true, Ordering::Release);
+        self.wake_all();
     }
 }
 

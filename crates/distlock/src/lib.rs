@@ -26,6 +26,8 @@
 //! | `file:///var/lock/myapp` | local files, OS advisory locks | `file` |
 //! | `redis://[:password@]host:6379[/db]`, `rediss://…` | single Redis | `redis` |
 //! | `redlock://h1:6379,h2:6379,h3:6379` | Redlock quorum | `redis` |
+//! | `redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster` | the Redis primary Sentinel names, followed across failovers | `redis` |
+//! | `redis+cluster://h1:7000,h2:7001,h3:7002` | Redis Cluster | `redis` |
 //! | `zk://h1:2181,h2:2181/prefix` | ZooKeeper | `zookeeper` |
 //! | `etcd://h1:2379,h2:2379/prefix` | etcd v3 | `etcd` |
 
@@ -104,7 +106,9 @@ pub async fn connect(url: &str) -> Result<Locker> {
             Arc::new(memory::MemoryLock::named(name))
         }
         Service::File => connect_file(url).await?,
-        Service::Redis | Service::Redlock => connect_redis(url).await?,
+        Service::Redis | Service::Redlock | Service::RedisSentinel | Service::RedisCluster => {
+            connect_redis(url).await?
+        }
         Service::ZooKeeper => connect_zookeeper(url).await?,
         Service::Etcd => connect_etcd(url).await?,
     };

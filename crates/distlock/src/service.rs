@@ -17,6 +17,11 @@ pub enum Service {
     Redis,
     /// `redlock://h1,h2,h3`: a Redlock quorum of Redis servers.
     Redlock,
+    /// `redis+sentinel://s1,s2,s3/mymaster`: the Redis primary that
+    /// Sentinels name, followed across failovers.
+    RedisSentinel,
+    /// `redis+cluster://h1:7000,h2:7001`: a Redis Cluster.
+    RedisCluster,
     /// `zk://` or `zookeeper://`: a ZooKeeper ensemble.
     ZooKeeper,
     /// `etcd://`: an etcd v3 cluster.
@@ -31,6 +36,8 @@ const SCHEMES: &[(&str, Service)] = &[
     ("redis", Service::Redis),
     ("rediss", Service::Redis),
     ("redlock", Service::Redlock),
+    ("redis+sentinel", Service::RedisSentinel),
+    ("redis+cluster", Service::RedisCluster),
     ("zk", Service::ZooKeeper),
     ("zookeeper", Service::ZooKeeper),
     ("etcd", Service::Etcd),
@@ -45,6 +52,8 @@ impl Service {
     /// use distlock::Service;
     /// assert_eq!(Service::of_url("rediss://cache:6380").unwrap(), Service::Redis);
     /// assert_eq!(Service::of_url("zk://h1:2181/app").unwrap().feature(), Some("zookeeper"));
+    /// assert_eq!(Service::of_url("redis+sentinel://s1,s2,s3/mymaster").unwrap(), Service::RedisSentinel);
+    /// assert_eq!(Service::of_url("redis+cluster://h1:7000").unwrap().feature(), Some("redis"));
     /// assert!(Service::of_url("mysql://db").is_err());
     /// ```
     pub fn of_url(url: &str) -> Result<Service> {
@@ -77,6 +86,8 @@ impl Service {
             Service::File => "file",
             Service::Redis => "redis",
             Service::Redlock => "redlock",
+            Service::RedisSentinel => "redis-sentinel",
+            Service::RedisCluster => "redis-cluster",
             Service::ZooKeeper => "zookeeper",
             Service::Etcd => "etcd",
         }
@@ -88,7 +99,9 @@ impl Service {
         match self {
             Service::Memory => None,
             Service::File => Some("file"),
-            Service::Redis | Service::Redlock => Some("redis"),
+            Service::Redis | Service::Redlock | Service::RedisSentinel | Service::RedisCluster => {
+                Some("redis")
+            }
             Service::ZooKeeper => Some("zookeeper"),
             Service::Etcd => Some("etcd"),
         }
@@ -113,7 +126,9 @@ mod tests {
         let err = Service::of_url("nope://x").unwrap_err().to_string();
         assert!(err.contains("unknown scheme `nope`"), "{err}");
         assert!(
-            err.contains("memory, file, redis, rediss, redlock, zk, zookeeper, etcd"),
+            err.contains(
+                "memory, file, redis, rediss, redlock, redis+sentinel, redis+cluster, zk, zookeeper, etcd"
+            ),
             "{err}"
         );
     }
