@@ -75,7 +75,7 @@ pub async fn start(config: CheckConfig) -> Result<RunningCheck, CheckError> {
         let pid = child.id().map(|pid| Pid::from_raw(pid as i32));
         links.push(WorkerLink {
             pid,
-            replies,
+            replies: Some(replies),
             open: true,
         });
         children.push(child);
@@ -354,7 +354,10 @@ enum HubInput {
 
 struct WorkerLink {
     pid: Option<Pid>,
-    replies: mpsc::UnboundedSender<ToWorker>,
+    /// `None` once the worker said it is stopping: that closes its stdin,
+    /// which ends the worker's blocking stdin read so its runtime can
+    /// shut down.
+    replies: Option<mpsc::UnboundedSender<ToWorker>>,
     open: bool,
 }
 
@@ -433,8 +436,13 @@ impl Hub {
         let at = now();
         match message {
             ToHub::Step { cycle, at, step } => {
-                if matches!(step, Step::Released | Step::ReleaseFailed { .. }) {
-                    self.cycles.fetch_add(1, Ordering::Relaxed);
+                match step {
+                    Step::Released | Step::ReleaseFailed { .. } => {
+                        self.cycles.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Its last line: it needs no more answers.
+                    Step::Stopping => self.workers[worker].replies = None,
+                    _ => {}
                 }
                 self.record(worker, cycle, at, step);
             }
@@ -493,7 +501,9 @@ impl Hub {
     }
 
     fn reply(&self, worker: usize, message: ToWorker) {
-        let _ = self.workers[worker].replies.send(message);
+        if let Some(replies) = &self.workers[worker].replies {
+            let _ = replies.send(message);
+        }
     }
 
     fn maybe_pause(&mut self, worker: usize, to_self: &mpsc::UnboundedSender<HubInput>) {
@@ -555,8 +565,8 @@ impl Hub {
                 self.end_pause(worker);
             }
         }
-        for link in &self.workers {
-            let _ = link.replies.send(ToWorker::Stop);
+        for worker in 0..self.workers.len() {
+            self.reply(worker, ToWorker::Stop);
         }
     }
 }

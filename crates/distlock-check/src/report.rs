@@ -195,6 +195,24 @@ impl Report {
         found
     }
 
+    /// The report as one JSON object: its fields (durations in
+    /// milliseconds, times in nanoseconds of the shared clock) plus
+    /// `violations`, the list of [`violations`](Self::violations).
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct WithViolations<'a> {
+            #[serde(flatten)]
+            report: &'a Report,
+            violations: Vec<String>,
+        }
+        let with = WithViolations {
+            report: self,
+            violations: self.violations(),
+        };
+        // Plain data with string keys: serializing it cannot fail.
+        serde_json::to_string(&with).expect("a report serializes")
+    }
+
     /// `at` as seconds since the start, for the human report.
     fn since_start(&self, at: Timestamp) -> String {
         format!("+{:.3}s", at.saturating_since(self.started).as_secs_f64())
