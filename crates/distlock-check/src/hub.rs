@@ -77,6 +77,7 @@ pub async fn start(config: CheckConfig) -> Result<RunningCheck, CheckError> {
             pid,
             replies: Some(replies),
             open: true,
+            closed_at: None,
         });
         children.push(child);
     }
@@ -313,6 +314,9 @@ impl RunningCheck {
             ticking.abort();
             bar.finish_and_clear();
         }
+        for (exit, link) in exits.iter_mut().zip(&hub.workers) {
+            exit.at = link.closed_at.map_or(exit.at, |closed| closed.min(exit.at));
+        }
         let mut history = hub.history;
         history.ended = now();
         history.exits = exits;
@@ -359,6 +363,9 @@ struct WorkerLink {
     /// shut down.
     replies: Option<mpsc::UnboundedSender<ToWorker>>,
     open: bool,
+    /// When its stdout closed: its exit time for the hang check (finish
+    /// sees a crashed worker's exit only at the end of the run).
+    closed_at: Option<Timestamp>,
 }
 
 /// When and whom to pause.
@@ -414,7 +421,10 @@ impl Hub {
             match input {
                 None => break,
                 Some(HubInput::Line { worker, line }) => self.on_line(worker, &line, &to_self),
-                Some(HubInput::Closed { worker }) => self.workers[worker].open = false,
+                Some(HubInput::Closed { worker }) => {
+                    self.workers[worker].open = false;
+                    self.workers[worker].closed_at = Some(now());
+                }
                 Some(HubInput::PauseDue { worker }) => self.end_pause(worker),
                 Some(HubInput::Stop) => self.stop_all(),
             }
