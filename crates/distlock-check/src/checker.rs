@@ -115,6 +115,7 @@ pub fn check(history: &History, config: &CheckConfig) -> Report {
         duration: config.duration,
         ttl: config.ttl,
         wait: config.wait,
+        pause: config.pause_workers,
         started: history.started,
         cycles: cycles.values().filter(|cycle| cycle.completed).count() as u64,
         cycles_per_worker,

@@ -29,6 +29,9 @@ pub struct Report {
     /// The bound of each `lock()`.
     #[serde(rename = "wait_ms", serialize_with = "ms")]
     pub wait: Duration,
+    /// The length of each pause, if workers were paused.
+    #[serde(rename = "pause_ms", serialize_with = "ms_option")]
+    pub pause: Option<Duration>,
     /// When the workers started, on the shared clock (ns); times in the
     /// findings are on the same clock.
     pub started: Timestamp,
@@ -245,16 +248,23 @@ impl fmt::Display for Report {
             human(self.ttl),
             human(self.wait)
         )?;
+        if let Some(pause) = self.pause {
+            writeln!(
+                f,
+                "  pauses of {} (SIGSTOP of a holder, then SIGCONT)",
+                human(pause)
+            )?;
+        }
         let per_worker: Vec<String> = self.cycles_per_worker.iter().map(u64::to_string).collect();
         writeln!(
             f,
-            "  cycles              {} ({} per worker)",
+            "  cycles                 {} ({} per worker)",
             self.cycles,
             per_worker.join(" / ")
         )?;
         writeln!(
             f,
-            "  register writes     {} accepted, {} refused by fencing",
+            "  register writes        {} accepted, {} refused by fencing",
             self.writes_accepted, self.writes_refused
         )?;
         let errors: Vec<String> = self
@@ -262,7 +272,7 @@ impl fmt::Display for Report {
             .iter()
             .map(|(kind, n)| format!("{kind} {n}"))
             .collect();
-        writeln!(f, "  errors              {}", none_or(errors.join(", ")))?;
+        writeln!(f, "  errors                 {}", none_or(errors.join(", ")))?;
         let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
         for fault in &self.faults {
             *by_kind.entry(&fault.kind).or_default() += 1;
@@ -271,7 +281,7 @@ impl fmt::Display for Report {
             .iter()
             .map(|(kind, n)| format!("{kind} {n}"))
             .collect();
-        writeln!(f, "  faults              {}", none_or(faults.join(", ")))?;
+        writeln!(f, "  faults                 {}", none_or(faults.join(", ")))?;
         for (kind, unavailable) in &self.unavailability {
             write!(
                 f,
@@ -284,7 +294,7 @@ impl fmt::Display for Report {
             }
             writeln!(f)?;
         }
-        writeln!(f, "  double grants       {}", self.double_grants.len())?;
+        writeln!(f, "  double grants          {}", self.double_grants.len())?;
         for grant in self.double_grants.iter().take(LISTED) {
             writeln!(
                 f,
@@ -297,7 +307,7 @@ impl fmt::Display for Report {
         more(f, self.double_grants.len())?;
         writeln!(
             f,
-            "  stale writes accepted {}",
+            "  stale writes accepted  {}",
             self.stale_writes_accepted.len()
         )?;
         for stale in self.stale_writes_accepted.iter().take(LISTED) {
@@ -310,7 +320,11 @@ impl fmt::Display for Report {
             )?;
         }
         more(f, self.stale_writes_accepted.len())?;
-        writeln!(f, "  unsignalled losses  {}", self.unsignalled_losses.len())?;
+        writeln!(
+            f,
+            "  unsignalled losses     {}",
+            self.unsignalled_losses.len()
+        )?;
         for loss in self.unsignalled_losses.iter().take(LISTED) {
             writeln!(
                 f,
@@ -323,12 +337,12 @@ impl fmt::Display for Report {
         more(f, self.unsignalled_losses.len())?;
         writeln!(
             f,
-            "  lost updates        {} (unfenced counter: {} increments, final value {})",
+            "  lost updates           {} (unfenced counter: {} increments, final value {})",
             self.lost_updates.lost, self.lost_updates.expected, self.lost_updates.actual
         )?;
         writeln!(
             f,
-            "  hangs               {} (bound {})",
+            "  hangs                  {} (bound {})",
             self.hangs.len(),
             human(self.hang_bound)
         )?;
@@ -381,6 +395,16 @@ pub(crate) fn human(duration: Duration) -> String {
         format!("{ms:.0}ms")
     } else {
         format!("{ms:.1}ms")
+    }
+}
+
+fn ms_option<S: serde::Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => ms(duration, serializer),
+        None => serializer.serialize_none(),
     }
 }
 
