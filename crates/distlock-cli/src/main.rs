@@ -1,8 +1,9 @@
 //! `distlock`: run a command under a distributed lock (`exec`), show what a
-//! lock does for data consistency (`demo`), and measure a backend
-//! (`bench`).
+//! lock does for data consistency (`demo`), measure a backend (`bench`),
+//! and check a deployment's consistency under load and pauses (`check`).
 
 mod bench;
+mod check;
 mod demo;
 mod exec;
 
@@ -30,6 +31,12 @@ enum Command {
     Demo(demo::Args),
     /// Measure lock+unlock cycles against the raw protocol floor.
     Bench(bench::Args),
+    /// Check a deployment: N worker processes, pauses, and a checker of
+    /// their history (double grants, stale writes, lost updates...).
+    Check(check::Args),
+    /// One worker of `distlock check` (run by it, not by hand).
+    #[command(hide = true)]
+    CheckWorker,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +57,8 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec::main(args),
         Command::Demo(args) => demo::main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Check(args) => check::main(args),
+        Command::CheckWorker => check::worker(),
     }
 }
 
