@@ -20,8 +20,10 @@
 //!   began.
 //! - **Lost updates** are counter increments written minus the counter's
 //!   final value.
-//! - **Unavailability** after a fault runs from its start to the first
-//!   acquisition after that start (to the end of the run if none).
+//! - **Unavailability** after a fault is the longest stretch without a
+//!   grant from the fault's start to the first grant after its end (to
+//!   the end of the run if none): a grant that lands just after the start
+//!   (a request already committed) does not hide the stall behind it.
 //! - A **hang** is a gap between consecutive events of one worker (its
 //!   start and its exit included) longer than
 //!   [`CheckConfig::hang_bound`], its own pauses excluded.
@@ -290,14 +292,30 @@ fn unsignalled_losses(
 fn unavailability(history: &History, holdings: &[Holding]) -> BTreeMap<String, Unavailability> {
     let mut gaps: BTreeMap<String, (Vec<Duration>, usize)> = BTreeMap::new();
     for fault in &history.faults {
-        let next = holdings[holdings.partition_point(|h| h.acquired <= fault.started)..].first();
         let (kind_gaps, never) = gaps.entry(fault.kind.clone()).or_default();
-        match next {
-            Some(holding) => kind_gaps.push(holding.acquired.saturating_since(fault.started)),
-            None => {
-                kind_gaps.push(history.ended.saturating_since(fault.started));
-                *never += 1;
-            }
+        // The grants from the fault's start through the first one after
+        // its end (the recovery); the longest stretch without one, counted
+        // from the fault's start, is how long the lock was unavailable. A
+        // grant just after the start (a request already committed) does
+        // not hide the stall that follows it.
+        let first = holdings.partition_point(|h| h.acquired <= fault.started);
+        let recovery = first + holdings[first..].partition_point(|h| h.acquired <= fault.ended);
+        let (until, recovered) = match holdings.get(recovery) {
+            Some(holding) => (holding.acquired, true),
+            None => (history.ended, false),
+        };
+        let mut longest = Duration::ZERO;
+        let mut previous = fault.started;
+        let grants = holdings[first..recovery.min(holdings.len())]
+            .iter()
+            .map(|h| h.acquired);
+        for at in grants.chain(std::iter::once(until)) {
+            longest = longest.max(at.saturating_since(previous));
+            previous = at;
+        }
+        kind_gaps.push(longest);
+        if !recovered {
+            *never += 1;
         }
     }
     gaps.into_iter()

@@ -194,7 +194,12 @@ fn a_pause_is_cut_out_of_the_paused_workers_belief() {
     let report = build.report(2);
     assert!(report.double_grants.is_empty(), "{report}");
     assert!(report.hangs.is_empty(), "the pause is not a hang: {report}");
-    assert_eq!(report.unavailability[PAUSE].max, Duration::from_millis(130));
+    // No grant after the pause's end (300): the stretch from worker 1's
+    // grant at 150 to the end of the run (500) counts, and the fault never
+    // recovered.
+    let unavailable = &report.unavailability[PAUSE];
+    assert_eq!(unavailable.max, Duration::from_millis(350));
+    assert_eq!(unavailable.never_recovered, 1);
     assert!(report.violations().is_empty(), "{report}");
 
     // Without the pause window, the same belief (to 310) overlaps.
@@ -280,4 +285,27 @@ fn crashes_hangs_and_lost_updates_are_violations() {
     assert!(text.contains("crashed: exit status 101"), "{text}");
     assert!(text.contains("panicked at 'boom'"), "{text}");
     assert_eq!(report.violations().len(), 3, "{:?}", report.violations());
+}
+
+#[test]
+fn a_grant_just_after_a_fault_does_not_hide_the_stall_behind_it() {
+    // A leader dies at 100 (fault until 400). A grant committed before it
+    // answers at 102; then nothing until the new leader grants at 1100,
+    // and grants follow at 1110 (after the fault's end: the recovery).
+    let mut build = Build::new(2, 2000);
+    build
+        .cycle(0, 1, 10, 90, 101)
+        .cycle(1, 1, 11, 102, 105)
+        .cycle(0, 2, 12, 1100, 1105)
+        .cycle(1, 2, 13, 1110, 1115);
+    build.history.faults.push(Fault {
+        kind: "leader-kill".to_owned(),
+        worker: None,
+        started: at(100),
+        ended: at(400),
+    });
+    let report = build.report(2);
+    let unavailable = &report.unavailability["leader-kill"];
+    assert_eq!(unavailable.max, Duration::from_millis(998), "{report}");
+    assert_eq!(unavailable.never_recovered, 0);
 }

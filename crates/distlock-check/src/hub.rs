@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -98,6 +98,8 @@ pub async fn start(config: CheckConfig) -> Result<RunningCheck, CheckError> {
             armed: false,
             next_arm: Some(started_instant + config.ttl),
             current: None,
+            repeat: true,
+            over: None,
         }),
         stopping: false,
         cycles: cycles.clone(),
@@ -260,6 +262,25 @@ impl RunningCheck {
             .push(fault);
     }
 
+    /// SIGSTOPs the next worker that holds the lock (when it reads the
+    /// register) for `length`, then SIGCONTs it; the hub records it as a
+    /// `pause` fault. Returns once the pause is over: `false` if it could
+    /// not be armed (`pause_workers` is on, another pause is armed or on,
+    /// or the run is stopping) or no worker held the lock before the end.
+    /// For fault suites that schedule worker pauses among faults of
+    /// their own, so that they do not overlap.
+    pub async fn pause_holder(&self, length: Duration) -> bool {
+        let (over, is_over) = oneshot::channel();
+        if self
+            .hub_inputs
+            .send(HubInput::PauseOnce { length, over })
+            .is_err()
+        {
+            return false;
+        }
+        is_over.await.is_ok()
+    }
+
     /// The key the workers lock.
     pub fn key(&self) -> &str {
         &self.config.key
@@ -274,8 +295,17 @@ impl RunningCheck {
     /// stops the workers (each releases the lock it holds and exits; those
     /// that do not within `stop_timeout` are killed, and reported), and
     /// checks the history.
-    pub async fn finish(mut self) -> Result<Report, CheckError> {
+    pub async fn finish(self) -> Result<Report, CheckError> {
         tokio::time::sleep_until(self.started_instant + self.config.duration).await;
+        self.finish_now().await
+    }
+
+    /// Like [`finish`](Self::finish), but stops the workers now, before
+    /// the configured duration is over (a fault suite whose schedule
+    /// ends first); the report's duration is the time the run took.
+    pub async fn finish_now(mut self) -> Result<Report, CheckError> {
+        let elapsed = self.started_instant.elapsed();
+        self.config.duration = self.config.duration.min(elapsed);
         let _ = self.hub_inputs.send(HubInput::Stop);
         let deadline = Instant::now() + self.config.stop_timeout;
         let mut exits = Vec::with_capacity(self.children.len());
@@ -352,6 +382,11 @@ enum HubInput {
     Closed { worker: usize },
     /// A pause's length has passed.
     PauseDue { worker: usize },
+    /// Pause the next holder once, for `length`; say when it is over.
+    PauseOnce {
+        length: Duration,
+        over: oneshot::Sender<()>,
+    },
     /// The run's duration has passed: stop every worker.
     Stop,
 }
@@ -380,6 +415,11 @@ struct PausePlan {
     next_arm: Option<Instant>,
     /// The worker paused now, and since when.
     current: Option<(usize, Timestamp)>,
+    /// Arm again after each pause (`--pause-workers`), or only when
+    /// [`RunningCheck::pause_holder`] asks.
+    repeat: bool,
+    /// Told when the current pause is over (a `pause_holder` call).
+    over: Option<oneshot::Sender<()>>,
 }
 
 impl PausePlan {
@@ -426,6 +466,7 @@ impl Hub {
                     self.workers[worker].closed_at = Some(now());
                 }
                 Some(HubInput::PauseDue { worker }) => self.end_pause(worker),
+                Some(HubInput::PauseOnce { length, over }) => self.pause_once(length, over),
                 Some(HubInput::Stop) => self.stop_all(),
             }
         }
@@ -555,7 +596,10 @@ impl Hub {
         }
         let ended = now();
         plan.current = None;
-        if !self.stopping {
+        if let Some(over) = plan.over.take() {
+            let _ = over.send(());
+        }
+        if !self.stopping && plan.repeat {
             plan.schedule(Instant::now() + plan.gap);
         }
         self.history.faults.push(Fault {
@@ -566,6 +610,31 @@ impl Hub {
         });
     }
 
+    /// Arms one pause of `length` for the next worker that reads the
+    /// register (it holds the lock then). Refused (`over` dropped) while a
+    /// pause is armed or on, with `--pause-workers` on, or when stopping.
+    fn pause_once(&mut self, length: Duration, over: oneshot::Sender<()>) {
+        if self.stopping {
+            return;
+        }
+        let plan = self.pause.get_or_insert(PausePlan {
+            length,
+            gap: Duration::ZERO,
+            run_end: Instant::now(),
+            armed: false,
+            next_arm: None,
+            current: None,
+            repeat: false,
+            over: None,
+        });
+        if plan.repeat || plan.armed || plan.current.is_some() {
+            return;
+        }
+        plan.length = length;
+        plan.armed = true;
+        plan.over = Some(over);
+    }
+
     fn stop_all(&mut self) {
         self.stopping = true;
         if let Some(plan) = &mut self.pause {
@@ -573,6 +642,10 @@ impl Hub {
             plan.next_arm = None;
             if let Some((worker, _)) = plan.current {
                 self.end_pause(worker);
+            }
+            // A pause armed but never taken: its caller learns it now.
+            if let Some(plan) = &mut self.pause {
+                plan.over = None;
             }
         }
         for worker in 0..self.workers.len() {

@@ -48,8 +48,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Every fault: the hub's pauses and those recorded from outside.
     pub faults: Vec<Fault>,
-    /// Per fault kind: from each fault's start to the first successful
-    /// `lock()` after it.
+    /// Per fault kind: how long no lock was granted after each fault
+    /// (see [`Unavailability`]).
     pub unavailability: BTreeMap<String, Unavailability>,
     /// Two workers that believed they held the lock at the same time.
     pub double_grants: Vec<DoubleGrant>,
@@ -74,7 +74,8 @@ pub struct Report {
 pub struct Unavailability {
     /// Faults of this kind.
     pub faults: usize,
-    /// Median time from a fault's start to the next successful `lock()`.
+    /// Median of the longest stretch without a grant, from each fault's
+    /// start to the first grant after its end.
     #[serde(rename = "p50_ms", serialize_with = "ms")]
     pub p50: Duration,
     /// The longest such time.
