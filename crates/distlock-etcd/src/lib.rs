@@ -83,6 +83,12 @@ use rpc::{bounded, probe};
 use session::{grant_session, Session};
 
 const NAME: &str = "etcd";
+
+/// How often each member connection is pinged (HTTP/2 PING), idle or
+/// not. A member that stops answering (a paused process, a partition that
+/// keeps TCP up) is dropped from the client's balancer when a ping goes
+/// unanswered, so requests go to the others instead of waiting on it.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest encoded key component; longer keys are hashed.
 const MAX_KEY_COMPONENT: usize = 200;
 
@@ -168,7 +174,8 @@ impl EtcdLock {
             .map_err(|err| fail(err.into()))?;
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(Duration::from_secs(10), config.timeout);
+            .with_keep_alive(KEEP_ALIVE_INTERVAL, config.timeout.min(KEEP_ALIVE_INTERVAL))
+            .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &config.user {
             options = options
                 .with_user(user.clone(), password.clone())
