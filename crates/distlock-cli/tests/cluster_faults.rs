@@ -85,12 +85,22 @@ const REDIS_CLUSTER: Group = Group {
     ],
 };
 
-/// The worker program: this crate's `distlock` binary.
+/// The worker program: this crate's `distlock` binary. With
+/// `DISTLOCK_FAULT_LOGS=<dir>`, each worker's stderr (its tracing output:
+/// set `RUST_LOG` too) is kept in `<dir>/worker-<pid>.log`, for finding
+/// where a stall went.
 fn worker_command() -> Vec<OsString> {
-    vec![
-        OsString::from(env!("CARGO_BIN_EXE_distlock")),
-        OsString::from("check-worker"),
-    ]
+    let distlock = OsString::from(env!("CARGO_BIN_EXE_distlock"));
+    match std::env::var_os("DISTLOCK_FAULT_LOGS") {
+        Some(dir) => vec![
+            "sh".into(),
+            "-c".into(),
+            r#"exec "$0" check-worker 2>>"$1/worker-$$.log""#.into(),
+            distlock,
+            dir,
+        ],
+        None => vec![distlock, "check-worker".into()],
+    }
 }
 
 /// Whether the clusters run; under `DISTLOCK_REQUIRE_SERVICES=1` (CI)
