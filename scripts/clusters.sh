@@ -425,7 +425,8 @@ launch_etcd_member() {
   if [[ -n "$ua" ]]; then envs+=(env "ETCD_UNSUPPORTED_ARCH=$ua"); fi
   # with a data dir from an earlier run, etcd ignores the --initial-* flags and
   # rejoins as the member it was
-  spawn "cluster/$name" "${envs[@]}" etcd \
+  as_member "$name"
+  spawn "cluster/$name" "${envs[@]}" "${AS_MEMBER[@]}" etcd \
     --name "$name" \
     --data-dir "$CDATA/$name" \
     --listen-client-urls "http://$HOST:${ETCD_CLIENT_PORTS[i]}" \
@@ -466,7 +467,8 @@ EOF
   [[ -n "${JAVA_HOME:-}" && -x "${JAVA_HOME}/bin/java" ]] && java="$JAVA_HOME/bin/java"
   cp="$base/conf:$ZK_JAR"
   if [[ -f /usr/share/java/slf4j-simple.jar ]]; then cp+=":/usr/share/java/slf4j-simple.jar"; fi
-  spawn "cluster/$name" "$java" \
+  as_member "$name"
+  spawn "cluster/$name" "${AS_MEMBER[@]}" "$java" \
     -Xms32m -Xmx256m -XX:+UseSerialGC \
     -Djava.net.preferIPv4Stack=true \
     -Dzookeeper.admin.enableServer=false \
@@ -789,9 +791,11 @@ EOF
 cluster_start() {
   local t0=$SECONDS group deadline
   PACKAGES+=(etcd-client) # etcdctl, for the cluster health checks only
+  if [[ $EUID -eq 0 ]]; then PACKAGES+=(iptables); fi # cluster partition
   cmd_install
   command -v etcdctl >/dev/null 2>&1 || die "etcdctl not found after install"
   cluster_lock
+  cluster_heal
   for group in "${CLUSTER_GROUPS[@]}"; do start_group "$group"; done
   deadline=$((SECONDS + CLUSTER_TIMEOUT))
   # the Redis Cluster first: it must be created as soon as its nodes answer;
@@ -813,6 +817,7 @@ cluster_start() {
 cluster_stop() {
   local group line lines names=() busy=() p
   cluster_lock
+  cluster_heal
   for group in "${CLUSTER_GROUPS[@]}"; do
     mapfile -t lines < <(group_members "$group")
     for line in "${lines[@]}"; do names+=("${line%% *}"); done
@@ -905,6 +910,76 @@ cluster_status() {
 
 # ------------------------------------------------------------- faults ----
 
+# Partitions. As root, every etcd and ZooKeeper member runs as a system user
+# of its own (distlock-etcd-2, ...), so that iptables can tell its packets
+# apart on the one loopback interface: `cluster partition` drops everything
+# the member sends (owner match) and everything sent to its ports, which
+# cuts it off from clients and peers alike; `cluster heal` removes the rules.
+
+PARTITION_TAG=distlock-partition
+
+member_user() { echo "distlock-$1"; }
+
+# Sets AS_MEMBER to the command prefix that runs member $1 as its own user
+# (empty when not root: then the member cannot be partitioned).
+as_member() {
+  local user
+  AS_MEMBER=()
+  if [[ $EUID -ne 0 ]] || ! command -v setpriv >/dev/null 2>&1; then return 0; fi
+  user="$(member_user "$1")"
+  if ! id -u "$user" >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin "$user" >/dev/null ||
+      die "cannot create the system user $user for cluster member $1"
+  fi
+  mkdir -p "$CDATA/$1"
+  # etcd creates missing parents 0700: the members' users must get through
+  chmod 755 "$CDATA"
+  chown -R "$user:" "$CDATA/$1"
+  AS_MEMBER=(setpriv "--reuid=$user" "--regid=$(id -g "$user")" --clear-groups)
+}
+
+# every port of member $1, comma-separated
+member_ports() {
+  local name exe port extra
+  while read -r name exe port extra; do
+    if [[ "$name" == "$1" ]]; then
+      echo "$port $extra" | tr -s ' ' ',' | sed 's/,$//'
+      return 0
+    fi
+  done < <(group_members "$(member_group "$1")")
+}
+
+cluster_partition() {
+  local name=${1:-} pid user
+  [[ -n "$name" ]] || die "usage: cluster partition MEMBER (an etcd or ZooKeeper member)"
+  case "$name" in
+    etcd-[123] | zk-[123]) ;;
+    *) die "cluster partition: '$name' is not an etcd or ZooKeeper member (only they run under users of their own)" ;;
+  esac
+  [[ $EUID -eq 0 ]] || die "cluster partition needs root (iptables)"
+  command -v iptables >/dev/null 2>&1 || die "cluster partition needs iptables (bash scripts/services.sh cluster start installs it)"
+  user="$(member_user "$name")"
+  pid="$(cat "$CDIR/$name.pid" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] && pid_alive "$pid" ||
+    die "cluster partition: $name is not running (no live pid in $CDIR/$name.pid)"
+  [[ "$(stat -c %U "/proc/$pid")" == "$user" ]] ||
+    die "cluster partition: $name runs as $(stat -c %U "/proc/$pid"), not $user: restart the clusters as root (cluster restart)"
+  iptables -w -I INPUT -p tcp -m multiport --dports "$(member_ports "$name")" \
+    -m comment --comment "$PARTITION_TAG $name" -j DROP
+  iptables -w -I OUTPUT -m owner --uid-owner "$user" \
+    -m comment --comment "$PARTITION_TAG $name" -j DROP
+}
+
+# removes the partition rules of member $1, or of every member
+cluster_heal() {
+  local name=${1:-} rule
+  [[ $EUID -eq 0 ]] && command -v iptables >/dev/null 2>&1 || return 0
+  while read -r rule; do
+    [[ -n "$rule" ]] || continue
+    eval "iptables -w ${rule/#-A/-D}"
+  done < <(iptables -w -S | grep -F -- "$PARTITION_TAG ${name}" || true)
+}
+
 # The member that leads group $1 now: the etcd or ZooKeeper leader, the
 # Sentinel primary, or (redis-cluster) the primary serving the slot of key
 # $2. Prints its name; fails, saying why, when there is none.
@@ -965,12 +1040,14 @@ cmd_cluster() {
     start) cluster_start ;;
     leader) cluster_leader "${@:2}" ;;
     signal) cluster_signal "${@:2}" ;;
+    partition) cluster_partition "${@:2}" ;;
+    heal) cluster_heal "${@:2}" ;;
     stop) cluster_stop ;;
     restart)
       cluster_stop
       cluster_start
       ;;
     status) cluster_status ;;
-    *) die "unknown cluster command '$1' (use cluster start, stop, restart, status, leader or signal)" ;;
+    *) die "unknown cluster command '$1' (use cluster start, stop, restart, status, leader, signal, partition or heal)" ;;
   esac
 }

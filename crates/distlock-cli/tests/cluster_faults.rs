@@ -1,8 +1,8 @@
 //! The fault suite (issue 12): the `distlock check` workload (worker
 //! processes on one key, a fenced register, an unfenced counter) against
-//! the test clusters of `scripts/clusters.sh`, while this test kills and
-//! pauses their leaders and members, and the check pauses its own workers
-//! past their TTL.
+//! the test clusters of `scripts/clusters.sh`, while this test kills,
+//! pauses and partitions (iptables, `cluster partition`) their leaders
+//! and members, and SIGSTOPs the holding worker past its TTL.
 //!
 //! Each test writes its report as JSON to
 //! `$CARGO_TARGET_TMPDIR/fault-suite/<name>.json` and prints it; the
@@ -37,10 +37,12 @@ enum Fault {
     KillLeader,
     /// SIGSTOP the leader for this long, then SIGCONT it.
     PauseLeader(Duration),
-    /// SIGSTOP a member that does not lead for this long: what a
-    /// partitioned member looks like to the others (loopback has no
-    /// partition tool; see docs/clusters.md).
-    PauseFollower(Duration),
+    /// Cut the leader off from clients and peers for this long (iptables:
+    /// `cluster partition`), then heal: unlike a pause, it keeps running
+    /// and its clients' connections time out rather than hang.
+    PartitionLeader(Duration),
+    /// The same for a member that does not lead.
+    PartitionFollower(Duration),
 }
 
 impl Fault {
@@ -48,7 +50,8 @@ impl Fault {
         match self {
             Fault::KillLeader => "leader-kill",
             Fault::PauseLeader(_) => "leader-pause",
-            Fault::PauseFollower(_) => "member-pause",
+            Fault::PartitionLeader(_) => "leader-partition",
+            Fault::PartitionFollower(_) => "member-partition",
         }
     }
 }
@@ -57,7 +60,7 @@ impl Fault {
 struct Group {
     /// `etcd`, `zookeeper`, `sentinel` or `redis-cluster`.
     name: &'static str,
-    /// Its data members, any of which may lead (for `PauseFollower`).
+    /// Its data members, any of which may lead (for `PartitionFollower`).
     members: &'static [&'static str],
 }
 
@@ -137,18 +140,28 @@ fn inject(group: &Group, key: &str, fault: Fault) -> Timestamp {
             std::thread::sleep(pause);
             clusters::signal(&leader, "CONT");
         }
-        Fault::PauseFollower(pause) => {
-            let follower = group
-                .members
-                .iter()
-                .find(|member| **member != leader)
-                .expect("a group has more than one member");
-            clusters::signal(follower, "STOP");
-            std::thread::sleep(pause);
-            clusters::signal(follower, "CONT");
+        Fault::PartitionLeader(length) => {
+            clusters::partition(&leader);
+            std::thread::sleep(length);
+            clusters::heal(&leader);
+        }
+        Fault::PartitionFollower(length) => {
+            let follower = follower_of(group, &leader);
+            clusters::partition(follower);
+            std::thread::sleep(length);
+            clusters::heal(follower);
         }
     }
     started
+}
+
+/// A member of `group` other than `leader`.
+fn follower_of(group: &Group, leader: &str) -> &'static str {
+    group
+        .members
+        .iter()
+        .find(|member| **member != leader)
+        .expect("a group has more than one member")
 }
 
 /// What injects a fault into a service: blocking; it gets the check's key
@@ -260,8 +273,11 @@ async fn etcd_cluster_keeps_one_holder_through_leader_faults() {
     let url = "etcd://127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793/fault-suite?session_ttl=2s";
     let faults = [
         Fault::KillLeader,
-        Fault::PauseLeader(Duration::from_secs(6)),
-        Fault::PauseFollower(Duration::from_secs(6)),
+        // Longer than twice the session: the others must take over while
+        // it lasts.
+        Fault::PauseLeader(Duration::from_secs(5)),
+        Fault::PartitionLeader(Duration::from_secs(5)),
+        Fault::PartitionFollower(Duration::from_secs(5)),
     ];
     let report = run(
         "etcd",
@@ -282,8 +298,11 @@ async fn zookeeper_ensemble_keeps_one_holder_through_leader_faults() {
     let url = "zk://127.0.0.1:21811,127.0.0.1:21812,127.0.0.1:21813/fault-suite?session_ttl=2s";
     let faults = [
         Fault::KillLeader,
-        Fault::PauseLeader(Duration::from_secs(4)),
-        Fault::PauseFollower(Duration::from_secs(4)),
+        // Longer than twice the session: the others must take over while
+        // it lasts.
+        Fault::PauseLeader(Duration::from_secs(5)),
+        Fault::PartitionLeader(Duration::from_secs(5)),
+        Fault::PartitionFollower(Duration::from_secs(5)),
     ];
     let report = run(
         "zookeeper",

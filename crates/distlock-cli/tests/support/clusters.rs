@@ -93,3 +93,26 @@ pub fn signal(member: &str, signal: &str) {
         panic!("{err}");
     }
 }
+
+/// Cuts `member` (an etcd or ZooKeeper member) off from clients and peers.
+///
+/// # Panics
+///
+/// If the script refuses (not root, no iptables, a member that does not
+/// run under a user of its own).
+pub fn partition(member: &str) {
+    if let Err(err) = cluster(&["partition", member]) {
+        panic!("{err}");
+    }
+}
+
+/// Removes `member`'s partition.
+///
+/// # Panics
+///
+/// If the script fails.
+pub fn heal(member: &str) {
+    if let Err(err) = cluster(&["heal", member]) {
+        panic!("{err}");
+    }
+}
