@@ -319,9 +319,9 @@ impl EtcdLock {
                 // It may be stuck on a member that stopped answering: sent
                 // again, to the others. It stays in `txns` (still running)
                 // for the cleanup to wait for.
-                () = self.inner.health.member_removed() => {
+                () = self.inner.health.disrupted() => {
                     if retries < TXN_RETRIES {
-                        tracing::debug!("distlock: etcd acquire txn interrupted by a member leaving the balancer, sending it again");
+                        tracing::debug!("distlock: etcd acquire txn interrupted (a member left the balancer or the leader changed), sending it again");
                         retries += 1;
                         continue;
                     }

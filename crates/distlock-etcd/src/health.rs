@@ -19,11 +19,18 @@
 //!   none answers (the trouble is then ours, or the whole cluster's).
 //! - Requests and watches already sent to a removed member would still
 //!   wait on its connection: removing a member therefore interrupts every
-//!   request in flight ([`Health::member_removed`]), which is sent again,
+//!   request in flight ([`Health::disrupted`]), which is sent again,
 //!   now to the members that answer. One in flight to a healthy member is
 //!   sent again too, which is safe (the paths that use it treat the
 //!   interruption like a timeout, with the outcome unknown) and rare (only
 //!   at a removal).
+//! - So does a new leader (a higher raft term in a `Status` answer): a
+//!   write that a follower forwarded to the old leader, or proposed while
+//!   it had none, may have been dropped by raft, and etcd 3.4 answers it
+//!   only after its request timeout (7 s by default). Measured with the
+//!   leader stopped: a lease grant sent to a follower just before the
+//!   election hung 5 s, to the client's timeout, with the new leader
+//!   elected 0.3 s after it was sent.
 //! - The task holds the client weakly and is aborted when the client is
 //!   dropped, so it keeps nothing alive.
 
@@ -48,29 +55,31 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// The health of a client's members: the task that checks them and the
 /// signal that a member left the balancer.
 pub(crate) struct Health {
-    /// Counts removals from the balancer; requests in flight watch it.
-    removals: watch::Sender<u64>,
+    /// Counts removals from the balancer and leader changes; requests in
+    /// flight watch it.
+    disruptions: watch::Sender<u64>,
     task: Mutex<Option<AbortHandle>>,
 }
 
 impl Health {
     pub(crate) fn new() -> Self {
         Health {
-            removals: watch::channel(0).0,
+            disruptions: watch::channel(0).0,
             task: Mutex::new(None),
         }
     }
 
-    /// Resolves when a member is removed from the balancer after this
-    /// future was first polled: a request in flight may be stuck on it.
-    pub(crate) async fn member_removed(&self) {
-        self.removals().next().await;
+    /// Resolves when a member is removed from the balancer or a new leader
+    /// is seen after this future was first polled: a request in flight may
+    /// be stuck on that member, or lost with the old leader.
+    pub(crate) async fn disrupted(&self) {
+        self.disruptions().next().await;
     }
 
-    /// The removals from the balancer from now on, for work that spans
-    /// several awaits (a wait in the queue).
-    pub(crate) fn removals(&self) -> Removals {
-        Removals(self.removals.subscribe())
+    /// The disruptions from now on, for work that spans several awaits (a
+    /// wait in the queue, the session's keep-alive).
+    pub(crate) fn disruptions(&self) -> Disruptions {
+        Disruptions(self.disruptions.subscribe())
     }
 
     /// Starts checking the members of `inner`'s client (nothing to do for
@@ -97,11 +106,11 @@ impl Health {
     }
 }
 
-/// Removals from the balancer after a point in time.
-pub(crate) struct Removals(watch::Receiver<u64>);
+/// Removals from the balancer and leader changes after a point in time.
+pub(crate) struct Disruptions(watch::Receiver<u64>);
 
-impl Removals {
-    /// Resolves at the next removal not seen yet. Cancellation-safe.
+impl Disruptions {
+    /// Resolves at the next disruption not seen yet. Cancellation-safe.
     pub(crate) async fn next(&mut self) {
         if self.0.changed().await.is_err() {
             // The sender lives as long as the client: nothing to wait for.
@@ -136,18 +145,35 @@ async fn check_members(inner: Weak<Inner>, endpoints: Vec<String>, options: Conn
         .collect();
     let mut ticks = tokio::time::interval(PROBE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The highest raft term any member reported: it grows with each
+    // election.
+    let mut term = None;
     loop {
         ticks.tick().await;
-        let answered = probe_all(&mut members, &options).await;
+        let terms = probe_all(&mut members, &options).await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        update_balancer(&inner, &mut members, &answered).await;
+        let answered: Vec<bool> = terms.iter().map(Option::is_some).collect();
+        let removed = update_balancer(&inner, &mut members, &answered).await;
+        let newest = terms.iter().flatten().max().copied();
+        let elected = matches!((term, newest), (Some(old), Some(new)) if new > old);
+        if elected {
+            tracing::info!(
+                term = newest,
+                "distlock: etcd has a new leader; requests in flight are sent again"
+            );
+        }
+        term = term.max(newest);
+        if removed || elected {
+            inner.health.disruptions.send_modify(|count| *count += 1);
+        }
     }
 }
 
-/// Sends one `Status` to each member at once; which answered in time.
-async fn probe_all(members: &mut [Member], options: &ConnectOptions) -> Vec<bool> {
+/// Sends one `Status` to each member at once: the raft term of each that
+/// answered in time.
+async fn probe_all(members: &mut [Member], options: &ConnectOptions) -> Vec<Option<u64>> {
     let mut probes = JoinSet::new();
     for (index, member) in members.iter_mut().enumerate() {
         let (endpoint, client, options) = (
@@ -157,25 +183,26 @@ async fn probe_all(members: &mut [Member], options: &ConnectOptions) -> Vec<bool
         );
         probes.spawn(async move { (index, probe(endpoint, client, options).await) });
     }
-    let mut answered = vec![false; members.len()];
+    let mut terms = vec![None; members.len()];
     while let Some(outcome) = probes.join_next().await {
-        if let Ok((index, (client, ok))) = outcome {
+        if let Ok((index, (client, term))) = outcome {
             members[index].probe = client;
-            answered[index] = ok;
+            terms[index] = term;
         }
     }
-    answered
+    terms
 }
 
 /// One `Status` to `endpoint` on the probe's own connection (made first if
-/// need be), bounded by [`PROBE_TIMEOUT`]. The connection is kept for the
-/// next probe, answered or not: a new one per probe to a stopped member
-/// would pile up in its accept queue.
+/// need be), bounded by [`PROBE_TIMEOUT`]: the member's raft term if it
+/// answered. The connection is kept for the next probe, answered or not:
+/// a new one per probe to a stopped member would pile up in its accept
+/// queue.
 async fn probe(
     endpoint: String,
     client: Option<Client>,
     options: ConnectOptions,
-) -> (Option<Client>, bool) {
+) -> (Option<Client>, Option<u64>) {
     let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
     let client = match client {
         Some(client) => client,
@@ -185,32 +212,31 @@ async fn probe(
                 Ok(Ok(client)) => client,
                 Ok(Err(err)) => {
                     tracing::debug!(endpoint, error = %err, "distlock: etcd health probe could not connect");
-                    return (None, false);
+                    return (None, None);
                 }
-                Err(_) => return (None, false),
+                Err(_) => return (None, None),
             }
         }
     };
     let mut status = client.maintenance_client();
-    let ok = match tokio::time::timeout_at(deadline, status.status()).await {
-        Ok(Ok(_)) => true,
+    let term = match tokio::time::timeout_at(deadline, status.status()).await {
+        Ok(Ok(status)) => Some(status.raft_term()),
         Ok(Err(err)) => {
             tracing::debug!(endpoint, error = %err, "distlock: etcd health probe failed");
-            false
+            None
         }
-        Err(_) => false,
+        Err(_) => None,
     };
-    (Some(client), ok)
+    (Some(client), term)
 }
 
 /// Adds the members that answered back to the balancer and removes those
-/// that did not, unless none answered; interrupts the requests in flight
-/// after a removal.
-async fn update_balancer(inner: &Inner, members: &mut [Member], answered: &[bool]) {
+/// that did not, unless none answered; whether one was removed.
+async fn update_balancer(inner: &Inner, members: &mut [Member], answered: &[bool]) -> bool {
     if !answered.iter().any(|ok| *ok) {
         // Nobody answers: removing members would leave nothing to send
         // requests to, and the trouble is likely on our side.
-        return;
+        return false;
     }
     let mut removed = false;
     for (member, &ok) in members.iter_mut().zip(answered) {
@@ -236,12 +262,10 @@ async fn update_balancer(inner: &Inner, members: &mut [Member], answered: &[bool
             Err(err) => {
                 // The balancer is gone with the client: nothing to update.
                 tracing::debug!(endpoint = member.endpoint, error = %err, "distlock: etcd balancer update failed");
-                return;
+                return removed;
             }
         }
         member.in_balancer = ok;
     }
-    if removed {
-        inner.health.removals.send_modify(|count| *count += 1);
-    }
+    removed
 }

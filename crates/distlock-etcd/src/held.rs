@@ -84,7 +84,7 @@ impl HeldLock for EtcdHeld {
         // back nor "nothing deleted" taken as the key being gone already.
         let interrupted = matches!(&deleted, Err(err) if is_interrupted(err));
         if interrupted {
-            tracing::debug!(key = %self.etcd_key, "distlock: etcd release interrupted by a member leaving the balancer, sending it again");
+            tracing::debug!(key = %self.etcd_key, "distlock: etcd release interrupted (a member left the balancer or the leader changed), sending it again");
             deleted = owner.inner.request(delete()).await;
         }
         let deleted = match deleted {

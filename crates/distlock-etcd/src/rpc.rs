@@ -65,7 +65,7 @@ impl Inner {
     ) -> Result<T, etcd_client::Error> {
         tokio::select! {
             outcome = bounded(self.config.timeout, request) => outcome,
-            () = self.health.member_removed() => Err(interrupted()),
+            () = self.health.disrupted() => Err(interrupted()),
         }
     }
 }
@@ -74,7 +74,7 @@ impl Inner {
 pub(crate) fn interrupted() -> etcd_client::Error {
     etcd_client::Error::IoError(std::io::Error::new(
         std::io::ErrorKind::Interrupted,
-        "a member stopped answering while the request was in flight",
+        "a member stopped answering or the leader changed while the request was in flight",
     ))
 }
 

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::lease_seconds;
-use crate::health::{Health, Removals};
+use crate::health::{Disruptions, Health};
 use crate::rpc::{bounded, interrupted, Failure};
 use crate::EtcdLock;
 
@@ -226,8 +226,18 @@ impl Session {
     }
 
     /// Starts the keep-alive task.
-    pub(crate) fn start(self: &Arc<Self>, client: Client, timeout: Duration, removals: Removals) {
-        let task = tokio::spawn(keep_session_alive(client, self.clone(), timeout, removals));
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        client: Client,
+        timeout: Duration,
+        disruptions: Disruptions,
+    ) {
+        let task = tokio::spawn(keep_session_alive(
+            client,
+            self.clone(),
+            timeout,
+            disruptions,
+        ));
         *self.task.lock().unwrap() = Some(task.abort_handle());
     }
 
@@ -268,7 +278,7 @@ async fn keep_session_alive(
     client: Client,
     session: Arc<Session>,
     timeout: Duration,
-    mut removals: Removals,
+    mut disruptions: Disruptions,
 ) {
     let interval = session.ttl / 3;
     let mut keep_alive = KeepAlive::new(session.id, session.ttl);
@@ -286,8 +296,8 @@ async fn keep_session_alive(
         let refresh = keep_alive.refresh(&client).instrument(span);
         let outcome = tokio::select! {
             outcome = tokio::time::timeout(left.min(timeout), refresh) => outcome,
-            () = removals.next() => {
-                tracing::debug!(lease_id = session.id, "distlock: etcd keep-alive interrupted by a member leaving the balancer, sending it again");
+            () = disruptions.next() => {
+                tracing::debug!(lease_id = session.id, "distlock: etcd keep-alive interrupted (a member left the balancer or the leader changed), sending it again");
                 keep_alive.stream = None;
                 next = Instant::now();
                 continue;
@@ -404,11 +414,11 @@ pub(crate) async fn grant_session(
     });
     let granted = tokio::select! {
         granted = grant => granted?,
-        () = health.member_removed() => return Err(interrupted()),
+        () = health.disrupted() => return Err(interrupted()),
     };
     let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
     let session = Session::new(granted.id(), ttl, validity_deadline(sent_at, ttl));
-    session.start(client.clone(), request_timeout, health.removals());
+    session.start(client.clone(), request_timeout, health.disruptions());
     Ok(session)
 }
 

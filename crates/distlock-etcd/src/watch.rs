@@ -48,7 +48,7 @@ impl EtcdLock {
         // A watch on a member that leaves the balancer would wait on it:
         // on a removal the wait is abandoned and starts over (a new watch,
         // then a read), on the members that answer.
-        let mut removals = self.inner.health.removals();
+        let mut disruptions = self.inner.health.disruptions();
         // Watch from the current revision, then read: the predecessor
         // deleted before the watch started shows in the read, any later
         // delete in the watch.
@@ -74,7 +74,7 @@ impl EtcdLock {
                     break tokio::select! {
                         deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
                         () = binding.lost(self) => return Ok(None),
-                        () = removals.next() => return Err(self.member_removed(key)),
+                        () = disruptions.next() => return Err(self.disrupted(key)),
                     };
                 }
             };
@@ -103,7 +103,7 @@ impl EtcdLock {
                     };
                 }
                 () = binding.lost(self) => return Ok(None),
-                () = removals.next() => return Err(self.member_removed(key)),
+                () = disruptions.next() => return Err(self.disrupted(key)),
             }
         };
         drop(older_watch);
@@ -147,7 +147,7 @@ impl EtcdLock {
     }
 
     /// A wait abandoned because a member left the balancer: retried.
-    fn member_removed(&self, key: &str) -> Failure {
+    fn disrupted(&self, key: &str) -> Failure {
         Failure {
             error: self.error("wait", key, crate::rpc::interrupted()),
             retry: true,

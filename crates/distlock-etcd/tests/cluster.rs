@@ -74,16 +74,23 @@ impl Drop for Stopped {
     }
 }
 
+/// Whether the member at `endpoint` answers `Status` within 500 ms.
+async fn answers(endpoint: &str) -> bool {
+    let status = async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await?;
+        client.status().await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), status).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Whether every member answers `Status` now.
 async fn all_members_answer() -> bool {
     for (_, endpoint) in MEMBERS {
-        let status = async {
-            let mut client = etcd_client::Client::connect([endpoint], None).await?;
-            client.status().await
-        };
-        match tokio::time::timeout(Duration::from_millis(500), status).await {
-            Ok(Ok(_)) => {}
-            _ => return false,
+        if !answers(endpoint).await {
+            return false;
         }
     }
     true
@@ -149,7 +156,7 @@ async fn handoff(first: &EtcdLock, second: &EtcdLock, key: &str) -> (Duration, u
 
 /// Stops `member` for [`PAUSE`] and runs handoffs all the while; each must
 /// finish within `bound`.
-async fn handoffs_through_pause(member: &'static str, bound: Duration) {
+async fn handoffs_through_pause(member: &'static str, endpoint: &str, bound: Duration) {
     // `RUST_LOG=distlock_etcd=debug` shows what the clients did.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -173,7 +180,14 @@ async fn handoffs_through_pause(member: &'static str, bound: Duration) {
         cycles.push(took);
         failed_releases += failed;
     }
+    // The cluster is shared: `cluster start` elsewhere resumes stopped
+    // members, which would void the measurement.
+    let still_stopped = !answers(endpoint).await;
     drop(stopped);
+    assert!(
+        still_stopped,
+        "{member} was resumed by someone else during the test"
+    );
     let slowest = cycles.iter().max().copied().unwrap_or_default();
     eprintln!(
         "{member} stopped: {} handoffs, slowest {slowest:?}, {failed_releases} failed releases",
@@ -198,23 +212,26 @@ async fn a_stopped_follower_costs_a_handoff_little() {
     let Some(leader) = cluster_ready().await else {
         return;
     };
-    let (follower, _) = MEMBERS
+    let (follower, endpoint) = MEMBERS
         .iter()
         .find(|(name, _)| *name != leader)
         .expect("a follower");
-    handoffs_through_pause(follower, Duration::from_millis(1500)).await;
+    handoffs_through_pause(follower, endpoint, Duration::from_millis(1500)).await;
 }
 
 /// A stopped leader: writes wait for the others to elect a new one (etcd's
 /// election timeout is 1 s, randomized up to 2 s), then the lock moves on.
+/// Before the health checks a handoff took 5.8-11 s here: requests stuck
+/// on the stopped leader, and writes a follower had proposed before the
+/// election, which etcd 3.4 only fails after its own 7 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_leader_costs_a_handoff_an_election() {
     let Some(leader) = cluster_ready().await else {
         return;
     };
-    let (leader, _) = MEMBERS
+    let (leader, endpoint) = MEMBERS
         .iter()
         .find(|(name, _)| *name == leader)
         .expect("the leader is a member");
-    handoffs_through_pause(leader, Duration::from_millis(3000)).await;
+    handoffs_through_pause(leader, endpoint, Duration::from_millis(3000)).await;
 }
