@@ -2,7 +2,11 @@
 //!
 //! **URL:** `etcd://[user:password@]host:port[,host:port...][/prefix][?options]`
 //! - hosts: one or more members (port 2379 when left out, IPv6 as
-//!   `[::1]:2379`); requests are balanced over them.
+//!   `[::1]:2379`); requests are balanced over them. With more than one,
+//!   each is asked for its status every 300 ms, and one that does not
+//!   answer within 500 ms (stopped, overloaded, cut off) gets no requests
+//!   until it answers again; requests in flight then, or when a new leader
+//!   is elected, are sent again.
 //! - `/prefix`: where the locks live in etcd (default `distlock`).
 //! - `user:password`: etcd authentication, percent-encoded if need be;
 //!   errors and logs show `***` for the password.
