@@ -58,7 +58,7 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use crate::held::{EtcdHeld, PendingKey};
-use crate::rpc::{is_lease_not_found, is_retryable, timed_out, Failure};
+use crate::rpc::{interrupted, is_lease_not_found, is_retryable, timed_out, Failure};
 use crate::session::Binding;
 use crate::{EtcdLock, NAME};
 
@@ -314,7 +314,24 @@ impl EtcdLock {
             let mut txns = pending.txns.lock().await;
             txns.push(tokio::spawn(async move { kv.txn(txn).await }));
             let running = txns.last_mut().expect("just pushed");
-            let outcome = match tokio::time::timeout(self.inner.config.timeout, running).await {
+            let waited = tokio::select! {
+                waited = tokio::time::timeout(self.inner.config.timeout, running) => waited,
+                // It may be stuck on a member that stopped answering: sent
+                // again, to the others. It stays in `txns` (still running)
+                // for the cleanup to wait for.
+                () = self.inner.health.disrupted() => {
+                    if retries < TXN_RETRIES {
+                        tracing::debug!("distlock: etcd acquire txn interrupted (a member left the balancer or the leader changed), sending it again");
+                        retries += 1;
+                        continue;
+                    }
+                    return Err(Failure {
+                        error: self.error("acquire", key, interrupted()),
+                        retry: true,
+                    });
+                }
+            };
+            let outcome = match waited {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(join)) => {
                     return Err(Failure {

@@ -45,7 +45,7 @@ use distlock_core::{Error, LostReason, Result};
 use etcd_client::{GetOptions, TxnResponse};
 use tokio::task::JoinHandle;
 
-use crate::rpc::{bounded, is_lease_not_found};
+use crate::rpc::{is_interrupted, is_lease_not_found};
 use crate::session::{spawn_revoke, Binding, Session, LEASE_GONE};
 use crate::{EtcdLock, Inner, NAME};
 
@@ -68,23 +68,32 @@ impl HeldLock for EtcdHeld {
     async fn release(&self) -> Result<()> {
         let owner = &self.owner;
         let first_release = !self.release_started.swap(true, Ordering::AcqRel);
-        let deleted = owner
-            .call("release", &self.key, async {
-                owner
-                    .inner
-                    .client
-                    .kv_client()
-                    .delete(self.etcd_key.as_str(), None)
-                    .await
-            })
-            .await;
+        let delete = || async {
+            owner
+                .inner
+                .client
+                .kv_client()
+                .delete(self.etcd_key.as_str(), None)
+                .await
+        };
+        let mut deleted = owner.inner.request(delete()).await;
+        // Abandoned because a member left the balancer (it may have been
+        // stuck there): sent once more, to the members that answer. The
+        // first may have landed (on a healthy member) or may still land
+        // (when the stopped one resumes), so neither its number is given
+        // back nor "nothing deleted" taken as the key being gone already.
+        let interrupted = matches!(&deleted, Err(err) if is_interrupted(err));
+        if interrupted {
+            tracing::debug!(key = %self.etcd_key, "distlock: etcd release interrupted (a member left the balancer or the leader changed), sending it again");
+            deleted = owner.inner.request(delete()).await;
+        }
         let deleted = match deleted {
             Ok(deleted) => deleted,
             // The key may still be there, on a lease kept alive, holding up
             // every waiter: the caller learns of the failure, and the key
             // is removed in the background. (Its number is not given
             // back: the delete may still land.)
-            Err(failure) => {
+            Err(source) => {
                 remove_in_background(
                     &owner.inner,
                     KeyLease::of(&self.binding),
@@ -92,10 +101,10 @@ impl HeldLock for EtcdHeld {
                     self.key.clone(),
                     "a released etcd lock key",
                 );
-                return Err(failure.error);
+                return Err(owner.error("release", &self.key, source));
             }
         };
-        if first_release {
+        if first_release && !interrupted {
             // etcd answered the only delete sent: the key is gone and
             // nothing can create it again, so its name may be reused.
             owner.inner.give_back_seq(self.seq);
@@ -109,7 +118,7 @@ impl HeldLock for EtcdHeld {
         // (A dropped guard is marked released before this runs.)
         let lost =
             matches!(self.lease.lost_reason(), Some(reason) if reason != LostReason::Released);
-        if deleted.deleted() == 0 {
+        if deleted.deleted() == 0 && !interrupted {
             self.key_gone().await;
             return Err(Error::not_held(&self.key));
         }
@@ -180,14 +189,15 @@ impl EtcdHeld {
             return;
         }
         let inner = &self.owner.inner;
-        let answer = bounded(inner.config.timeout, async {
-            inner
-                .client
-                .lease_client()
-                .time_to_live(session.id, None)
-                .await
-        })
-        .await;
+        let answer = inner
+            .request(async {
+                inner
+                    .client
+                    .lease_client()
+                    .time_to_live(session.id, None)
+                    .await
+            })
+            .await;
         match answer {
             // etcd answers -1 for a lease it does not know; an error
             // saying "lease not found" means the same.
@@ -250,29 +260,30 @@ async fn remove_key(
     lease: &KeyLease,
     etcd_key: &str,
 ) -> Result<(), etcd_client::Error> {
-    let timeout = inner.config.timeout;
     match lease {
-        KeyLease::Own(id) => bounded(timeout, async {
-            inner.client.lease_client().revoke(*id).await.map(drop)
-        })
-        .await
-        .or_else(|err| match err {
-            // Already gone: so is the key.
-            etcd_client::Error::GRpcStatus(status) if status.message().contains("not found") => {
-                Ok(())
-            }
-            other => Err(other),
-        }),
-        KeyLease::Session(_) => {
-            bounded(timeout, async {
-                inner
-                    .client
-                    .kv_client()
-                    .delete(etcd_key, None)
-                    .await
-                    .map(drop)
-            })
+        KeyLease::Own(id) => inner
+            .request(async { inner.client.lease_client().revoke(*id).await.map(drop) })
             .await
+            .or_else(|err| match err {
+                // Already gone: so is the key.
+                etcd_client::Error::GRpcStatus(status)
+                    if status.message().contains("not found") =>
+                {
+                    Ok(())
+                }
+                other => Err(other),
+            }),
+        KeyLease::Session(_) => {
+            inner
+                .request(async {
+                    inner
+                        .client
+                        .kv_client()
+                        .delete(etcd_key, None)
+                        .await
+                        .map(drop)
+                })
+                .await
         }
     }
 }

@@ -2,7 +2,11 @@
 //!
 //! **URL:** `etcd://[user:password@]host:port[,host:port...][/prefix][?options]`
 //! - hosts: one or more members (port 2379 when left out, IPv6 as
-//!   `[::1]:2379`); requests are balanced over them.
+//!   `[::1]:2379`); requests are balanced over them. With more than one,
+//!   each is asked for its status every 300 ms, and one that does not
+//!   answer within 500 ms (stopped, overloaded, cut off) gets no requests
+//!   until it answers again; requests in flight then, or when a new leader
+//!   is elected, are sent again.
 //! - `/prefix`: where the locks live in etcd (default `distlock`).
 //! - `user:password`: etcd authentication, percent-encoded if need be;
 //!   errors and logs show `***` for the password.
@@ -59,6 +63,7 @@
 
 mod acquire;
 mod config;
+mod health;
 mod held;
 mod rpc;
 mod session;
@@ -79,18 +84,35 @@ use etcd_client::{Client, ConnectOptions};
 use acquire::Outcome;
 use config::lease_seconds;
 pub use config::EtcdConfig;
+use health::Health;
 use rpc::{bounded, probe};
 use session::{grant_session, Session};
 
 const NAME: &str = "etcd";
 
 /// How often each member connection is pinged (HTTP/2 PING), idle or
-/// not. A member that stops answering (a paused process, a partition that
-/// keeps TCP up) is dropped from the client's balancer when a ping goes
-/// unanswered, so requests go to the others instead of waiting on it.
+/// not: a connection to a member that stops answering (a paused process, a
+/// partition that keeps TCP up) is closed when a ping goes unanswered, and
+/// the requests on it fail. Taking such a member out of the balancer is
+/// the `health` module's job, which notices sooner.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest encoded key component; longer keys are hashed.
 const MAX_KEY_COMPONENT: usize = 200;
+
+/// How the client connects to each member (the balancer's connections and
+/// the health probes' alike).
+fn connect_options(config: &EtcdConfig) -> ConnectOptions {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(config.connect_timeout)
+        .with_keep_alive(KEEP_ALIVE_INTERVAL, config.timeout.min(KEEP_ALIVE_INTERVAL))
+        .with_keep_alive_while_idle(true);
+    match &config.user {
+        Some((user, password)) => options
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true),
+        None => options,
+    }
+}
 
 /// Connects to the service named by `url` (see the crate docs for the
 /// forms).
@@ -134,6 +156,8 @@ struct Inner {
     /// (`ttl / 3`): a lease of its own is kept alive; a session-bound lock
     /// (kept alive by the session) checks that its key is still there.
     renewals: RenewalScheduler,
+    /// Which members answer; see the `health` module.
+    health: Health,
 }
 
 impl Inner {
@@ -151,6 +175,7 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.health.stop();
         let session = self.session.lock().unwrap().clone();
         session.close(&self.client, "the client was dropped");
     }
@@ -172,24 +197,18 @@ impl EtcdLock {
         probe(&config.endpoints, config.connect_timeout)
             .await
             .map_err(|err| fail(err.into()))?;
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(KEEP_ALIVE_INTERVAL, config.timeout.min(KEEP_ALIVE_INTERVAL))
-            .with_keep_alive_while_idle(true);
-        if let Some((user, password)) = &config.user {
-            options = options
-                .with_user(user.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
+        let options = connect_options(&config);
         let client = bounded(
             config.connect_timeout,
-            Client::connect(&config.endpoints, Some(options)),
+            Client::connect(&config.endpoints, Some(options.clone())),
         )
         .await
         .map_err(|err| fail(err.into()))?;
         let session_secs = lease_seconds(config.session_ttl);
+        let health = Health::new();
         let session = grant_session(
             &client,
+            &health,
             session_secs,
             config.connect_timeout,
             config.timeout,
@@ -197,19 +216,20 @@ impl EtcdLock {
         .await
         .map_err(|err| fail(err.into()))?;
         tracing::debug!(endpoints = %endpoints, lease_id = session.id, ttl = ?session.ttl, "distlock: etcd session created");
-        Ok(EtcdLock {
-            inner: Arc::new(Inner {
-                client,
-                config,
-                endpoints,
-                session_secs,
-                session: Mutex::new(session),
-                new_session: tokio::sync::Mutex::new(()),
-                seq: AtomicU64::new(0),
-                free_seqs: Mutex::new(Vec::new()),
-                renewals: RenewalScheduler::new(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            client,
+            config,
+            endpoints,
+            session_secs,
+            session: Mutex::new(session),
+            new_session: tokio::sync::Mutex::new(()),
+            seq: AtomicU64::new(0),
+            free_seqs: Mutex::new(Vec::new()),
+            renewals: RenewalScheduler::new(),
+            health,
+        });
+        Health::start(&inner, options);
+        Ok(EtcdLock { inner })
     }
 
     /// The configuration in use.
@@ -272,7 +292,7 @@ impl backend::LockBackend for EtcdLock {
                 Ok(Outcome::Granted(guard)) => return Ok(guard),
                 Ok(Outcome::Busy | Outcome::Restart) => {}
                 Err(failure) if failure.retry => {
-                    tracing::warn!(error = %failure.error, "distlock: etcd acquire failed, retrying");
+                    tracing::warn!(error = ?failure.error, "distlock: etcd acquire failed, retrying");
                     tokio::time::sleep(options.backoff.delay(errors)).await;
                     errors += 1;
                 }

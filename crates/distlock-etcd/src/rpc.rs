@@ -1,13 +1,14 @@
-//! Requests to etcd: one timeout per request, error context, which errors
-//! are worth retrying, and the TCP probe that makes a refused connect fail
-//! at once.
+//! Requests to etcd: one timeout per request, an interruption when a
+//! member leaves the balancer (see the `health` module), error context,
+//! which errors are worth retrying, and the TCP probe that makes a refused
+//! connect fail at once.
 
 use std::future::Future;
 use std::time::Duration;
 
 use distlock_core::{BoxError, Error};
 
-use crate::{EtcdLock, NAME};
+use crate::{EtcdLock, Inner, NAME};
 
 /// An error and whether waiting longer may help.
 pub(crate) struct Failure {
@@ -32,14 +33,15 @@ impl EtcdLock {
         Error::backend(NAME, self.inner.endpoints.clone(), operation, key, source)
     }
 
-    /// Runs one request bounded by the configured timeout.
+    /// Runs one request bounded by the configured timeout, interrupted
+    /// when a member leaves the balancer ([`Inner::request`]).
     pub(crate) async fn call<T>(
         &self,
         operation: &'static str,
         key: &str,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, Failure> {
-        match bounded(self.inner.config.timeout, request).await {
+        match self.inner.request(request).await {
             Ok(value) => Ok(value),
             Err(source) => {
                 let retry = is_retryable(&source);
@@ -50,6 +52,36 @@ impl EtcdLock {
             }
         }
     }
+}
+
+impl Inner {
+    /// `request`, bounded by the configured timeout; or an
+    /// [interruption](is_interrupted) when a member leaves the balancer
+    /// meanwhile, as the request may be stuck on that member. Either way
+    /// its outcome is unknown, and it is worth sending again.
+    pub(crate) async fn request<T>(
+        &self,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, etcd_client::Error> {
+        tokio::select! {
+            outcome = bounded(self.config.timeout, request) => outcome,
+            () = self.health.disrupted() => Err(interrupted()),
+        }
+    }
+}
+
+/// The error of a request abandoned because a member left the balancer.
+pub(crate) fn interrupted() -> etcd_client::Error {
+    etcd_client::Error::IoError(std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        "a member stopped answering or the leader changed while the request was in flight",
+    ))
+}
+
+/// Whether `err` is [`interrupted`]: the request was abandoned, not
+/// answered.
+pub(crate) fn is_interrupted(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::IoError(io) if io.kind() == std::io::ErrorKind::Interrupted)
 }
 
 /// `request`, or a timeout error once `timeout` has passed.

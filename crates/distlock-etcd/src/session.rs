@@ -32,7 +32,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::lease_seconds;
-use crate::rpc::{bounded, Failure};
+use crate::health::{Disruptions, Health};
+use crate::rpc::{bounded, interrupted, Failure};
 use crate::EtcdLock;
 
 /// Why the session was lost when etcd says its lease is gone.
@@ -225,8 +226,18 @@ impl Session {
     }
 
     /// Starts the keep-alive task.
-    pub(crate) fn start(self: &Arc<Self>, client: Client, timeout: Duration) {
-        let task = tokio::spawn(keep_session_alive(client, self.clone(), timeout));
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        client: Client,
+        timeout: Duration,
+        disruptions: Disruptions,
+    ) {
+        let task = tokio::spawn(keep_session_alive(
+            client,
+            self.clone(),
+            timeout,
+            disruptions,
+        ));
         *self.task.lock().unwrap() = Some(task.abort_handle());
     }
 
@@ -259,8 +270,16 @@ pub(crate) fn spawn_revoke(client: Client, id: i64) {
 /// Keeps the session lease alive every ttl/3 on one stream, moving every
 /// attached lock's deadline to `sent_at + ttl - drift` on each answer.
 /// Stops, marking the session lost, when etcd says the lease is gone or no
-/// keep-alive succeeds before the deadline.
-async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Duration) {
+/// keep-alive succeeds before the deadline. A keep-alive in flight when a
+/// member leaves the balancer is sent again at once on a new stream: the
+/// old one may be stuck on that member, and with a short session TTL
+/// waiting out the timeout there can cost the session.
+async fn keep_session_alive(
+    client: Client,
+    session: Arc<Session>,
+    timeout: Duration,
+    mut disruptions: Disruptions,
+) {
     let interval = session.ttl / 3;
     let mut keep_alive = KeepAlive::new(session.id, session.ttl);
     let mut next = Instant::now() + interval;
@@ -275,7 +294,15 @@ async fn keep_session_alive(client: Client, session: Arc<Session>, timeout: Dura
         }
         let span = tracing::debug_span!("distlock.renew", backend = "etcd", lease_id = session.id);
         let refresh = keep_alive.refresh(&client).instrument(span);
-        let outcome = tokio::time::timeout(left.min(timeout), refresh).await;
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout(left.min(timeout), refresh) => outcome,
+            () = disruptions.next() => {
+                tracing::debug!(lease_id = session.id, "distlock: etcd keep-alive interrupted (a member left the balancer or the leader changed), sending it again");
+                keep_alive.stream = None;
+                next = Instant::now();
+                continue;
+            }
+        };
         match outcome {
             Ok(Ok(Refresh::Alive(ttl))) => {
                 if !session.renewed(validity_deadline(sent_at, ttl)) {
@@ -371,22 +398,27 @@ impl OwnLease {
     }
 }
 
-/// Grants a session lease of `secs` (the grant bounded by `timeout`) and
-/// starts its keep-alive (each bounded by `request_timeout`).
+/// Grants a session lease of `secs` (the grant bounded by `timeout`, and
+/// interrupted when a member leaves the balancer) and starts its
+/// keep-alive (each bounded by `request_timeout`).
 pub(crate) async fn grant_session(
     client: &Client,
+    health: &Health,
     secs: i64,
     timeout: Duration,
     request_timeout: Duration,
 ) -> Result<Arc<Session>, etcd_client::Error> {
     let sent_at = Instant::now();
-    let granted = bounded(timeout, async {
+    let grant = bounded(timeout, async {
         client.lease_client().grant(secs, None).await
-    })
-    .await?;
+    });
+    let granted = tokio::select! {
+        granted = grant => granted?,
+        () = health.disrupted() => return Err(interrupted()),
+    };
     let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
     let session = Session::new(granted.id(), ttl, validity_deadline(sent_at, ttl));
-    session.start(client.clone(), request_timeout);
+    session.start(client.clone(), request_timeout, health.disruptions());
     Ok(session)
 }
 
@@ -462,6 +494,7 @@ impl EtcdLock {
         );
         let session = grant_session(
             &self.inner.client,
+            &self.inner.health,
             self.inner.session_secs,
             self.inner.config.timeout,
             self.inner.config.timeout,

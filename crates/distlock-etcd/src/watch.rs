@@ -45,6 +45,10 @@ impl EtcdLock {
         binding: &Binding,
     ) -> Result<Option<Position>, Failure> {
         let key = slot.key;
+        // A watch on a member that leaves the balancer would wait on it:
+        // on a removal the wait is abandoned and starts over (a new watch,
+        // then a read), on the members that answer.
+        let mut disruptions = self.inner.health.disruptions();
         // Watch from the current revision, then read: the predecessor
         // deleted before the watch started shows in the read, any later
         // delete in the watch.
@@ -70,6 +74,7 @@ impl EtcdLock {
                     break tokio::select! {
                         deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
                         () = binding.lost(self) => return Ok(None),
+                        () = disruptions.next() => return Err(self.disrupted(key)),
                     };
                 }
             };
@@ -98,6 +103,7 @@ impl EtcdLock {
                     };
                 }
                 () = binding.lost(self) => return Ok(None),
+                () = disruptions.next() => return Err(self.disrupted(key)),
             }
         };
         drop(older_watch);
@@ -136,6 +142,14 @@ impl EtcdLock {
     fn watch_broke(&self, key: &str, why: String) -> Failure {
         Failure {
             error: self.error("wait", key, why),
+            retry: true,
+        }
+    }
+
+    /// A wait abandoned because a member left the balancer: retried.
+    fn disrupted(&self, key: &str) -> Failure {
+        Failure {
+            error: self.error("wait", key, crate::rpc::interrupted()),
             retry: true,
         }
     }
