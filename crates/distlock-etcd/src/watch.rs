@@ -72,7 +72,7 @@ impl EtcdLock {
                 _ => {
                     older_watch = None;
                     break tokio::select! {
-                        deleted = wait_for_delete(&mut watch, &predecessor.key) => deleted,
+                        deleted = wait_for_delete(&mut watch, &predecessor.key, predecessor.create_revision) => deleted,
                         () = binding.lost(self) => return Ok(None),
                         () = disruptions.next() => return Err(self.disrupted(key)),
                     };
@@ -90,8 +90,9 @@ impl EtcdLock {
             }
             let (_, older_stream) = older_watch.as_mut().expect("watching the older key");
             tokio::select! {
-                deleted = wait_for_delete(&mut watch, &predecessor.key) => break deleted,
-                older_deleted = wait_for_delete(older_stream, &older) => {
+                deleted = wait_for_delete(&mut watch, &predecessor.key, predecessor.create_revision) => break deleted,
+                // Any delete of that name will do: it only makes us read again.
+                older_deleted = wait_for_delete(older_stream, &older, 0) => {
                     older_deleted.map_err(|why| self.watch_broke(key, why))?;
                     older_watch = None;
                     predecessor = match self
@@ -180,9 +181,22 @@ impl EtcdLock {
     }
 }
 
-/// Resolves when the watch reports a delete of `watched` (`Ok`) or breaks
-/// (`Err`). Progress notifications and other events are skipped.
-async fn wait_for_delete(watch: &mut WatchStream, watched: &[u8]) -> Result<(), String> {
+/// Resolves when the watch reports a delete of `watched` made after
+/// revision `created` (`Ok`), or breaks (`Err`). Progress notifications
+/// and other events are skipped.
+///
+/// The revision matters: a client gives a released key's name to its next
+/// attempt, and a watch opened on a member that lags (one that just came
+/// back from a pause or a partition) starts at that member's older
+/// revision and replays the delete of the name's previous key. Taken for
+/// the delete of the predecessor that holds now, it granted the lock to a
+/// second holder (fault suite, etcd leader paused 5 s: the first grant
+/// 5 ms after it resumed).
+async fn wait_for_delete(
+    watch: &mut WatchStream,
+    watched: &[u8],
+    created: i64,
+) -> Result<(), String> {
     loop {
         match watch.message().await {
             Ok(Some(response)) => {
@@ -191,7 +205,9 @@ async fn wait_for_delete(watch: &mut WatchStream, watched: &[u8]) -> Result<(), 
                 }
                 if response.events().iter().any(|event| {
                     event.event_type() == EventType::Delete
-                        && event.kv().is_some_and(|kv| kv.key() == watched)
+                        && event
+                            .kv()
+                            .is_some_and(|kv| kv.key() == watched && kv.mod_revision() > created)
                 }) {
                     return Ok(());
                 }
@@ -199,5 +215,53 @@ async fn wait_for_delete(watch: &mut WatchStream, watched: &[u8]) -> Result<(), 
             Ok(None) => return Err("the watch stream ended".into()),
             Err(err) => return Err(err.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use etcd_client::{Client, WatchOptions};
+
+    use super::wait_for_delete;
+
+    /// A watch that replays the delete of an earlier key of the same name
+    /// (as one opened on a lagging member does) must not take it for the
+    /// delete of the key that exists now; the real delete still counts.
+    #[tokio::test]
+    async fn an_earlier_key_of_the_same_name_does_not_count_as_deleted() {
+        if !distlock_testkit::service_ready("etcd", "127.0.0.1:2379").await {
+            return;
+        }
+        let mut client = Client::connect(["127.0.0.1:2379"], None).await.unwrap();
+        let name = format!("distlock-test/reused-name-{:016x}", fastrand::u64(..));
+        let first = client.put(name.as_str(), "", None).await.unwrap();
+        let first_revision = first.header().unwrap().revision();
+        client.delete(name.as_str(), None).await.unwrap();
+        let second = client.put(name.as_str(), "", None).await.unwrap();
+        let second_revision = second.header().unwrap().revision();
+
+        // Opened where a member 2 revisions behind would start it.
+        let options = WatchOptions::new().with_start_revision(first_revision);
+        let mut watch = client.watch(name.as_str(), Some(options)).await.unwrap();
+        let replayed = tokio::time::timeout(
+            Duration::from_millis(500),
+            wait_for_delete(&mut watch, name.as_bytes(), second_revision),
+        )
+        .await;
+        assert!(
+            replayed.is_err(),
+            "the replayed delete of the first key was taken for the second's: {replayed:?}"
+        );
+
+        client.delete(name.as_str(), None).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            wait_for_delete(&mut watch, name.as_bytes(), second_revision),
+        )
+        .await
+        .expect("the second key's delete was not reported")
+        .unwrap();
     }
 }
