@@ -303,7 +303,14 @@ impl RunningCheck {
     /// Like [`finish`](Self::finish), but stops the workers now, before
     /// the configured duration is over (a fault suite whose schedule
     /// ends first); the report's duration is the time the run took.
-    pub async fn finish_now(mut self) -> Result<Report, CheckError> {
+    pub async fn finish_now(self) -> Result<Report, CheckError> {
+        Ok(self.finish_with_history().await?.0)
+    }
+
+    /// Like [`finish_now`](Self::finish_now), and also returns the history
+    /// the report was checked from, every step of every worker: for
+    /// finding out how a violation came about.
+    pub async fn finish_with_history(mut self) -> Result<(Report, History), CheckError> {
         let elapsed = self.started_instant.elapsed();
         self.config.duration = self.config.duration.min(elapsed);
         let _ = self.hub_inputs.send(HubInput::Stop);
@@ -357,7 +364,7 @@ impl RunningCheck {
                 .drain(..),
         );
         history.faults.sort_by_key(|fault| fault.started);
-        Ok(check(&history, &self.config))
+        Ok((check(&history, &self.config), history))
     }
 }
 

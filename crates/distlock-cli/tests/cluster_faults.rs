@@ -235,14 +235,21 @@ async fn run(name: &str, url: &str, injections: Vec<Injection>, spacing: Duratio
         std::panic::resume_unwind(panicked.into_panic());
     }
     let check = std::sync::Arc::into_inner(check).expect("the injector is done");
-    let report = check
-        .finish_now()
+    let (report, history) = check
+        .finish_with_history()
         .await
         .unwrap_or_else(|err| panic!("{name}: the check failed: {err}"));
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-suite");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    // Every step of every worker, to work out how a violation came about.
+    let history_path = dir.join(format!("{name}.history.json"));
+    if report.violations().is_empty() {
+        let _ = std::fs::remove_file(&history_path);
+    } else {
+        std::fs::write(&history_path, serde_json::to_string(&history).unwrap()).unwrap();
+    }
     println!("{name} ({}):\n{report}", path.display());
     report
 }
