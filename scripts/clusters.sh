@@ -436,6 +436,7 @@ launch_etcd_member() {
     --initial-cluster "$initial" \
     --initial-cluster-state new \
     --initial-cluster-token distlock-cluster-test \
+    --pre-vote \
     --logger zap --log-outputs stderr
 }
 

@@ -124,7 +124,8 @@ fn clusters_up(test: &str) -> bool {
 /// began, on the check's clock. Blocking.
 fn inject(group: &Group, key: &str, fault: Fault) -> Timestamp {
     let key = (group.name == "redis-cluster").then_some(key);
-    let leader = clusters::leader(group.name, key).unwrap_or_else(|err| panic!("{err}"));
+    let leader = clusters::settled_leader(group.name, key, Duration::from_secs(15))
+        .unwrap_or_else(|err| panic!("{err}"));
     let started = distlock_check::now();
     match fault {
         Fault::KillLeader => {

@@ -58,6 +58,19 @@ pub fn leader(group: &str, key: Option<&str>) -> Result<String, String> {
     cluster(&args)
 }
 
+/// The leader of `group`, waiting up to `within` for there to be one: the
+/// group may still be electing after the last fault.
+pub fn settled_leader(group: &str, key: Option<&str>, within: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = leader(group, key);
+        if last.is_ok() || Instant::now() >= deadline {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The leader of `group`, waiting up to `within` for there to be one that
 /// is not `previous`: after a kill, the survivors' choice.
 pub fn new_leader(
