@@ -69,7 +69,10 @@ pub fn main(args: Args) -> ExitCode {
             }
         };
         // Tests and scripts read this line to learn the port.
-        println!("distlock serve: listening on http://{} (backend {backend})", server.local_addr());
+        println!(
+            "distlock serve: listening on http://{} (backend {backend})",
+            server.local_addr()
+        );
         match server.run(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

@@ -1,7 +1,9 @@
 //! The endpoints: acquire (with a server-side long poll), refresh,
 //! release, a key's status, health and metrics.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
@@ -140,12 +142,20 @@ pub async fn acquire(
                 Err(err) => Err(ApiError::from_lock_error(&err)),
             }
         } else {
-            let _waiting = state.wait_on(&key);
-            state
-                .locker
-                .lock(&key, &options.clone().wait(wait))
-                .await
-                .map_err(|err| ApiError::from_lock_error(&err))
+            let options = options.clone().wait(wait);
+            let mut lock = std::pin::pin!(state.locker.lock(&key, &options));
+            // Counted as a waiter only once the backend has had its first
+            // attempt and is waiting, so `waiters` in a key's status means
+            // "queued", not "arrived".
+            let first = std::future::poll_fn(|cx| Poll::Ready(lock.as_mut().poll(cx))).await;
+            let result = match first {
+                Poll::Ready(result) => result,
+                Poll::Pending => {
+                    let _waiting = state.wait_on(&key);
+                    lock.await
+                }
+            };
+            result.map_err(|err| ApiError::from_lock_error(&err))
         }
     }
     .instrument(span)
@@ -277,7 +287,9 @@ pub const HEALTH_KEY: &str = "distlock-serve/healthz";
 
 /// `GET /healthz`: 200 when the backend answers a lock attempt within
 /// 2 s, 503 otherwise.
-pub async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn healthz(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let options = LockOptions::new()
         .ttl(Duration::from_secs(5))
         .auto_renew(false);
@@ -288,10 +300,19 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<serde_js
             if let Some(guard) = guard {
                 let _ = guard.release().await;
             }
+            let capabilities = state.locker.capabilities();
             Ok(Json(serde_json::json!({
                 "status": "ok",
                 "backend": state.locker.backend(),
                 "leases": state.held_count(),
+                // What the backend promises; the http:// client reports
+                // fairness and fencing from it.
+                "capabilities": {
+                    "fair": capabilities.fair,
+                    "strict_fencing": capabilities.strict_fencing,
+                    "session_based": capabilities.session_based,
+                    "ttl_expiry": capabilities.ttl_expiry,
+                },
             })))
         }
         Ok(Err(err)) => Err(ApiError::new(
@@ -302,7 +323,10 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> Result<Json<serde_js
         Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "backend_unavailable",
-            format!("the {} backend did not answer within 2s", state.locker.backend()),
+            format!(
+                "the {} backend did not answer within 2s",
+                state.locker.backend()
+            ),
         )),
     }
 }

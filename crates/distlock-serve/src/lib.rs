@@ -87,7 +87,10 @@ impl Limits {
     /// A non-empty key within `max_key_bytes`.
     pub fn check_key(&self, key: &str) -> Result<(), ApiError> {
         if key.is_empty() {
-            return Err(ApiError::bad_request("invalid_key", "key must not be empty"));
+            return Err(ApiError::bad_request(
+                "invalid_key",
+                "key must not be empty",
+            ));
         }
         if key.len() > self.max_key_bytes {
             return Err(ApiError::bad_request(
@@ -156,7 +159,10 @@ pub struct ServeConfig {
 impl std::fmt::Debug for ServeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServeConfig")
-            .field("backend_url", &distlock::error::redact_url(&self.backend_url))
+            .field(
+                "backend_url",
+                &distlock::error::redact_url(&self.backend_url),
+            )
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("limits", &self.limits)
@@ -220,7 +226,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Refuses requests without the bearer token, when one is set. `/healthz`
 /// stays open for load balancers; it tells nothing about the locks.
-async fn require_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     if !state.requires_token() || request.uri().path() == "/healthz" {
         return next.run(request).await;
     }
@@ -321,7 +331,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then finishes the requests in
     /// flight.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let sweeper = tokio::spawn(sweep_expired(Arc::downgrade(&self.state)));
         let app = router(self.state);
         let result = axum::serve(self.listener, app)

@@ -45,7 +45,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             // Another recorder came first (an embedding program's own):
             // our metrics go there, and /metrics renders an empty page.
-            tracing::warn!("distlock serve: a metrics recorder was already installed; /metrics will be empty");
+            tracing::warn!(
+                "distlock serve: a metrics recorder was already installed; /metrics will be empty"
+            );
         }
         metrics::describe_histogram!(
             ACQUIRE_SECONDS,

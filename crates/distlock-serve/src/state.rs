@@ -251,7 +251,9 @@ mod tests {
 
     #[tokio::test]
     async fn tokens_are_compared_whole() {
-        let locker = distlock::connect("memory://serve-state-test").await.unwrap();
+        let locker = distlock::connect("memory://serve-state-test")
+            .await
+            .unwrap();
         let state = AppState::new(locker, Limits::default(), Some("s3cret"));
         assert!(state.token_matches("s3cret"));
         assert!(!state.token_matches("s3cre"));
