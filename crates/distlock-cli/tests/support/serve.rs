@@ -20,8 +20,11 @@ impl ServeProcess {
     /// arguments.
     pub fn start(backend: &str, extra: &[&str]) -> Self {
         let mut command = distlock();
+        command.args(["serve", "--backend", backend]);
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         command
-            .args(["serve", "--backend", backend, "--listen", "127.0.0.1:0"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
