@@ -360,7 +360,7 @@ async fn with_a_token_file_requests_need_the_bearer_token() {
 }
 
 #[tokio::test]
-async fn lost_fires_when_a_restarted_service_refuses_the_refresh() {
+async fn lost_fires_when_a_restarted_service_no_longer_knows_the_lease() {
     let server = ServeProcess::start("memory://", &[]);
     let locks = distlock_http::HttpLock::connect(&server.url).await.unwrap();
     let ttl = Duration::from_millis(600);
@@ -377,6 +377,57 @@ async fn lost_fires_when_a_restarted_service_refuses_the_refresh() {
     let reason = tokio::time::timeout(ttl * 2, guard.lost())
         .await
         .expect("lost() fired within the TTL");
-    assert_eq!(reason, LostReason::NotHeld);
+    // The new process cannot tell a restart from another instance: it
+    // answers 421, which the client retries until the TTL runs out (a
+    // refusal, 409, would be NotHeld at once).
+    assert!(
+        matches!(
+            reason,
+            LostReason::Expired | LostReason::NotHeld | LostReason::RenewalFailed(_)
+        ),
+        "{reason:?}"
+    );
     assert!(!guard.is_held());
+}
+
+#[tokio::test]
+async fn a_lease_reaching_another_instance_gets_a_clear_status() {
+    if !distlock_testkit::service_ready("redis", "127.0.0.1:6379").await {
+        return;
+    }
+    let (one, two) = (
+        ServeProcess::start("redis://127.0.0.1:6379", &[]),
+        ServeProcess::start("redis://127.0.0.1:6379", &[]),
+    );
+    let (api_one, api_two) = (Api::new(&one), Api::new(&two));
+    let key = support::unique_key("two-instances");
+    let granted = api_one
+        .post("/v1/acquire", json!({"key": key, "ttl": "10s"}))
+        .await;
+    assert_eq!(granted.0, StatusCode::OK, "{}", granted.1);
+    // Both instances front one Redis: the other one sees the lock busy.
+    assert_error(
+        &api_two.post("/v1/acquire", json!({"key": key})).await,
+        StatusCode::CONFLICT,
+        "busy",
+    );
+    let handle = &granted.1["handle"];
+    let elsewhere = api_two.post("/v1/refresh", json!({"handle": handle})).await;
+    assert_error(
+        &elsewhere,
+        StatusCode::MISDIRECTED_REQUEST,
+        "other_instance",
+    );
+    assert!(
+        elsewhere.1["message"].as_str().unwrap().contains("sticky"),
+        "{}",
+        elsewhere.1
+    );
+    assert_error(
+        &api_two.post("/v1/release", json!({"handle": handle})).await,
+        StatusCode::MISDIRECTED_REQUEST,
+        "other_instance",
+    );
+    let released = api_one.post("/v1/release", json!({"handle": handle})).await;
+    assert_eq!(released.0, StatusCode::OK, "{}", released.1);
 }

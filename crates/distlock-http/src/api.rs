@@ -223,7 +223,9 @@ impl Api {
                 why(),
             ));
         }
-        if status == StatusCode::UNAUTHORIZED {
+        // 421: the lease lives at another instance (a backend the service
+        // cannot resume leases of); the request must be routed there.
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::MISDIRECTED_REQUEST {
             return Err(Error::backend(
                 BACKEND,
                 self.endpoint.clone(),

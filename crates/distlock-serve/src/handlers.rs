@@ -192,7 +192,7 @@ pub async fn refresh(
     let request: RefreshRequest = parse(body)?;
     let lease = state
         .get(&request.handle)
-        .ok_or_else(ApiError::unknown_handle)?;
+        .ok_or_else(|| state.missing(&request.handle))?;
     let ttl = match request.ttl {
         Some(ttl) => state.limits.check_ttl(ttl)?,
         None => lease.ttl(),
@@ -235,7 +235,7 @@ pub async fn release(
     let request: ReleaseRequest = parse(body)?;
     let lease = state
         .remove(&request.handle)
-        .ok_or_else(ApiError::unknown_handle)?;
+        .ok_or_else(|| state.missing(&request.handle))?;
     let Some(guard) = lease.guard.lock().await.take() else {
         return Err(ApiError::unknown_handle());
     };

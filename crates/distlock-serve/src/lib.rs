@@ -10,6 +10,10 @@
 //! | `GET /healthz` | | 200 when the backend answers, else 503 |
 //! | `GET /metrics` | | Prometheus text format |
 //!
+//! A refresh or release that reaches another instance than the one that
+//! acquired gets 421 `other_instance`: leases live in the instance that
+//! granted them, so several instances need sticky routing by handle.
+//!
 //! A lease lives exactly as long as its client refreshes it: the service
 //! holds the backend lock with the client's TTL and never renews it by
 //! itself. Errors are `{"error": "<kind>", "message": "..."}` with a 4xx

@@ -11,7 +11,9 @@ use distlock::{LockGuard, Locker};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::Limits;
+use axum::http::StatusCode;
+
+use crate::{ApiError, Limits};
 
 /// The shared state of the handlers.
 pub struct AppState {
@@ -22,6 +24,9 @@ pub struct AppState {
     /// SHA-256 of the bearer token, when one is required. Hashed so the
     /// constant-time comparison does not depend on the token's length.
     token_digest: Option<[u8; 32]>,
+    /// This instance's id, in every handle it gives, so that another
+    /// instance can tell a client it came to the wrong one.
+    instance: String,
     table: Mutex<Table>,
 }
 
@@ -80,6 +85,7 @@ impl AppState {
             locker,
             limits,
             token_digest: token.map(|token| Sha256::digest(token.as_bytes()).into()),
+            instance: random_hex::<8>(),
             table: Mutex::new(Table::default()),
         }
     }
@@ -108,10 +114,27 @@ impl AppState {
         }
     }
 
+    /// Why `handle` is not in the table: it names another instance (this
+    /// backend's leases cannot move between instances, so the client must
+    /// come back to the one that granted it), or none at all.
+    pub fn missing(&self, handle: &str) -> ApiError {
+        match handle.strip_prefix("h1.").and_then(|rest| rest.split_once('.')) {
+            Some((instance, _)) if instance != self.instance => ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "other_instance",
+                format!(
+                    "this lease was granted by another instance of the service; the {} backend cannot resume it here, so refresh and release must reach the instance that acquired it (sticky routing)",
+                    self.locker.backend()
+                ),
+            ),
+            _ => ApiError::unknown_handle(),
+        }
+    }
+
     /// Keeps `guard`, granted with `ttl`, under a new handle and returns
     /// the handle.
     pub fn insert(&self, guard: LockGuard, ttl: Duration) -> String {
-        let handle = new_handle();
+        let handle = format!("h1.{}.{}", self.instance, random_hex::<16>());
         let key = guard.key().to_owned();
         let lease = Arc::new(HeldLease {
             key: key.clone(),
@@ -222,17 +245,13 @@ impl Drop for WaitTicket {
     }
 }
 
-/// A new handle: `h1.` and 128 random bits from the OS's CSPRNG, in hex.
-/// Unguessable, so holding it is what proves a client owns the lease.
-fn new_handle() -> String {
-    let mut bytes = [0u8; 16];
+/// `N` bytes from the OS's CSPRNG, in hex. A handle's 128 random bits
+/// make it unguessable, so holding it is what proves a client owns the
+/// lease.
+fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
     getrandom::getrandom(&mut bytes).expect("the OS random source failed");
-    let mut handle = String::with_capacity(3 + 32);
-    handle.push_str("h1.");
-    for byte in bytes {
-        handle.push_str(&format!("{byte:02x}"));
-    }
-    handle
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// How often expired leases are forgotten.
@@ -243,9 +262,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn handles_are_long_random_and_distinct() {
-        let (a, b) = (new_handle(), new_handle());
-        assert_eq!(a.len(), 35);
+    fn random_parts_are_long_and_distinct() {
+        let (a, b) = (random_hex::<16>(), random_hex::<16>());
+        assert_eq!(a.len(), 32);
         assert_ne!(a, b);
     }
 
