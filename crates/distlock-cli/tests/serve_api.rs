@@ -182,7 +182,9 @@ async fn one_client_cannot_refresh_or_release_anothers_lease() {
     assert_eq!(status.1["fencing_token"], first.1["fencing_token"]);
     assert!(!status.1.to_string().contains(&handle));
     // A guessed handle is refused.
-    let guessed = format!("{}0", &handle[..handle.len() - 1]);
+    let last = if handle.ends_with('0') { '1' } else { '0' };
+    let guessed = format!("{}{last}", &handle[..handle.len() - 1]);
+    assert_ne!(guessed, handle);
     assert_error(
         &api.post("/v1/release", json!({"handle": guessed})).await,
         StatusCode::NOT_FOUND,
