@@ -1,11 +1,13 @@
 //! `distlock`: run a command under a distributed lock (`exec`), show what a
 //! lock does for data consistency (`demo`), measure a backend (`bench`),
-//! and check a deployment's consistency under load and pauses (`check`).
+//! check a deployment's consistency under load and pauses (`check`), and
+//! run the HTTP lock service (`serve`).
 
 mod bench;
 mod check;
 mod demo;
 mod exec;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -34,6 +36,8 @@ enum Command {
     /// Check a deployment: N worker processes, pauses, and a checker of
     /// their history (double grants, stale writes, lost updates...).
     Check(check::Args),
+    /// Run the HTTP lock service in front of a backend.
+    Serve(serve::Args),
     /// One worker of `distlock check` (run by it, not by hand).
     #[command(hide = true)]
     CheckWorker,
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Check(args) => check::main(args),
+        Command::Serve(args) => serve::main(args),
         Command::CheckWorker => check::worker(),
     }
 }

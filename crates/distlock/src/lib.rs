@@ -30,6 +30,7 @@
 //! | `redis+cluster://h1:7000,h2:7001,h3:7002` | Redis Cluster | `redis` |
 //! | `zk://h1:2181,h2:2181/prefix` | ZooKeeper | `zookeeper` |
 //! | `etcd://h1:2379,h2:2379/prefix` | etcd v3 | `etcd` |
+//! | `http://host:8181`, `https://…` | the lock service, `distlock serve` | `http` |
 
 #![warn(missing_docs)]
 
@@ -111,6 +112,7 @@ pub async fn connect(url: &str) -> Result<Locker> {
         }
         Service::ZooKeeper => connect_zookeeper(url).await?,
         Service::Etcd => connect_etcd(url).await?,
+        Service::Http => connect_http(url).await?,
     };
     Ok(Locker::new(inner, url))
 }
@@ -151,6 +153,7 @@ backend_connector!(
     distlock_zookeeper
 );
 backend_connector!(connect_etcd, "etcd", "etcd", distlock_etcd);
+backend_connector!(connect_http, "http", "http", distlock_http);
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,8 @@ pub enum Service {
     ZooKeeper,
     /// `etcd://`: an etcd v3 cluster.
     Etcd,
+    /// `http://` or `https://`: the distlock lock service (`distlock serve`).
+    Http,
 }
 
 /// Every scheme and the service it names, in the order error messages
@@ -41,6 +43,8 @@ const SCHEMES: &[(&str, Service)] = &[
     ("zk", Service::ZooKeeper),
     ("zookeeper", Service::ZooKeeper),
     ("etcd", Service::Etcd),
+    ("http", Service::Http),
+    ("https", Service::Http),
 ];
 
 impl Service {
@@ -54,6 +58,7 @@ impl Service {
     /// assert_eq!(Service::of_url("zk://h1:2181/app").unwrap().feature(), Some("zookeeper"));
     /// assert_eq!(Service::of_url("redis+sentinel://s1,s2,s3/mymaster").unwrap(), Service::RedisSentinel);
     /// assert_eq!(Service::of_url("redis+cluster://h1:7000").unwrap().feature(), Some("redis"));
+    /// assert_eq!(Service::of_url("http://lock-service:8181").unwrap().feature(), Some("http"));
     /// assert!(Service::of_url("mysql://db").is_err());
     /// ```
     pub fn of_url(url: &str) -> Result<Service> {
@@ -90,6 +95,7 @@ impl Service {
             Service::RedisCluster => "redis-cluster",
             Service::ZooKeeper => "zookeeper",
             Service::Etcd => "etcd",
+            Service::Http => "http",
         }
     }
 
@@ -104,6 +110,7 @@ impl Service {
             }
             Service::ZooKeeper => Some("zookeeper"),
             Service::Etcd => Some("etcd"),
+            Service::Http => Some("http"),
         }
     }
 }
@@ -127,7 +134,7 @@ mod tests {
         assert!(err.contains("unknown scheme `nope`"), "{err}");
         assert!(
             err.contains(
-                "memory, file, redis, rediss, redlock, redis+sentinel, redis+cluster, zk, zookeeper, etcd"
+                "memory, file, redis, rediss, redlock, redis+sentinel, redis+cluster, zk, zookeeper, etcd, http, https"
             ),
             "{err}"
         );

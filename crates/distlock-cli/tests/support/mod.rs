@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod clusters;
+pub mod serve;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
