@@ -242,8 +242,7 @@ struct Partitioned(Vec<&'static str>);
 
 impl Partitioned {
     fn cut(members: Vec<&'static str>) -> Self {
-        let partitioned = Partitioned(Vec::new());
-        let mut partitioned = partitioned;
+        let mut partitioned = Partitioned(Vec::new());
         for member in members {
             cluster(&["partition", member]).unwrap_or_else(|err| panic!("{err}"));
             partitioned.0.push(member);
@@ -273,7 +272,7 @@ async fn a_session_given_up_without_a_leader_is_revoked_once_there_is_one() {
     if cluster_ready().await.is_none() {
         return;
     }
-    let (alone, endpoint) = MEMBERS[0];
+    let (_, endpoint) = MEMBERS[0];
     let ttl = Duration::from_secs(6);
     let url = format!("etcd://{endpoint}/distlock-test?session_ttl=6s");
     let locks = EtcdLock::connect(&url).await.unwrap();
@@ -285,7 +284,7 @@ async fn a_session_given_up_without_a_leader_is_revoked_once_there_is_one() {
         .expect("a fresh key is free");
     let prefix = locks.lock_key_prefix(&key);
 
-    // The other two cut off: `alone` has no leader, no keep-alive succeeds,
+    // The other two cut off: the first member has no leader, no keep-alive succeeds,
     // and the client gives the session up after its TTL.
     let partitioned = Partitioned::cut(MEMBERS[1..].iter().map(|(name, _)| *name).collect());
     tokio::time::timeout(ttl + Duration::from_secs(5), guard.lost())
