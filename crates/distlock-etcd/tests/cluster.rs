@@ -124,7 +124,12 @@ async fn cluster_ready() -> Option<String> {
 /// `second` queues behind it (a watch), `first` releases and `second` gets
 /// and releases the lock. The duration, and how many releases failed
 /// (their keys are then removed in the background).
-async fn handoff(first: &EtcdLock, second: &EtcdLock, key: &str) -> (Duration, u32) {
+async fn handoff(
+    raw: &mut etcd_client::Client,
+    first: &EtcdLock,
+    second: &EtcdLock,
+    key: &str,
+) -> (Duration, u32) {
     let options = LockOptions::new().wait(Duration::from_secs(10));
     let started = Instant::now();
     let mut failed_releases = 0;
@@ -134,8 +139,8 @@ async fn handoff(first: &EtcdLock, second: &EtcdLock, key: &str) -> (Duration, u
         let (second, key, options) = (second.clone(), key.to_owned(), options.clone());
         tokio::spawn(async move { second.lock(&key, &options).await })
     };
-    // Let the waiter queue (it watches the holder's key) before the release.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The waiter queued (its key is there) before the release.
+    queued(raw, first, key, 2).await;
     if let Err(err) = held.release().await {
         eprintln!("release failed: {err}");
         failed_releases += 1;
@@ -154,6 +159,34 @@ async fn handoff(first: &EtcdLock, second: &EtcdLock, key: &str) -> (Duration, u
     (took, failed_releases)
 }
 
+/// Waits until `key` has `count` entries in etcd (the holder's and the
+/// waiters'), reading through `raw` (a client of the members that stay
+/// up).
+async fn queued(raw: &mut etcd_client::Client, locks: &EtcdLock, key: &str, count: i64) {
+    let prefix = locks.lock_key_prefix(key);
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = tokio::time::timeout(
+            Duration::from_millis(500),
+            raw.get(prefix.as_str(), Some(options.clone())),
+        )
+        .await;
+        if let Ok(Ok(answer)) = read {
+            if answer.count() >= count {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiter never queued on {key}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Stops `member` for [`PAUSE`] and runs handoffs all the while; each must
 /// finish within `bound`.
 async fn handoffs_through_pause(member: &'static str, endpoint: &str, bound: Duration) {
@@ -167,16 +200,19 @@ async fn handoffs_through_pause(member: &'static str, endpoint: &str, bound: Dur
         EtcdLock::connect(URL).await.unwrap(),
     );
     let key = unique_key("member-stop");
+    let others = MEMBERS.map(|(_, member_endpoint)| member_endpoint);
+    let others: Vec<&str> = others.into_iter().filter(|e| *e != endpoint).collect();
+    let mut raw = etcd_client::Client::connect(others, None).await.unwrap();
     // Connections to every member, the stopped one included.
     for _ in 0..10 {
-        handoff(&first, &second, &key).await;
+        handoff(&mut raw, &first, &second, &key).await;
     }
     let stopped = Stopped::stop(member);
     let stopped_at = Instant::now();
     let mut cycles = Vec::new();
     let mut failed_releases = 0;
     while stopped_at.elapsed() < PAUSE - bound {
-        let (took, failed) = handoff(&first, &second, &key).await;
+        let (took, failed) = handoff(&mut raw, &first, &second, &key).await;
         cycles.push(took);
         failed_releases += failed;
     }
@@ -198,7 +234,7 @@ async fn handoffs_through_pause(member: &'static str, endpoint: &str, bound: Dur
         "with {member} stopped a handoff took {slowest:?} (bound {bound:?}): {cycles:?}"
     );
     // Both clients still work once the member is back.
-    let (took, _) = handoff(&first, &second, &key).await;
+    let (took, _) = handoff(&mut raw, &first, &second, &key).await;
     assert!(
         took < bound,
         "after {member} resumed a handoff took {took:?}"

@@ -91,6 +91,9 @@ async fn healthy(target: Target) -> Result<(), String> {
 }
 
 fn http_client() -> reqwest::Client {
+    // Only plain HTTP here, but reqwest builds its TLS setup anyway when the
+    // workspace turns rustls on; an error means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
