@@ -32,7 +32,8 @@ BACKENDS = [
 FAULTS = {
     "leader-kill": "leader (primary) kill -9; restarted once replaced",
     "leader-pause": "leader (primary) SIGSTOP",
-    "member-pause": "follower SIGSTOP (partition stand-in)",
+    "leader-partition": "leader partitioned (iptables)",
+    "member-partition": "follower partitioned (iptables)",
     "instance-kill": "one instance kill -9; back, empty, after 4 s",
     "pause": "the holding worker SIGSTOP (TTL 2 s)",
 }
