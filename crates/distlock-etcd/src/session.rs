@@ -262,10 +262,10 @@ impl Session {
 /// One try is not enough: a session given up during an election (no
 /// keep-alive could succeed) is revoked while there is no leader, the try
 /// times out, and the lease, which the new leader renews for a whole TTL,
-/// keeps its keys, and with them the lock, from everyone meanwhile (fault
-/// suite, etcd leader partitioned: 4.69 s without a grant, of which 2.4 s
-/// after the new leader took over). Each try is bounded by a second, so
-/// that the first one after the election goes through.
+/// keeps its keys, and with them the lock, from everyone meanwhile (found
+/// by the fault suite with the leader partitioned; docs/choosing.md). Each
+/// try is bounded by a second, so that the first one after the election
+/// goes through.
 pub(crate) fn spawn_revoke(client: Client, id: i64) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;

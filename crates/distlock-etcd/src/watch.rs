@@ -190,8 +190,7 @@ impl EtcdLock {
 /// back from a pause or a partition) starts at that member's older
 /// revision and replays the delete of the name's previous key. Taken for
 /// the delete of the predecessor that holds now, it granted the lock to a
-/// second holder (fault suite, etcd leader paused 5 s: the first grant
-/// 5 ms after it resumed).
+/// second holder (found by the fault suite after a leader's pause).
 async fn wait_for_delete(
     watch: &mut WatchStream,
     watched: &[u8],
