@@ -30,6 +30,7 @@
 use etcd_client::{EventType, WatchStream};
 
 use crate::acquire::{Position, Predecessor, Slot};
+use crate::health::Disruptions;
 use crate::rpc::Failure;
 use crate::session::Binding;
 use crate::EtcdLock;
@@ -52,17 +53,30 @@ impl EtcdLock {
         // Watch from the current revision, then read: the predecessor
         // deleted before the watch started shows in the read, any later
         // delete in the watch.
-        let mut watch = self.watch_key(key, &predecessor.key).await?;
+        let mut watch = self
+            .until_disrupted(&mut disruptions, key, self.watch_key(key, &predecessor.key))
+            .await?;
         // While the predecessor waits too, also watch the key older than
         // it: when that one goes, read again while the predecessor (now
         // perhaps the owner) holds, so that its release hands the lock
         // over on the event alone, without a read after it.
         let mut older_watch = match (&predecessor.older, predecessor.owner) {
-            (Some(older), false) => Some((older.clone(), self.watch_key(key, older).await?)),
+            (Some(older), false) => Some((
+                older.clone(),
+                self.until_disrupted(&mut disruptions, key, self.watch_key(key, older))
+                    .await?,
+            )),
             _ => None,
         };
         // The read may have found it the owner by now.
-        let mut predecessor = match self.still_behind(slot, my_revision, predecessor).await? {
+        let mut predecessor = match self
+            .until_disrupted(
+                &mut disruptions,
+                key,
+                self.still_behind(slot, my_revision, predecessor),
+            )
+            .await?
+        {
             Ok(now) => now,
             Err(moved) => return Ok(Some(moved)),
         };
@@ -81,8 +95,19 @@ impl EtcdLock {
             if older_watch.as_ref().map(|(watched, _)| watched) != Some(&older) {
                 // A new older key: watch it, then read again (it may have
                 // gone before the watch started).
-                older_watch = Some((older.clone(), self.watch_key(key, &older).await?));
-                predecessor = match self.still_behind(slot, my_revision, &predecessor).await? {
+                older_watch = Some((
+                    older.clone(),
+                    self.until_disrupted(&mut disruptions, key, self.watch_key(key, &older))
+                        .await?,
+                ));
+                predecessor = match self
+                    .until_disrupted(
+                        &mut disruptions,
+                        key,
+                        self.still_behind(slot, my_revision, &predecessor),
+                    )
+                    .await?
+                {
                     Ok(now) => now,
                     Err(moved) => return Ok(Some(moved)),
                 };
@@ -137,6 +162,22 @@ impl EtcdLock {
             Position::Behind(Some(now)) if now.same_key(predecessor) => Ok(now),
             moved => Err(moved),
         })
+    }
+
+    /// `request`'s outcome, or the disrupted failure (retried) if a member
+    /// leaves the balancer or the leader changes first: a request stuck on
+    /// a member that stopped answering would otherwise wait out the whole
+    /// timeout, and the lock with it.
+    async fn until_disrupted<T>(
+        &self,
+        disruptions: &mut Disruptions,
+        key: &str,
+        request: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        tokio::select! {
+            outcome = request => outcome,
+            () = disruptions.next() => Err(self.disrupted(key)),
+        }
     }
 
     /// A watch that ended or was cancelled while waiting: retried.
