@@ -278,12 +278,12 @@ fn assert_recovers_within(name: &str, report: &Report, bound: Duration) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_cluster_keeps_one_holder_through_leader_faults() {
-    if !clusters_up("etcd") {
+/// The consensus services' run: every leader fault, then the pass
+/// conditions (nothing unsafe, the lock back within twice the session).
+async fn consensus_group_keeps_one_holder(name: &str, url: &str, group: &'static Group) {
+    if !clusters_up(name) {
         return;
     }
-    let url = "etcd://127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793/fault-suite?session_ttl=2s";
     let faults = [
         Fault::KillLeader,
         // Longer than twice the session: the others must take over while
@@ -292,40 +292,21 @@ async fn etcd_cluster_keeps_one_holder_through_leader_faults() {
         Fault::PartitionLeader(Duration::from_secs(5)),
         Fault::PartitionFollower(Duration::from_secs(5)),
     ];
-    let report = run(
-        "etcd",
-        url,
-        on_group(&ETCD, &faults),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert_safe("etcd", &report);
-    assert_recovers_within("etcd", &report, 2 * SESSION);
+    let report = run(name, url, on_group(group, &faults), Duration::from_secs(5)).await;
+    assert_safe(name, &report);
+    assert_recovers_within(name, &report, 2 * SESSION);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_keeps_one_holder_through_leader_faults() {
+    let url = "etcd://127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793/fault-suite?session_ttl=2s";
+    consensus_group_keeps_one_holder("etcd", url, &ETCD).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_ensemble_keeps_one_holder_through_leader_faults() {
-    if !clusters_up("zookeeper") {
-        return;
-    }
     let url = "zk://127.0.0.1:21811,127.0.0.1:21812,127.0.0.1:21813/fault-suite?session_ttl=2s";
-    let faults = [
-        Fault::KillLeader,
-        // Longer than twice the session: the others must take over while
-        // it lasts.
-        Fault::PauseLeader(Duration::from_secs(5)),
-        Fault::PartitionLeader(Duration::from_secs(5)),
-        Fault::PartitionFollower(Duration::from_secs(5)),
-    ];
-    let report = run(
-        "zookeeper",
-        url,
-        on_group(&ZOOKEEPER, &faults),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert_safe("zookeeper", &report);
-    assert_recovers_within("zookeeper", &report, 2 * SESSION);
+    consensus_group_keeps_one_holder("zookeeper", url, &ZOOKEEPER).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
