@@ -230,17 +230,4 @@ pub fn error_kind(err: &distlock::Error) -> &'static str {
     }
 }
 
-/// An error and its sources on one line.
-pub(crate) fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text.replace('\n', " ")
-}
+pub(crate) use distlock::error::describe;

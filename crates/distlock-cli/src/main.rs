@@ -143,17 +143,4 @@ pub fn exit_code_for(err: &distlock::Error) -> u8 {
     }
 }
 
-/// An error and its sources on one line.
-pub fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text.replace('\n', " ")
-}
+pub use distlock::error::describe;

@@ -242,9 +242,38 @@ pub fn redact_url(url: &str) -> String {
     format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
 }
 
+/// An error and its sources on one line: each source's message is added
+/// after a colon unless the message so far already says it, and line
+/// breaks become spaces. For command-line and JSON error messages.
+pub fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_puts_the_sources_on_one_line_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused\nby peer");
+        let err = Error::connection("redis", "127.0.0.1:1", io);
+        assert_eq!(
+            describe(&err),
+            "cannot connect to redis at 127.0.0.1:1: refused by peer"
+        );
+        let repeated = std::io::Error::other(err.to_string());
+        assert_eq!(describe(&repeated), err.to_string());
+    }
 
     #[test]
     fn messages_carry_context_and_source() {
