@@ -432,11 +432,20 @@ impl RedisConfig {
 
     /// How the `redis` crate reaches `endpoint` (one of `endpoints`).
     pub(crate) fn connection_info(&self, endpoint: &str) -> redis::RedisResult<ConnectionInfo> {
+        Ok(self
+            .connection_addr(endpoint)?
+            .into_connection_info()?
+            .set_redis_settings(self.redis_settings()))
+    }
+
+    /// The address of `endpoint` (a data node or a Sentinel), with TLS as
+    /// configured.
+    pub(crate) fn connection_addr(&self, endpoint: &str) -> redis::RedisResult<ConnectionAddr> {
         let (host, port) = split_endpoint(endpoint).ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad endpoint"))
         })?;
         let host = host.to_owned();
-        let addr = if self.tls {
+        Ok(if self.tls {
             ConnectionAddr::TcpTls {
                 host,
                 port,
@@ -445,10 +454,7 @@ impl RedisConfig {
             }
         } else {
             ConnectionAddr::Tcp(host, port)
-        };
-        Ok(addr
-            .into_connection_info()?
-            .set_redis_settings(self.redis_settings()))
+        })
     }
 
     /// Database, user and password of the data nodes.

@@ -33,7 +33,7 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisResult};
 use tokio::time::Instant;
 
 use crate::client::{is_failing_over, is_unreachable};
-use crate::config::{split_endpoint, RedisConfig};
+use crate::config::RedisConfig;
 use crate::node::{connect_lazy, timed_out};
 use crate::subscriber::Subscriber;
 
@@ -323,21 +323,7 @@ fn new_current(
 /// How to reach a Sentinel: no database, no credentials (those are the
 /// data nodes'), TLS as configured.
 fn sentinel_info(config: &RedisConfig, endpoint: &str) -> RedisResult<ConnectionInfo> {
-    let (host, port) = split_endpoint(endpoint).ok_or_else(|| {
-        redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad endpoint"))
-    })?;
-    let host = host.to_owned();
-    let addr = if config.tls {
-        ConnectionAddr::TcpTls {
-            host,
-            port,
-            insecure: false,
-            tls_params: None,
-        }
-    } else {
-        ConnectionAddr::Tcp(host, port)
-    };
-    addr.into_connection_info()
+    config.connection_addr(endpoint)?.into_connection_info()
 }
 
 /// How the redis crate reaches the primary it finds.
