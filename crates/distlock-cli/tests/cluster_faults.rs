@@ -366,14 +366,26 @@ fn redis_cluster_url(query: &str) -> String {
 
 /// Sentinel and Cluster may double-grant through a failover; the suite
 /// counts that (the report says how often) and fails on what they must
-/// not do: accept a stale write, lose a lock silently to a peer that was
-/// never told, hang, or stay unavailable.
-fn assert_fenced(name: &str, report: &Report) {
+/// not do: hang, or accept a stale write other than one of a double
+/// grant's two holders. When a failover double-grants, the first holder's
+/// write can reach the fenced register before the second holder's first
+/// request (its token is then the highest the register has seen), which
+/// no fencing at the register can refuse; that is counted with the double
+/// grant. With `wait_replicas`, no stale write at all is allowed.
+fn assert_fenced(name: &str, report: &Report, waits_for_replicas: bool) {
     assert!(report.cycles > 0, "{name}: no cycle completed\n{report}");
-    assert!(
-        report.stale_writes_accepted.is_empty(),
-        "{name}: stale writes accepted\n{report}"
-    );
+    let of_a_double_grant = |stale: &distlock_check::StaleWrite| {
+        report.double_grants.iter().any(|grant| {
+            grant.first.token == stale.writer.token
+                && grant.second.token == stale.superseded_by.token
+        })
+    };
+    let unexplained = report
+        .stale_writes_accepted
+        .iter()
+        .filter(|stale| waits_for_replicas || !of_a_double_grant(stale))
+        .count();
+    assert_eq!(unexplained, 0, "{name}: stale writes accepted\n{report}");
     assert!(report.hangs.is_empty(), "{name}: hangs\n{report}");
 }
 
@@ -394,7 +406,7 @@ async fn sentinel_failovers_are_fenced() {
             Duration::from_secs(5),
         )
         .await;
-        assert_fenced(name, &report);
+        assert_fenced(name, &report, query.contains("wait_replicas"));
         assert_recovers_within(name, &report, REDIS_FAILOVER_BOUND);
     }
 }
@@ -419,7 +431,7 @@ async fn redis_cluster_failovers_are_fenced() {
             Duration::from_secs(5),
         )
         .await;
-        assert_fenced(name, &report);
+        assert_fenced(name, &report, query.contains("wait_replicas"));
         assert_recovers_within(name, &report, REDIS_FAILOVER_BOUND);
     }
 }
