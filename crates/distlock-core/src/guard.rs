@@ -141,6 +141,16 @@ impl LockGuard {
         self.lease.lost()
     }
 
+    /// The secret another client passes to
+    /// [`resume`](crate::DistributedLock::resume) to take over this lease
+    /// (`None` on backends that cannot, see
+    /// [`Capabilities::resumable`](crate::Capabilities::resumable)).
+    /// Whoever knows it can extend or release the lock: keep it as secret
+    /// as the guard. Never in `Debug` output.
+    pub fn resume_token(&self) -> Option<String> {
+        self.held.as_ref().and_then(|held| held.resume_token())
+    }
+
     /// Makes the lock live `ttl` from now (and renew with `ttl` from then
     /// on). `Err(NotHeld)` if it is no longer ours; a newer holder's lock
     /// is never touched.

@@ -268,6 +268,7 @@ impl backend::LockBackend for EtcdLock {
             ttl_expiry: true,
             strict_fencing: true,
             cross_process: true,
+            resumable: false,
         }
     }
 

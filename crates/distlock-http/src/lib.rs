@@ -106,6 +106,7 @@ impl HttpLock {
                 ttl_expiry: true,
                 strict_fencing: remote.strict_fencing,
                 cross_process: true,
+                resumable: false,
             },
             remote_backend: health.backend,
         })
