@@ -392,8 +392,11 @@ async fn lost_fires_when_a_restarted_service_no_longer_knows_the_lease() {
     assert!(!guard.is_held());
 }
 
+/// Two instances over one Redis: a lease granted by one is refreshed and
+/// released through the other, and the granting instance forgetting it
+/// (its own view of the TTL passed) does not release it.
 #[tokio::test]
-async fn a_lease_reaching_another_instance_gets_a_clear_status() {
+async fn a_lease_moves_between_instances_over_redis() {
     if !distlock_testkit::service_ready("redis", "127.0.0.1:6379").await {
         return;
     }
@@ -404,12 +407,99 @@ async fn a_lease_reaching_another_instance_gets_a_clear_status() {
     let (api_one, api_two) = (Api::new(&one), Api::new(&two));
     let key = support::unique_key("two-instances");
     let granted = api_one
-        .post("/v1/acquire", json!({"key": key, "ttl": "10s"}))
+        .post("/v1/acquire", json!({"key": key, "ttl": "1s"}))
         .await;
     assert_eq!(granted.0, StatusCode::OK, "{}", granted.1);
-    // Both instances front one Redis: the other one sees the lock busy.
+    let (handle, token) = (&granted.1["handle"], &granted.1["fencing_token"]);
     assert_error(
         &api_two.post("/v1/acquire", json!({"key": key})).await,
+        StatusCode::CONFLICT,
+        "busy",
+    );
+
+    let refreshed = api_two
+        .post("/v1/refresh", json!({"handle": handle, "ttl": "30s"}))
+        .await;
+    assert_eq!(refreshed.0, StatusCode::OK, "{}", refreshed.1);
+    assert_eq!(&refreshed.1["fencing_token"], token);
+    assert_eq!(refreshed.1["ttl_ms"], 30_000);
+
+    // Instance one's own view of the 1s TTL passes and it forgets the
+    // lease; the lock, refreshed through instance two, must stay.
+    distlock_testkit::eventually(
+        "instance one forgets the lease",
+        Duration::from_secs(10),
+        || async { api_one.get("/healthz").await.1["leases"] == 0 },
+    )
+    .await;
+    assert_error(
+        &api_one.post("/v1/acquire", json!({"key": key})).await,
+        StatusCode::CONFLICT,
+        "busy",
+    );
+
+    // A made-up handle for the same lease is refused without touching it.
+    let forged = api_one
+        .post(
+            "/v1/release",
+            json!({"handle": forge(handle.as_str().unwrap())}),
+        )
+        .await;
+    assert!(
+        forged.0 == StatusCode::CONFLICT || forged.0 == StatusCode::NOT_FOUND,
+        "{} {}",
+        forged.0,
+        forged.1
+    );
+
+    let released = api_one.post("/v1/release", json!({"handle": handle})).await;
+    assert_eq!(released.0, StatusCode::OK, "{}", released.1);
+    assert_error(
+        &api_two.post("/v1/refresh", json!({"handle": handle})).await,
+        StatusCode::CONFLICT,
+        "not_held",
+    );
+    let next = api_two.post("/v1/acquire", json!({"key": key})).await;
+    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+    assert!(next.1["fencing_token"].as_u64() > token.as_u64());
+    let done = api_two
+        .post("/v1/release", json!({"handle": next.1["handle"]}))
+        .await;
+    assert_eq!(done.0, StatusCode::OK, "{}", done.1);
+}
+
+/// `handle` with one character of its secret part changed, re-encoded so
+/// that it still parses.
+fn forge(handle: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let encoded = handle.strip_prefix("h2.").expect("a resumable handle");
+    let mut content: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(encoded).unwrap()).unwrap();
+    let mut secret = content["r"].as_str().unwrap().to_owned();
+    let last = secret.pop().unwrap();
+    secret.push(if last == '0' { '1' } else { '0' });
+    content["r"] = Value::String(secret);
+    format!("h2.{}", URL_SAFE_NO_PAD.encode(content.to_string()))
+}
+
+/// Two instances over a backend whose locks live in the instance's
+/// session (files here): the other instance says the service is sticky.
+#[tokio::test]
+async fn a_lease_reaching_another_instance_of_a_sticky_backend_gets_a_clear_status() {
+    let dir = support::TempDir::new("sticky");
+    let url = format!("file://{}", dir.path().display());
+    let (one, two) = (
+        ServeProcess::start(&url, &[]),
+        ServeProcess::start(&url, &[]),
+    );
+    let (api_one, api_two) = (Api::new(&one), Api::new(&two));
+    let granted = api_one
+        .post("/v1/acquire", json!({"key": "k", "ttl": "10s"}))
+        .await;
+    assert_eq!(granted.0, StatusCode::OK, "{}", granted.1);
+    assert_error(
+        &api_two.post("/v1/acquire", json!({"key": "k"})).await,
         StatusCode::CONFLICT,
         "busy",
     );

@@ -200,6 +200,16 @@ impl LockGuard {
         result
     }
 
+    /// Lets go of the guard without releasing the lock: renewal stops and
+    /// the lock ends with its TTL, unless whoever
+    /// [resumed](crate::DistributedLock::resume) it extends or releases
+    /// it. For a holder that handed the lease on, where a release would
+    /// end the other's lock.
+    pub fn forget(mut self) {
+        self.stop_renewal();
+        self.held = None;
+    }
+
     fn stop_renewal(&mut self) {
         if let Some(scheduled) = self.renewal.take() {
             scheduled.cancel();
