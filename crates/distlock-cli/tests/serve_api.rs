@@ -523,3 +523,55 @@ async fn a_lease_reaching_another_instance_of_a_sticky_backend_gets_a_clear_stat
     let released = api_one.post("/v1/release", json!({"handle": handle})).await;
     assert_eq!(released.0, StatusCode::OK, "{}", released.1);
 }
+
+/// The Python client function of docs/lock-service.md, run as written
+/// against a live service: it gets the lock and a fencing token, releases
+/// it, and reports a busy lock as `False` when its wait elapses.
+#[tokio::test]
+async fn the_python_client_in_the_docs_works() {
+    let server = ServeProcess::start("memory://", &[]);
+    let api = Api::new(&server);
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/lock-service.md"
+    ))
+    .expect("docs/lock-service.md");
+    let section = doc
+        .split_once("## From Python")
+        .expect("the Python section")
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .expect("a python block")
+        .0;
+    let holder = api.post("/v1/acquire", json!({"key": "py-busy"})).await;
+    assert_eq!(holder.0, StatusCode::OK, "{}", holder.1);
+    let script = format!(
+        "{code}\n\nimport sys\nbase = sys.argv[1]\ntokens = []\n\
+         free = with_lock(base, 'py-free', tokens.append)\n\
+         busy = with_lock(base, 'py-busy', tokens.append, wait='200ms')\n\
+         print(json.dumps({{'free': free, 'busy': busy, 'tokens': tokens}}))\n"
+    );
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&server.url)
+        .output()
+        .expect("python3 runs (CI installs it)");
+    assert!(
+        output.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).expect("the script's JSON");
+    assert_eq!(result["free"], true, "{result}");
+    assert_eq!(result["busy"], false, "{result}");
+    assert_eq!(
+        result["tokens"].as_array().map(Vec::len),
+        Some(1),
+        "{result}"
+    );
+    assert!(result["tokens"][0].as_u64().is_some_and(|token| token > 0));
+    assert_eq!(api.get("/v1/locks/py-free").await.1["held"], false);
+}
