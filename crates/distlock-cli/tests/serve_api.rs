@@ -575,3 +575,79 @@ async fn the_python_client_in_the_docs_works() {
     assert!(result["tokens"][0].as_u64().is_some_and(|token| token > 0));
     assert_eq!(api.get("/v1/locks/py-free").await.1["held"], false);
 }
+
+/// An acquire dropped after the server granted it but before the client
+/// read the answer (a task cancelled, a caller's own timeout, racing the
+/// grant) leaves no lease behind: the client reads the grant in the
+/// background and releases it, rather than leaving it held until its TTL.
+#[tokio::test]
+async fn a_grant_to_a_dropped_acquire_is_released() {
+    let server = ServeProcess::start("memory://", &[]);
+    let api = Api::new(&server);
+    let holder = api
+        .post("/v1/acquire", json!({"key": "k", "ttl": "30s"}))
+        .await;
+    assert_eq!(holder.0, StatusCode::OK, "{}", holder.1);
+
+    // The waiter runs on a runtime of its own, on one thread, which the
+    // test can stop: the grant then reaches a client that cannot read it.
+    let (runtime_tx, runtime_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let client_thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime_tx.send(runtime.handle().clone()).unwrap();
+        runtime.block_on(async { stop_rx.await.ok() });
+    });
+    let client_runtime = runtime_rx.recv().unwrap();
+    let url = server.url.clone();
+    let waiter = client_runtime.spawn(async move {
+        let locks = distlock::connect(&url).await.unwrap();
+        let options = LockOptions::new()
+            .ttl(Duration::from_secs(30))
+            .wait(Duration::from_secs(20));
+        let _guard = locks.lock("k", &options).await;
+        std::future::pending::<()>().await;
+    });
+    distlock_testkit::eventually(
+        "the waiter queues at the server",
+        Duration::from_secs(5),
+        || async { api.get("/v1/locks/k").await.1["waiters"] == 1 },
+    )
+    .await;
+    // Stop the client's thread: block it until told otherwise.
+    let (blocked_tx, blocked_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    client_runtime.spawn(async move {
+        blocked_tx.send(()).unwrap();
+        resume_rx.recv().ok();
+    });
+    blocked_rx.recv().unwrap();
+
+    let released = api
+        .post("/v1/release", json!({"handle": holder.1["handle"]}))
+        .await;
+    assert_eq!(released.0, StatusCode::OK, "{}", released.1);
+    distlock_testkit::eventually(
+        "the server grants the waiter",
+        Duration::from_secs(5),
+        || async { api.get("/v1/locks/k").await.1["held"] == true },
+    )
+    .await;
+    // The waiter is cancelled before it can read the grant.
+    waiter.abort();
+    resume_tx.send(()).unwrap();
+
+    distlock_testkit::eventually(
+        "the grant to the dropped acquire is released",
+        Duration::from_secs(5),
+        || async { api.get("/v1/locks/k").await.1["held"] == false },
+    )
+    .await;
+    let next = api.post("/v1/acquire", json!({"key": "k"})).await;
+    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+    stop_tx.send(()).unwrap();
+    client_thread.join().unwrap();
+}
