@@ -471,3 +471,82 @@ async fn drive(run: &Arc<Run>, plan: &Plan) -> Summary {
         interrupted,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        Plan {
+            url: "memory://".into(),
+            requests: 1,
+            concurrency: 1,
+            keys: 1,
+            prefix: format!("load-unit/{:016x}", fastrand::u64(..)),
+            hold: Duration::ZERO,
+            ttl: Duration::from_secs(10),
+            wait: Duration::from_secs(1),
+        }
+    }
+
+    /// A run over a fresh memory store, and a separate store: two stores
+    /// each grant the same key, as a broken backend would.
+    async fn run_and_rogue(case: &str) -> (Run, Locker) {
+        let tag = fastrand::u64(..);
+        let locks = distlock::connect(&format!("memory://load-{case}-{tag}"))
+            .await
+            .unwrap();
+        let rogue = distlock::connect(&format!("memory://load-{case}-rogue-{tag}"))
+            .await
+            .unwrap();
+        let run = Run::new(locks, LockOptions::new(), &plan(), None, true);
+        (run, rogue)
+    }
+
+    #[tokio::test]
+    async fn a_grant_while_the_holder_still_vouches_is_a_violation() {
+        let (run, rogue) = run_and_rogue("double").await;
+        let key = run.keys[0].clone();
+        let first = Arc::new(run.locks.lock(&key, &run.options).await.unwrap());
+        assert!(run.occupy(0, 0, &first).is_empty());
+        // The rogue store's first token equals the first grant's.
+        let second = Arc::new(rogue.lock(&key, &run.options).await.unwrap());
+        let violations = run.occupy(0, 1, &second);
+        let kinds: Vec<&str> = violations.iter().map(Violation::kind).collect();
+        assert_eq!(
+            kinds,
+            ["two_holders", "token_not_increasing"],
+            "{violations:?}"
+        );
+        assert!(run.vacate(0, 0, first).is_some());
+        assert!(run.vacate(0, 1, second).is_some());
+        assert!(run.slots[0].lock().unwrap().holder.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_grant_after_the_holders_lease_ended_is_no_violation() {
+        let (run, rogue) = run_and_rogue("expired").await;
+        let key = run.keys[0].clone();
+        let short = LockOptions::new()
+            .ttl(Duration::from_millis(20))
+            .auto_renew(false);
+        let first = Arc::new(run.locks.lock(&key, &short).await.unwrap());
+        assert!(run.occupy(0, 0, &first).is_empty());
+        first.lost().await;
+        // Two grants on the rogue store first, so its token is above the
+        // first grant's, as a next holder's must be.
+        for _ in 0..2 {
+            let guard = rogue.lock(&key, &run.options).await.unwrap();
+            guard.release().await.unwrap();
+        }
+        let second = Arc::new(rogue.lock(&key, &run.options).await.unwrap());
+        assert!(second.fencing_token() > first.fencing_token());
+        assert!(run.occupy(0, 1, &second).is_empty());
+        // The first request was replaced: its guard is no longer shared.
+        assert!(run.vacate(0, 0, first).is_some());
+        assert_eq!(
+            run.slots[0].lock().unwrap().holder.as_ref().map(|h| h.0),
+            Some(1)
+        );
+    }
+}

@@ -66,7 +66,7 @@ pub(crate) enum Violation {
 }
 
 impl Violation {
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Violation::TwoHolders { .. } => "two_holders",
             Violation::TokenNotIncreasing { .. } => "token_not_increasing",
