@@ -41,7 +41,8 @@ Exit status:
   69   the lock service is unreachable
   73   the --log file cannot be created
   74   the --log file could not be written
-  130  interrupted twice (requests in flight were abandoned)";
+  130  interrupted by Ctrl-C (the summary covers the requests that ended;
+       a second Ctrl-C abandons those in flight)";
 
 /// Arguments of `distlock load`.
 #[derive(clap::Args, Debug)]
