@@ -39,6 +39,7 @@ Exit status:
   2    no violation, but some requests failed (see the errors by kind)
   64   usage error: bad argument or duration, unknown URL scheme
   69   the lock service is unreachable
+  70   internal error (a worker failed; its requests are not counted)
   73   the --log file cannot be created
   74   the --log file could not be written
   130  interrupted by Ctrl-C (the summary covers the requests that ended;
@@ -166,6 +167,9 @@ pub fn main(args: Args) -> ExitCode {
             130
         } else if !summary.violations.is_empty() {
             EXIT_VIOLATION
+        } else if summary.tally.worker_failures > 0 {
+            // A worker panicked: its requests are missing from the counts.
+            70
         } else if summary.tally.failed > 0 {
             EXIT_FAILED_REQUESTS
         } else {
@@ -443,6 +447,8 @@ async fn drive(run: &Arc<Run>, plan: &Plan) -> Summary {
         tokio::select! {
             joined = tasks.join_next() => match joined {
                 Some(Ok(worker)) => tally.merge(worker),
+                // Abandoned by a second Ctrl-C: its requests are not counted.
+                Some(Err(err)) if err.is_cancelled() => {}
                 Some(Err(err)) => {
                     eprintln!("distlock load: a worker failed: {err}");
                     tally.worker_failures += 1;

@@ -76,9 +76,10 @@ fn bad_request(message: impl Into<String>) -> Response {
 
 /// Item names are plain (`[A-Za-z0-9_-]`, at most 64 bytes): they are part
 /// of lock keys and store keys.
-fn check_item_name(name: &str) -> Result<(), Response> {
+/// The 400 answer for a bad item name, if it is one.
+fn check_item_name(name: &str) -> Option<Response> {
     if name.is_empty() || name.len() > MAX_ITEM_NAME {
-        return Err(bad_request(format!(
+        return Some(bad_request(format!(
             "item_name must be 1 to {MAX_ITEM_NAME} characters"
         )));
     }
@@ -86,30 +87,22 @@ fn check_item_name(name: &str) -> Result<(), Response> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(bad_request(
+        return Some(bad_request(
             "item_name may hold only letters, digits, '-' and '_'",
         ));
     }
-    Ok(())
+    None
 }
 
 impl App {
-    /// Takes the item's lock within the bounded wait; 503 if it cannot.
-    async fn lock_item(&self, item: &str) -> Result<LockGuard, Response> {
+    /// Takes the item's lock within the bounded wait.
+    async fn lock_item(&self, item: &str) -> distlock::Result<LockGuard> {
         let key = format!("{}/stock/{item}", self.prefix);
-        self.locks.lock(&key, &self.options).await.map_err(|err| {
-            let kind = if err.is_timeout() {
-                "busy"
-            } else {
-                "lock_unavailable"
-            };
-            tracing::warn!(%key, error = %distlock::error::describe(&err), "no lock");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                kind,
-                distlock::error::describe(&err),
-            )
-        })
+        let locked = self.locks.lock(&key, &self.options).await;
+        if let Err(err) = &locked {
+            tracing::warn!(%key, error = %distlock::error::describe(err), "no lock");
+        }
+        locked
     }
 
     /// The answer once the work under `guard` is done, after releasing it.
@@ -126,6 +119,21 @@ impl App {
         body["replica"] = json!(self.replica);
         (StatusCode::OK, Json(body)).into_response()
     }
+}
+
+/// 503: the lock was not had within the wait (`busy`), or the lock
+/// service failed.
+fn no_lock(err: &distlock::Error) -> Response {
+    let kind = if err.is_timeout() {
+        "busy"
+    } else {
+        "lock_unavailable"
+    };
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        kind,
+        distlock::error::describe(err),
+    )
 }
 
 fn store_failed(err: &crate::store::StoreError) -> Response {
@@ -155,7 +163,7 @@ async fn place_order(
         Ok(Json(order)) => order,
         Err(rejection) => return bad_request(rejection.body_text()),
     };
-    if let Err(answer) = check_item_name(&order.item_name) {
+    if let Some(answer) = check_item_name(&order.item_name) {
         return answer;
     }
     if order.quantity == 0 || order.quantity > MAX_QUANTITY {
@@ -164,7 +172,7 @@ async fn place_order(
     let item = order.item_name.as_str();
     let guard = match app.lock_item(item).await {
         Ok(guard) => guard,
-        Err(answer) => return answer,
+        Err(err) => return no_lock(&err),
     };
     let token = guard.fencing_token();
     // Read, decide, write: safe only because the lock serialises the
@@ -214,13 +222,13 @@ async fn set_stock(
         Ok(Json(request)) => request,
         Err(rejection) => return bad_request(rejection.body_text()),
     };
-    if let Err(answer) = check_item_name(&request.item_name) {
+    if let Some(answer) = check_item_name(&request.item_name) {
         return answer;
     }
     let item = request.item_name.as_str();
     let guard = match app.lock_item(item).await {
         Ok(guard) => guard,
-        Err(answer) => return answer,
+        Err(err) => return no_lock(&err),
     };
     let token = guard.fencing_token();
     let read = app.store.stock(item).await;
@@ -244,7 +252,7 @@ async fn set_stock(
 }
 
 async fn read_stock(State(app): State<Arc<App>>, Path(item): Path<String>) -> Response {
-    if let Err(answer) = check_item_name(&item) {
+    if let Some(answer) = check_item_name(&item) {
         return answer;
     }
     match app.store.stock(&item).await {
