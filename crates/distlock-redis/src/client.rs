@@ -197,11 +197,7 @@ impl Shared {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut secret = [0u8; 16];
         getrandom::getrandom(&mut secret).expect("the OS random source failed");
-        format!(
-            "{}:{seq:x}:{:032x}",
-            self.client_id,
-            u128::from_le_bytes(secret)
-        )
+        owner_value(&self.client_id, seq, u128::from_le_bytes(secret))
     }
 
     /// Per-instance bound of a Redlock request: small against the TTL (1%,
@@ -402,5 +398,31 @@ mod tests {
             "READONLY",
         ));
         assert!(!is_unreachable(&answer));
+    }
+}
+
+/// An owner value: `<client id>:<seq>.<secret>`. No second ':': the fair
+/// release (`RELEASE_FAIR`) finds the head waiter's grant channel from
+/// the part of its owner before the last ':', which must be the client id.
+fn owner_value(client_id: &str, seq: u64, secret: u128) -> String {
+    format!("{client_id}:{seq:x}.{secret:032x}")
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::owner_value;
+
+    #[test]
+    fn the_part_before_the_last_colon_is_the_client_id() {
+        let owner = owner_value("0123456789abcdef0123456789abcdef", 42, u128::MAX);
+        assert_eq!(
+            owner.rsplit_once(':').map(|(client, _)| client),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        // 128 bits of secret after the sequence number.
+        assert_eq!(
+            owner.rsplit_once('.').map(|(_, secret)| secret.len()),
+            Some(32)
+        );
     }
 }
