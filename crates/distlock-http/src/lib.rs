@@ -227,14 +227,11 @@ impl backend::LockBackend for HttpLock {
     }
 
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        // The server's wait ends a little before the core's own bound, so
-        // that its "wait elapsed" answer, not the core dropping this
-        // future, ends the common case. (A dropped acquire still releases
-        // what it is granted: see the `acquire` module.)
-        let deadline = options.wait.map(|wait| {
-            let margin = (wait / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
-            Instant::now() + wait.saturating_sub(margin)
-        });
+        // The server waits as long as the caller: the core's bound, which
+        // starts first, drops this future about when the server answers.
+        // A grant racing that drop is released by the dropped request (see
+        // the `acquire` module), so the whole wait stays usable.
+        let deadline = options.wait.map(|wait| Instant::now() + wait);
         let mut failures = 0u32;
         loop {
             let long_poll = match deadline {
@@ -244,7 +241,8 @@ impl backend::LockBackend for HttpLock {
                 None => self.api.config.long_poll,
             };
             if long_poll.is_zero() {
-                // The server's last wait elapsed, just before the core's.
+                // Only reached when the server answered before the core's
+                // own bound fired.
                 return Err(Error::Timeout {
                     key: key.to_owned(),
                     waited: options.wait.unwrap_or_default(),
