@@ -86,6 +86,19 @@ impl Drop for Etcdctl {
     }
 }
 
+/// Polls etcd (no event to await from another process) until `name`'s
+/// lock has `count` holders and waiters.
+fn wait_until_queued(name: &str, count: usize) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while queued(name) < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody queued on {name}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn exec_shares_the_lock_of_etcdctl_lock_and_sets_etcd_lock_rev() {
     if !ready() {
@@ -109,6 +122,7 @@ fn exec_shares_the_lock_of_etcdctl_lock_and_sets_etcd_lock_rev() {
     .stderr(Stdio::piped())
     .spawn()
     .expect("distlock exec");
+    wait_until_queued(&name, 2);
     etcdctl.release();
     let output = waiting.wait_with_output().unwrap();
     assert_eq!(code(&output), 0, "stderr: {}", stderr(&output));
@@ -168,14 +182,7 @@ fn etcdctl_lock_queues_behind_exec() {
         .expect("ETCD_LOCK_REV");
 
     let mut etcdctl = Etcdctl::lock(&name, &work);
-    let deadline = std::time::Instant::now() + LIMIT;
-    while queued(&name) < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "etcdctl did not queue"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_queued(&name, 2);
     std::fs::write(&go_on, "\n").unwrap();
     assert!(holder.wait().unwrap().success());
     let etcdctl_rev = etcdctl.granted();
