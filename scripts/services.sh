@@ -185,6 +185,7 @@ cmd_install() {
   command -v curl >/dev/null 2>&1 || package_installed curl || missing+=(curl)
   command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
   command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3) # the docs' Python client test
 
   if ((${#missing[@]})); then
     command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get here"

@@ -81,6 +81,10 @@ pub struct Config {
     /// Measure only the raw protocol floor and round trip, not the lock
     /// (e.g. while a backend is not available in this build).
     pub floor_only: bool,
+    /// For an `http://` URL (the lock service): the backend the service
+    /// fronts, whose raw cycle is the floor beside the service's HTTP
+    /// round trip.
+    pub behind: Option<String>,
 }
 
 impl Config {
@@ -98,6 +102,7 @@ impl Config {
             runtime: Runtime::default(),
             json: false,
             floor_only: false,
+            behind: None,
         }
     }
 }

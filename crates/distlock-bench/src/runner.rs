@@ -55,8 +55,8 @@ pub(crate) async fn run(config: &Config) -> Result<(), Error> {
             })?;
         locker.backend()
     };
-    let raw =
-        RawServer::from_url(&url).map_err(|err| Error::Config(format!("{redacted}: {err}")))?;
+    let raw = RawServer::from_url(&url, config.behind.as_deref())
+        .map_err(|err| Error::Config(format!("{redacted}: {err}")))?;
     let scenarios = &config.scenarios;
     // The raw floor's keys are unique to this run and removed after it.
     let namespace = format!(

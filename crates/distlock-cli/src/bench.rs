@@ -54,6 +54,11 @@ pub struct Args {
     /// (e.g. while a backend is not available in this build).
     #[arg(long)]
     floor_only: bool,
+    /// With an http:// URL (the lock service): the backend the service
+    /// fronts, e.g. redis://127.0.0.1:6379. Its raw cycle, beside the
+    /// service's HTTP round trip, is the floor.
+    #[arg(long)]
+    behind: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -114,6 +119,7 @@ impl Args {
         config.runtime = self.runtime.into();
         config.json = self.json;
         config.floor_only = self.floor_only;
+        config.behind = self.behind.clone();
         config
     }
 }

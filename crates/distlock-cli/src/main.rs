@@ -1,12 +1,13 @@
 //! `distlock`: run a command under a distributed lock (`exec`), show what a
 //! lock does for data consistency (`demo`), measure a backend (`bench`),
-//! check a deployment's consistency under load and pauses (`check`), and
-//! run the HTTP lock service (`serve`).
+//! check a deployment's consistency under load and pauses (`check`), run
+//! the HTTP lock service (`serve`), and load-test any lock URL (`load`).
 
 mod bench;
 mod check;
 mod demo;
 mod exec;
+mod load;
 mod serve;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ enum Command {
     Check(check::Args),
     /// Run the HTTP lock service in front of a backend.
     Serve(serve::Args),
+    /// Load-test a lock URL: N acquire -> hold -> release requests, C at a
+    /// time, with latency percentiles and a mutual-exclusion check.
+    Load(load::Args),
     /// One worker of `distlock check` (run by it, not by hand).
     #[command(hide = true)]
     CheckWorker,
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::main(args),
         Command::Check(args) => check::main(args),
         Command::Serve(args) => serve::main(args),
+        Command::Load(args) => load::main(args),
         Command::CheckWorker => check::worker(),
     }
 }

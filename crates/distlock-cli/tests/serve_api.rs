@@ -392,8 +392,11 @@ async fn lost_fires_when_a_restarted_service_no_longer_knows_the_lease() {
     assert!(!guard.is_held());
 }
 
+/// Two instances over one Redis: a lease granted by one is refreshed and
+/// released through the other, and the granting instance forgetting it
+/// (its own view of the TTL passed) does not release it.
 #[tokio::test]
-async fn a_lease_reaching_another_instance_gets_a_clear_status() {
+async fn a_lease_moves_between_instances_over_redis() {
     if !distlock_testkit::service_ready("redis", "127.0.0.1:6379").await {
         return;
     }
@@ -404,12 +407,99 @@ async fn a_lease_reaching_another_instance_gets_a_clear_status() {
     let (api_one, api_two) = (Api::new(&one), Api::new(&two));
     let key = support::unique_key("two-instances");
     let granted = api_one
-        .post("/v1/acquire", json!({"key": key, "ttl": "10s"}))
+        .post("/v1/acquire", json!({"key": key, "ttl": "1s"}))
         .await;
     assert_eq!(granted.0, StatusCode::OK, "{}", granted.1);
-    // Both instances front one Redis: the other one sees the lock busy.
+    let (handle, token) = (&granted.1["handle"], &granted.1["fencing_token"]);
     assert_error(
         &api_two.post("/v1/acquire", json!({"key": key})).await,
+        StatusCode::CONFLICT,
+        "busy",
+    );
+
+    let refreshed = api_two
+        .post("/v1/refresh", json!({"handle": handle, "ttl": "30s"}))
+        .await;
+    assert_eq!(refreshed.0, StatusCode::OK, "{}", refreshed.1);
+    assert_eq!(&refreshed.1["fencing_token"], token);
+    assert_eq!(refreshed.1["ttl_ms"], 30_000);
+
+    // Instance one's own view of the 1s TTL passes and it forgets the
+    // lease; the lock, refreshed through instance two, must stay.
+    distlock_testkit::eventually(
+        "instance one forgets the lease",
+        Duration::from_secs(10),
+        || async { api_one.get("/healthz").await.1["leases"] == 0 },
+    )
+    .await;
+    assert_error(
+        &api_one.post("/v1/acquire", json!({"key": key})).await,
+        StatusCode::CONFLICT,
+        "busy",
+    );
+
+    // A made-up handle for the same lease is refused without touching it.
+    let forged = api_one
+        .post(
+            "/v1/release",
+            json!({"handle": forge(handle.as_str().unwrap())}),
+        )
+        .await;
+    assert!(
+        forged.0 == StatusCode::CONFLICT || forged.0 == StatusCode::NOT_FOUND,
+        "{} {}",
+        forged.0,
+        forged.1
+    );
+
+    let released = api_one.post("/v1/release", json!({"handle": handle})).await;
+    assert_eq!(released.0, StatusCode::OK, "{}", released.1);
+    assert_error(
+        &api_two.post("/v1/refresh", json!({"handle": handle})).await,
+        StatusCode::CONFLICT,
+        "not_held",
+    );
+    let next = api_two.post("/v1/acquire", json!({"key": key})).await;
+    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+    assert!(next.1["fencing_token"].as_u64() > token.as_u64());
+    let done = api_two
+        .post("/v1/release", json!({"handle": next.1["handle"]}))
+        .await;
+    assert_eq!(done.0, StatusCode::OK, "{}", done.1);
+}
+
+/// `handle` with one character of its secret part changed, re-encoded so
+/// that it still parses.
+fn forge(handle: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let encoded = handle.strip_prefix("h2.").expect("a resumable handle");
+    let mut content: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(encoded).unwrap()).unwrap();
+    let mut secret = content["r"].as_str().unwrap().to_owned();
+    let last = secret.pop().unwrap();
+    secret.push(if last == '0' { '1' } else { '0' });
+    content["r"] = Value::String(secret);
+    format!("h2.{}", URL_SAFE_NO_PAD.encode(content.to_string()))
+}
+
+/// Two instances over a backend whose locks live in the instance's
+/// session (files here): the other instance says the service is sticky.
+#[tokio::test]
+async fn a_lease_reaching_another_instance_of_a_sticky_backend_gets_a_clear_status() {
+    let dir = support::TempDir::new("sticky");
+    let url = format!("file://{}", dir.path().display());
+    let (one, two) = (
+        ServeProcess::start(&url, &[]),
+        ServeProcess::start(&url, &[]),
+    );
+    let (api_one, api_two) = (Api::new(&one), Api::new(&two));
+    let granted = api_one
+        .post("/v1/acquire", json!({"key": "k", "ttl": "10s"}))
+        .await;
+    assert_eq!(granted.0, StatusCode::OK, "{}", granted.1);
+    assert_error(
+        &api_two.post("/v1/acquire", json!({"key": "k"})).await,
         StatusCode::CONFLICT,
         "busy",
     );
@@ -432,4 +522,132 @@ async fn a_lease_reaching_another_instance_gets_a_clear_status() {
     );
     let released = api_one.post("/v1/release", json!({"handle": handle})).await;
     assert_eq!(released.0, StatusCode::OK, "{}", released.1);
+}
+
+/// The Python client function of docs/lock-service.md, run as written
+/// against a live service: it gets the lock and a fencing token, releases
+/// it, and reports a busy lock as `False` when its wait elapses.
+#[tokio::test]
+async fn the_python_client_in_the_docs_works() {
+    let server = ServeProcess::start("memory://", &[]);
+    let api = Api::new(&server);
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/lock-service.md"
+    ))
+    .expect("docs/lock-service.md");
+    let section = doc
+        .split_once("## From Python")
+        .expect("the Python section")
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .expect("a python block")
+        .0;
+    let holder = api.post("/v1/acquire", json!({"key": "py-busy"})).await;
+    assert_eq!(holder.0, StatusCode::OK, "{}", holder.1);
+    let script = format!(
+        "{code}\n\nimport sys\nbase = sys.argv[1]\ntokens = []\n\
+         free = with_lock(base, 'py-free', tokens.append)\n\
+         busy = with_lock(base, 'py-busy', tokens.append, wait='200ms')\n\
+         print(json.dumps({{'free': free, 'busy': busy, 'tokens': tokens}}))\n"
+    );
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&server.url)
+        .output()
+        .expect("python3 runs (CI installs it)");
+    assert!(
+        output.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).expect("the script's JSON");
+    assert_eq!(result["free"], true, "{result}");
+    assert_eq!(result["busy"], false, "{result}");
+    assert_eq!(
+        result["tokens"].as_array().map(Vec::len),
+        Some(1),
+        "{result}"
+    );
+    assert!(result["tokens"][0].as_u64().is_some_and(|token| token > 0));
+    assert_eq!(api.get("/v1/locks/py-free").await.1["held"], false);
+}
+
+/// An acquire dropped after the server granted it but before the client
+/// read the answer (a task cancelled, a caller's own timeout, racing the
+/// grant) leaves no lease behind: the client reads the grant in the
+/// background and releases it, rather than leaving it held until its TTL.
+#[tokio::test]
+async fn a_grant_to_a_dropped_acquire_is_released() {
+    let server = ServeProcess::start("memory://", &[]);
+    let api = Api::new(&server);
+    let holder = api
+        .post("/v1/acquire", json!({"key": "k", "ttl": "30s"}))
+        .await;
+    assert_eq!(holder.0, StatusCode::OK, "{}", holder.1);
+
+    // The waiter runs on a runtime of its own, on one thread, which the
+    // test can stop: the grant then reaches a client that cannot read it.
+    let (runtime_tx, runtime_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let client_thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime_tx.send(runtime.handle().clone()).unwrap();
+        runtime.block_on(async { stop_rx.await.ok() });
+    });
+    let client_runtime = runtime_rx.recv().unwrap();
+    let url = server.url.clone();
+    let waiter = client_runtime.spawn(async move {
+        let locks = distlock::connect(&url).await.unwrap();
+        let options = LockOptions::new()
+            .ttl(Duration::from_secs(30))
+            .wait(Duration::from_secs(20));
+        let _guard = locks.lock("k", &options).await;
+        std::future::pending::<()>().await;
+    });
+    distlock_testkit::eventually(
+        "the waiter queues at the server",
+        Duration::from_secs(5),
+        || async { api.get("/v1/locks/k").await.1["waiters"] == 1 },
+    )
+    .await;
+    // Stop the client's thread: block it until told otherwise.
+    let (blocked_tx, blocked_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    client_runtime.spawn(async move {
+        blocked_tx.send(()).unwrap();
+        resume_rx.recv().ok();
+    });
+    blocked_rx.recv().unwrap();
+
+    let released = api
+        .post("/v1/release", json!({"handle": holder.1["handle"]}))
+        .await;
+    assert_eq!(released.0, StatusCode::OK, "{}", released.1);
+    distlock_testkit::eventually(
+        "the server grants the waiter",
+        Duration::from_secs(5),
+        || async { api.get("/v1/locks/k").await.1["held"] == true },
+    )
+    .await;
+    // The waiter is cancelled before it can read the grant.
+    waiter.abort();
+    resume_tx.send(()).unwrap();
+
+    distlock_testkit::eventually(
+        "the grant to the dropped acquire is released",
+        Duration::from_secs(5),
+        || async { api.get("/v1/locks/k").await.1["held"] == false },
+    )
+    .await;
+    let next = api.post("/v1/acquire", json!({"key": "k"})).await;
+    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+    stop_tx.send(()).unwrap();
+    client_thread.join().unwrap();
 }

@@ -72,6 +72,18 @@ pub enum Error {
         key: String,
     },
 
+    /// The backend cannot do what was asked: resuming a lock held by
+    /// another client, say, where the lock lives in that client's session.
+    #[error("the {backend} backend cannot {operation}: {reason}")]
+    Unsupported {
+        /// The backend, e.g. `zookeeper`.
+        backend: &'static str,
+        /// What was asked, e.g. `resume a lock`.
+        operation: &'static str,
+        /// Why not.
+        reason: &'static str,
+    },
+
     /// Could not reach or connect to the coordination service.
     #[error("cannot connect to {backend} at {endpoint}")]
     Connection {
@@ -185,6 +197,11 @@ impl Error {
     /// True for [`Error::NotHeld`].
     pub fn is_not_held(&self) -> bool {
         matches!(self, Error::NotHeld { .. })
+    }
+
+    /// True for [`Error::Unsupported`].
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, Error::Unsupported { .. })
     }
 
     /// True for [`Error::Timeout`].

@@ -141,6 +141,16 @@ impl LockGuard {
         self.lease.lost()
     }
 
+    /// The secret another client passes to
+    /// [`resume`](crate::DistributedLock::resume) to take over this lease
+    /// (`None` on backends that cannot, see
+    /// [`Capabilities::resumable`](crate::Capabilities::resumable)).
+    /// Whoever knows it can extend or release the lock: keep it as secret
+    /// as the guard. Never in `Debug` output.
+    pub fn resume_token(&self) -> Option<String> {
+        self.held.as_ref().and_then(|held| held.resume_token())
+    }
+
     /// Makes the lock live `ttl` from now (and renew with `ttl` from then
     /// on). `Err(NotHeld)` if it is no longer ours; a newer holder's lock
     /// is never touched.
@@ -188,6 +198,16 @@ impl LockGuard {
         }
         self.lease.mark_lost(LostReason::Released);
         result
+    }
+
+    /// Lets go of the guard without releasing the lock: renewal stops and
+    /// the lock ends with its TTL, unless whoever
+    /// [resumed](crate::DistributedLock::resume) it extends or releases
+    /// it. For a holder that handed the lease on, where a release would
+    /// end the other's lock.
+    pub fn forget(mut self) {
+        self.stop_renewal();
+        self.held = None;
     }
 
     fn stop_renewal(&mut self) {

@@ -64,6 +64,10 @@ pub struct Capabilities {
     pub strict_fencing: bool,
     /// Locks are shared by separate processes (false for `memory`).
     pub cross_process: bool,
+    /// A lock can be resumed by another client from its guard's
+    /// [`resume_token`](LockGuard::resume_token) (see
+    /// [`DistributedLock::resume`]).
+    pub resumable: bool,
 }
 
 /// A distributed lock service: the API every distlock backend offers.
@@ -88,6 +92,22 @@ pub trait DistributedLock: Send + Sync {
     /// unreachable, attempts are retried with `options.backoff`; the
     /// timeout then names the failures.
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard>;
+
+    /// Takes over a lock another client (or an earlier process) holds,
+    /// from that holder's [`LockGuard::resume_token`] and fencing token:
+    /// the new guard controls the same lease on the server, so either
+    /// client's extend or release acts on it. Checks on the server that
+    /// the lease is still that holder's: `Err(NotHeld)` if it ended.
+    /// `Err(Unsupported)` where the lock lives in its holder's session
+    /// (see [`Capabilities::resumable`]). `options.ttl` is the TTL later
+    /// extends use; the lease keeps its current expiry until then.
+    async fn resume(
+        &self,
+        key: &str,
+        fencing_token: u64,
+        resume_token: &str,
+        options: &LockOptions,
+    ) -> Result<LockGuard>;
 }
 
 #[async_trait]
@@ -138,6 +158,21 @@ impl<B: backend::LockBackend> DistributedLock for B {
                 }),
             },
         }
+    }
+
+    async fn resume(
+        &self,
+        key: &str,
+        fencing_token: u64,
+        resume_token: &str,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        key::validate_key(key)?;
+        options.validate()?;
+        let span = tracing::debug_span!("distlock.resume", backend = backend::LockBackend::backend(self), key = %key, fencing_token);
+        backend::LockBackend::resume(self, key, fencing_token, resume_token, options)
+            .instrument(span)
+            .await
     }
 }
 

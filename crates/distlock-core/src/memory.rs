@@ -266,6 +266,7 @@ impl crate::backend::LockBackend for MemoryLock {
             ttl_expiry: true,
             strict_fencing: true,
             cross_process: false,
+            resumable: false,
         }
     }
 

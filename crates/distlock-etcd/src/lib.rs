@@ -261,6 +261,7 @@ impl backend::LockBackend for EtcdLock {
             ttl_expiry: true,
             strict_fencing: true,
             cross_process: true,
+            resumable: false,
         }
     }
 

@@ -162,6 +162,7 @@ impl backend::LockBackend for FileLock {
             ttl_expiry: false,
             strict_fencing: true,
             cross_process: true,
+            resumable: false,
         }
     }
 

@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+mod acquire;
 mod api;
 mod config;
 mod held;
@@ -42,8 +43,9 @@ use distlock_core::{
 };
 use tokio::time::Instant;
 
+use acquire::InFlightAcquire;
 pub use api::KeyStatus;
-use api::{duration, AcquireRequest, Answer, Api, Health, LeaseAnswer};
+use api::{duration, AcquireRequest, Answer, Api, Health};
 pub use config::{HttpConfig, RetryPolicy, Token, TOKEN_ENV};
 
 /// The backend's name in errors and spans.
@@ -106,6 +108,7 @@ impl HttpLock {
                 ttl_expiry: true,
                 strict_fencing: remote.strict_fencing,
                 cross_process: true,
+                resumable: false,
             },
             remote_backend: health.backend,
         })
@@ -146,10 +149,12 @@ impl HttpLock {
             wait: wait.map(duration),
         };
         let timeout = self.api.config.timeout + wait.unwrap_or_default();
+        let body = serde_json::to_value(&request).map_err(|err| {
+            Error::backend(BACKEND, self.api.endpoint.clone(), "acquire", key, err)
+        })?;
         let sent_at = Instant::now();
-        let answer = self
-            .api
-            .post::<_, LeaseAnswer>("/v1/acquire", &request, timeout, "acquire", key)
+        let answer = InFlightAcquire::send(&self.api, key, body, timeout)
+            .answer()
             .await?;
         match answer {
             Answer::Ok(granted) => {
@@ -222,11 +227,14 @@ impl backend::LockBackend for HttpLock {
     }
 
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
-        // A little past the core's own bound, which drops this future
-        // first: the server's wait then ends with the connection.
-        let deadline = options
-            .wait
-            .map(|wait| Instant::now() + wait + Duration::from_millis(50));
+        // The server's wait ends a little before the core's own bound, so
+        // that its "wait elapsed" answer, not the core dropping this
+        // future, ends the common case. (A dropped acquire still releases
+        // what it is granted: see the `acquire` module.)
+        let deadline = options.wait.map(|wait| {
+            let margin = (wait / 10).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            Instant::now() + wait.saturating_sub(margin)
+        });
         let mut failures = 0u32;
         loop {
             let long_poll = match deadline {
@@ -236,7 +244,7 @@ impl backend::LockBackend for HttpLock {
                 None => self.api.config.long_poll,
             };
             if long_poll.is_zero() {
-                // Only reached when called without the core's wait bound.
+                // The server's last wait elapsed, just before the core's.
                 return Err(Error::Timeout {
                     key: key.to_owned(),
                     waited: options.wait.unwrap_or_default(),

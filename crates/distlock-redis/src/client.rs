@@ -190,10 +190,18 @@ impl Shared {
         })
     }
 
-    /// A value no other attempt of any client uses.
+    /// A value no other attempt of any client uses. It ends in 128 bits
+    /// from the OS's CSPRNG: the owner is the lock's resume token, so
+    /// knowing one's own owners must not reveal another's.
     pub fn new_owner(&self) -> String {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{}:{seq:x}", self.client_id)
+        let mut secret = [0u8; 16];
+        getrandom::getrandom(&mut secret).expect("the OS random source failed");
+        format!(
+            "{}:{seq:x}:{:032x}",
+            self.client_id,
+            u128::from_le_bytes(secret)
+        )
     }
 
     /// Per-instance bound of a Redlock request: small against the TTL (1%,

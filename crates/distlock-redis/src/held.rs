@@ -29,7 +29,7 @@ use crate::acquire::{Granted, HANDOFF_CLAIM};
 use crate::client::{Shared, FENCE_IDLE_TTL};
 use crate::keys::LockKeys;
 use crate::renewal::Renewals;
-use crate::scripts::EXTEND;
+use crate::scripts::{EXTEND, RESUME};
 
 /// One granted lock.
 struct RedisHeld {
@@ -62,6 +62,10 @@ impl HeldLock for RedisHeld {
         self.shared
             .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
             .await
+    }
+
+    fn resume_token(&self) -> Option<String> {
+        Some(self.owner.clone())
     }
 }
 
@@ -102,6 +106,55 @@ impl Shared {
             renewal_id,
         });
         self_renewed_guard(self.name, lease, held)
+    }
+
+    /// The guard of `key`'s lock held by `owner` (another client's resume
+    /// token), if that owner still holds it on a quorum: valid for the
+    /// remaining TTL the servers report, counted from when the check was
+    /// sent.
+    pub(crate) async fn resume(
+        self: &Arc<Self>,
+        key: &str,
+        fencing_token: u64,
+        owner: &str,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        if owner.len() < 32 || owner.contains(char::is_whitespace) {
+            return Err(Error::not_held(key));
+        }
+        let keys = LockKeys::new(&self.prefix, key);
+        let sent_at = Instant::now();
+        let mut command = RESUME.command(1);
+        command.arg(&keys.lock).arg(owner);
+        let results = self
+            .script_on_all::<i64>(self.node_timeout(options.ttl), &RESUME, &command)
+            .await;
+        let (mut remaining_ms, mut refused, mut first_error) = (Vec::new(), 0, None);
+        for result in results {
+            match result {
+                Ok(ms) if ms > 0 => remaining_ms.push(ms as u64),
+                Ok(_) => refused += 1,
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        if remaining_ms.len() >= self.quorum {
+            // The quorum that lives longest vouches until its shortest.
+            remaining_ms.sort_unstable_by(|a, b| b.cmp(a));
+            let remaining = Duration::from_millis(remaining_ms[self.quorum - 1]);
+            let granted = Granted {
+                token: fencing_token,
+                valid_until: validity_deadline(sent_at, remaining),
+                granted_for: options.ttl,
+            };
+            Ok(self.make_guard(key, keys, owner.to_owned(), granted, options))
+        } else if refused > self.nodes.len() - self.quorum {
+            Err(Error::not_held(key))
+        } else {
+            let succeeded = remaining_ms.len();
+            Err(self.quorum_or_node_error("resume", key, succeeded, refused, first_error))
+        }
     }
 
     /// Extends a handed-over lock to its lease's TTL once, in the

@@ -216,6 +216,7 @@ impl backend::LockBackend for RedisLock {
             // Redlock: see "Fencing tokens" in the crate docs.
             strict_fencing: self.shared.nodes.len() == 1,
             cross_process: true,
+            resumable: true,
         }
     }
 
@@ -225,5 +226,17 @@ impl backend::LockBackend for RedisLock {
 
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {
         self.shared.acquire(key, options).await
+    }
+
+    async fn resume(
+        &self,
+        key: &str,
+        fencing_token: u64,
+        resume_token: &str,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        self.shared
+            .resume(key, fencing_token, resume_token, options)
+            .await
     }
 }

@@ -275,6 +275,19 @@ return 0
     )
 });
 
+/// Resume: the lock's remaining TTL in ms if `owner` still holds it,
+/// else -3. KEYS: lock. ARGV: owner.
+pub(crate) static RESUME: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PTTL', KEYS[1])
+end
+return -3
+"#,
+    )
+});
+
 /// Cleanup of an abandoned attempt (a dropped or failed `lock` future):
 /// deletes the lock if this attempt got it after all, leaves the queue,
 /// and wakes the other waiters if either changed anything.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, HeldLease, ResumableHandle};
 
 /// `POST /v1/acquire`.
 #[derive(Debug, Deserialize)]
@@ -184,15 +184,53 @@ pub async fn acquire(
     .into_response())
 }
 
+/// The lease `handle` names: the one this instance keeps while it still
+/// vouches for it, else (a resumable handle, perhaps granted or last
+/// refreshed by another instance) the lease resumed on the backend.
+async fn find_lease(state: &AppState, handle: &str) -> Result<Arc<HeldLease>, ApiError> {
+    let kept = state.get(handle);
+    if let Some(lease) = &kept {
+        let held = match lease.guard.try_lock() {
+            Ok(slot) => slot.as_ref().is_some_and(LockGuard::is_held),
+            // In use by another request on the same handle.
+            Err(_) => true,
+        };
+        if held {
+            return Ok(lease.clone());
+        }
+    }
+    let Some(resumable) = ResumableHandle::decode(handle) else {
+        return kept.ok_or_else(|| state.missing(handle));
+    };
+    let ttl = kept.map_or_else(|| resumable.ttl(), |lease| lease.ttl());
+    let options = LockOptions::new().ttl(ttl).auto_renew(false);
+    let resumed = state
+        .locker
+        .resume(
+            &resumable.key,
+            resumable.fencing_token,
+            &resumable.resume_token,
+            &options,
+        )
+        .await;
+    match resumed {
+        Ok(guard) => Ok(state.insert_as(handle.to_owned(), guard, ttl)),
+        Err(err) if err.is_not_held() => {
+            state.remove(handle);
+            Err(ApiError::from_lock_error(&err))
+        }
+        Err(err) if err.is_unsupported() => Err(state.missing(handle)),
+        Err(err) => Err(ApiError::from_lock_error(&err)),
+    }
+}
+
 /// `POST /v1/refresh`: extends the lease by `ttl` from now.
 pub async fn refresh(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaseAnswer>, ApiError> {
     let request: RefreshRequest = parse(body)?;
-    let lease = state
-        .get(&request.handle)
-        .ok_or_else(|| state.missing(&request.handle))?;
+    let lease = find_lease(&state, &request.handle).await?;
     let ttl = match request.ttl {
         Some(ttl) => state.limits.check_ttl(ttl)?,
         None => lease.ttl(),
@@ -233,9 +271,8 @@ pub async fn release(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let request: ReleaseRequest = parse(body)?;
-    let lease = state
-        .remove(&request.handle)
-        .ok_or_else(|| state.missing(&request.handle))?;
+    let lease = find_lease(&state, &request.handle).await?;
+    state.remove(&request.handle);
     let Some(guard) = lease.guard.lock().await.take() else {
         return Err(ApiError::unknown_handle());
     };

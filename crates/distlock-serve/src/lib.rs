@@ -35,6 +35,7 @@ mod handlers;
 pub mod metrics;
 mod state;
 
+use axum::serve::ListenerExt as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -341,7 +342,13 @@ impl Server {
     ) -> Result<(), ServeError> {
         let sweeper = tokio::spawn(sweep_expired(Arc::downgrade(&self.state)));
         let app = router(self.state);
-        let result = axum::serve(self.listener, app)
+        // Answers are small and latency is the point: no Nagle delay.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "could not set TCP_NODELAY");
+            }
+        });
+        let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|source| ServeError::Io {

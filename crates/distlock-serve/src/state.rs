@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use distlock::{LockGuard, Locker};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -133,8 +136,29 @@ impl AppState {
 
     /// Keeps `guard`, granted with `ttl`, under a new handle and returns
     /// the handle.
+    ///
+    /// Where the backend can resume a lock elsewhere, the handle carries
+    /// what it needs (key, fencing token, the backend's resume token, the
+    /// TTL), so that any instance can serve its refresh and release;
+    /// otherwise it names this instance and 128 random bits.
     pub fn insert(&self, guard: LockGuard, ttl: Duration) -> String {
-        let handle = format!("h1.{}.{}", self.instance, random_hex::<16>());
+        let handle = match guard.resume_token() {
+            Some(resume_token) => ResumableHandle {
+                key: guard.key().to_owned(),
+                fencing_token: guard.fencing_token(),
+                resume_token,
+                ttl_ms: millis(ttl),
+            }
+            .encode(),
+            None => format!("h1.{}.{}", self.instance, random_hex::<16>()),
+        };
+        self.insert_as(handle.clone(), guard, ttl);
+        handle
+    }
+
+    /// Keeps `guard` under `handle` (a lease resumed from its handle),
+    /// replacing what this instance had under it, and returns it.
+    pub fn insert_as(&self, handle: String, guard: LockGuard, ttl: Duration) -> Arc<HeldLease> {
         let key = guard.key().to_owned();
         let lease = Arc::new(HeldLease {
             key: key.clone(),
@@ -144,12 +168,12 @@ impl AppState {
         });
         let count = {
             let mut table = self.table();
-            table.by_handle.insert(handle.clone(), lease);
-            table.by_key.insert(key, handle.clone());
+            table.by_handle.insert(handle.clone(), lease.clone());
+            table.by_key.insert(key, handle);
             table.by_handle.len()
         };
         crate::metrics::held_leases(count);
-        handle
+        lease
     }
 
     /// The lease with `handle`, if this instance holds it.
@@ -213,9 +237,16 @@ impl AppState {
                 .collect()
         };
         for handle in &expired {
-            if let Some(lease) = self.remove(handle) {
-                tracing::debug!(key = %lease.key, fencing_token = lease.fencing_token, "forgot an expired lease");
+            let Some(lease) = self.remove(handle) else {
+                continue;
+            };
+            let guard = lease.guard.try_lock().ok().and_then(|mut slot| slot.take());
+            if let (Some(guard), true) = (guard, ResumableHandle::is_one(handle)) {
+                // Another instance may have resumed and refreshed it: the
+                // backend's TTL, not this instance, decides when it ends.
+                guard.forget();
             }
+            tracing::debug!(key = %lease.key, fencing_token = lease.fencing_token, "forgot an expired lease");
         }
         expired.len()
     }
@@ -223,6 +254,50 @@ impl AppState {
     /// The number of leases held.
     pub fn held_count(&self) -> usize {
         self.table().by_handle.len()
+    }
+}
+
+/// What a handle of a resumable backend carries: enough for any instance
+/// to resume the lease. The backend's resume token in it is the secret
+/// (at least 128 random bits) that proves ownership on the server.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumableHandle {
+    /// The lock's key.
+    #[serde(rename = "k")]
+    pub key: String,
+    /// The backend's fencing token.
+    #[serde(rename = "t")]
+    pub fencing_token: u64,
+    /// The backend's resume token.
+    #[serde(rename = "r")]
+    pub resume_token: String,
+    /// The acquire's TTL, which a refresh without one extends by.
+    #[serde(rename = "l")]
+    pub ttl_ms: u64,
+}
+
+const RESUMABLE_PREFIX: &str = "h2.";
+
+impl ResumableHandle {
+    fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a handle serializes");
+        format!("{RESUMABLE_PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    }
+
+    /// The handle's content, if `handle` is a well-formed resumable one.
+    pub fn decode(handle: &str) -> Option<Self> {
+        let encoded = handle.strip_prefix(RESUMABLE_PREFIX)?;
+        let json = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+        serde_json::from_slice(&json).ok()
+    }
+
+    fn is_one(handle: &str) -> bool {
+        handle.starts_with(RESUMABLE_PREFIX)
+    }
+
+    /// The TTL a refresh without one extends by.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
     }
 }
 
@@ -260,6 +335,23 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resumable_handles_round_trip_and_refuse_garbage() {
+        let handle = ResumableHandle {
+            key: "orders/ü 1".into(),
+            fencing_token: 42,
+            resume_token: "ab".repeat(24),
+            ttl_ms: 30_000,
+        };
+        let encoded = handle.encode();
+        assert!(!encoded.contains('/') && !encoded.contains(' '));
+        assert_eq!(ResumableHandle::decode(&encoded), Some(handle));
+        assert_eq!(ResumableHandle::decode("h2.not-base64!"), None);
+        assert_eq!(ResumableHandle::decode("h1.abc.def"), None);
+        let not_json = format!("h2.{}", URL_SAFE_NO_PAD.encode(b"{"));
+        assert_eq!(ResumableHandle::decode(&not_json), None);
+    }
 
     #[test]
     fn random_parts_are_long_and_distinct() {

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use distlock_core::{Error, LockGuard, LockOptions};
 use futures::stream::{self, StreamExt, TryStreamExt};
 
+pub use crate::resume::resume_from_token;
 use crate::{unique_key, Harness};
 
 fn skip(harness: &Harness, case: &str, why: &str) {
     eprintln!("{}: {case} skipped: {why}", harness.name());
 }
 
-async fn must_try_lock(
+pub(crate) async fn must_try_lock(
     harness: &Harness,
     client: &dyn distlock_core::DistributedLock,
     key: &str,
@@ -30,7 +31,11 @@ async fn must_try_lock(
     }
 }
 
-async fn must_be_busy(harness: &Harness, client: &dyn distlock_core::DistributedLock, key: &str) {
+pub(crate) async fn must_be_busy(
+    harness: &Harness,
+    client: &dyn distlock_core::DistributedLock,
+    key: &str,
+) {
     match client.try_lock(key, &LockOptions::new()).await {
         Ok(None) => {}
         Ok(Some(guard)) => {

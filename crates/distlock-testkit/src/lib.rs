@@ -28,6 +28,7 @@
 
 pub mod cases;
 pub mod events;
+mod resume;
 #[cfg(feature = "servers")]
 pub mod servers;
 
@@ -242,7 +243,8 @@ macro_rules! conformance_tests {
             lost_fires_on_fault,
             awkward_keys,
             thousand_locks_one_client,
-            fifo_fairness
+            fifo_fairness,
+            resume_from_token
         );
     };
     (@cases $harness:expr; $($case:ident),* $(,)?) => {

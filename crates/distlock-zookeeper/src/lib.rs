@@ -179,6 +179,7 @@ impl backend::LockBackend for ZooKeeperLock {
             ttl_expiry: false,
             strict_fencing: true,
             cross_process: true,
+            resumable: false,
         }
     }
 

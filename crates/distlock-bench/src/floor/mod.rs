@@ -10,6 +10,8 @@
 //! run, and [`RawServer::cleanup`] removes them after it.
 
 mod file;
+#[cfg(feature = "http")]
+mod http;
 mod memory;
 
 #[cfg(feature = "etcd")]
@@ -71,11 +73,23 @@ pub(crate) enum RawServer {
     /// `etcd://hosts/...`: the endpoints.
     #[cfg(feature = "etcd")]
     Etcd(Vec<String>),
+    /// `http://` (the lock service): its base URL, and the raw side of
+    /// the backend it fronts.
+    #[cfg(feature = "http")]
+    Http {
+        /// The service's base URL.
+        base: String,
+        /// The URL of the backend behind it.
+        behind_url: String,
+        /// The raw side of that backend.
+        behind: Box<RawServer>,
+    },
 }
 
 impl RawServer {
-    /// The raw side of `url`'s service.
-    pub(crate) fn from_url(url: &str) -> Result<Self, String> {
+    /// The raw side of `url`'s service; for the lock service, `behind`
+    /// names the backend it fronts.
+    pub(crate) fn from_url(url: &str, behind: Option<&str>) -> Result<Self, String> {
         let service = Service::of_url(url).map_err(|err| err.to_string())?;
         let rest = url.split_once("://").map_or("", |(_, rest)| rest);
         let hosts = || -> Vec<String> {
@@ -120,6 +134,21 @@ impl RawServer {
                     .map(|host| format!("http://{host}"))
                     .collect(),
             )),
+            #[cfg(feature = "http")]
+            Service::Http => {
+                let Some(behind) = behind else {
+                    return Err("the floor of the lock service is the backend it fronts plus HTTP round trips: name that backend with --behind URL".into());
+                };
+                if matches!(Service::of_url(behind), Ok(Service::Http)) {
+                    return Err(format!("--behind {behind}: name the backend the service fronts, not another service"));
+                }
+                let base = url.split('?').next().unwrap_or(url).to_owned();
+                Ok(RawServer::Http {
+                    base,
+                    behind_url: behind.to_owned(),
+                    behind: Box::new(RawServer::from_url(behind, None)?),
+                })
+            }
             #[allow(unreachable_patterns)]
             other => {
                 let _ = hosts;
@@ -141,6 +170,8 @@ impl RawServer {
             RawServer::ZooKeeper(_) => zookeeper::INFO,
             #[cfg(feature = "etcd")]
             RawServer::Etcd(_) => etcd::INFO,
+            #[cfg(feature = "http")]
+            RawServer::Http { behind, .. } => http::info(behind),
         }
     }
 
@@ -160,12 +191,22 @@ impl RawServer {
             RawServer::Etcd(endpoints) => {
                 Ok(Box::new(etcd::EtcdRaw::connect(endpoints, key).await?))
             }
+            #[cfg(feature = "http")]
+            RawServer::Http {
+                base,
+                behind_url,
+                behind,
+            } => Ok(Box::new(
+                http::HttpRaw::connect(base, behind_url, behind, key).await?,
+            )),
         }
     }
 
     /// Removes what the floor left behind (best effort).
     pub(crate) async fn cleanup(&self, keys: &[String]) {
         match self {
+            #[cfg(feature = "http")]
+            RawServer::Http { behind, .. } => Box::pin(behind.cleanup(keys)).await,
             RawServer::File(dir) => file::cleanup(dir, keys),
             #[cfg(feature = "redis")]
             RawServer::Redis(urls) => redis::cleanup(urls, keys).await,

@@ -65,6 +65,26 @@ pub trait LockBackend: Send + Sync + 'static {
     /// dropping it, so it must be cancellation safe: a dropped future
     /// leaves no lock and no waiter record behind.
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard>;
+
+    /// Rebuilds the guard of a lock granted to another client, from the
+    /// [`HeldLock::resume_token`] it gave, after checking on the server
+    /// that the lease is still that holder's (`Err(NotHeld)` otherwise).
+    /// Backends whose locks live in their holder's session keep the
+    /// default: `Err(Unsupported)`.
+    async fn resume(
+        &self,
+        key: &str,
+        fencing_token: u64,
+        resume_token: &str,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        let _ = (key, fencing_token, resume_token, options);
+        Err(crate::Error::Unsupported {
+            backend: self.backend(),
+            operation: "resume a lock granted to another client",
+            reason: "the lock lives in its holder's session (or process)",
+        })
+    }
 }
 
 /// What a backend does for one lock it granted. The core's [`LockGuard`]
@@ -81,6 +101,13 @@ pub trait HeldLock: Send + Sync + 'static {
     /// otherwise. Session-based backends check ownership and leave the
     /// validity to the session.
     async fn extend(&self, ttl: Duration) -> Result<()>;
+
+    /// What another client needs to [`resume`](LockBackend::resume) this
+    /// lock: a secret that proves ownership on the server (at least 128
+    /// random bits), or `None` where the lock cannot move.
+    fn resume_token(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A guard whose renewal (when `renew`) the client's `scheduler` starts
