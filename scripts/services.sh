@@ -42,7 +42,10 @@ ZK_PORT=2181
 ETCD_PORT=2379
 ETCD_PEER_PORT=2380
 
-PACKAGES=(redis-server zookeeper etcd-server protobuf-compiler libprotobuf-dev)
+# etcd-client (etcdctl) and libcurator-recipes-java (with javac) are for the
+# interoperability tests against the ecosystem's own lock recipes.
+PACKAGES=(redis-server zookeeper etcd-server etcd-client libcurator-recipes-java protobuf-compiler libprotobuf-dev)
+CURATOR_JAR=/usr/share/java/curator-recipes.jar
 ZK_JAR=/usr/share/java/zookeeper.jar
 
 # name:port:exe, in start order
@@ -181,6 +184,7 @@ cmd_install() {
   done
   command -v curl >/dev/null 2>&1 || package_installed curl || missing+=(curl)
   command -v java >/dev/null 2>&1 || missing+=(default-jre-headless)
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
   command -v python3 >/dev/null 2>&1 || missing+=(python3) # the docs' Python client test
 
   if ((${#missing[@]})); then
@@ -220,10 +224,11 @@ cmd_install() {
     note "installed ${missing[*]}"
   fi
   stop_package_daemons "$fresh"
-  for p in redis-server redis-cli etcd java; do
+  for p in redis-server redis-cli etcd etcdctl java javac; do
     command -v "$p" >/dev/null 2>&1 || die "$p not found after install"
   done
   [[ -f "$ZK_JAR" ]] || die "$ZK_JAR not found after install"
+  [[ -f "$CURATOR_JAR" ]] || die "$CURATOR_JAR not found after install"
 }
 
 # ---------------------------------------------------------------- start ----

@@ -33,7 +33,9 @@ Exit status:
   126  the command could not be run;  127  the command was not found
   128+N  distlock got signal N before the command started
 
-The command gets DISTLOCK_KEY and DISTLOCK_FENCING_TOKEN in its environment.
+The command gets DISTLOCK_KEY and DISTLOCK_FENCING_TOKEN in its environment,
+and on etcd the token as ETCD_LOCK_REV too, as `etcdctl lock KEY -- CMD` gives
+it: the two share locks (docs/interop.md).
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to distlock are
 passed to the command; the lock is released once it exits. If distlock itself
 is killed, the command gets SIGTERM (Linux parent-death signal) and the lock
@@ -156,6 +158,11 @@ async fn run_holding(args: &Args, guard: LockGuard, signals: &mut Signals) -> u8
         .args(&args.command[1..])
         .env("DISTLOCK_KEY", &args.key)
         .env("DISTLOCK_FENCING_TOKEN", guard.fencing_token().to_string());
+    if guard.backend() == "etcd" {
+        // As `etcdctl lock NAME -- CMD` names it, for scripts moving over;
+        // the same revision semantics (see distlock-etcd's fencing tokens).
+        command.env("ETCD_LOCK_REV", guard.fencing_token().to_string());
+    }
     let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and only
     // makes async-signal-safe system calls (prctl, getppid, _exit).

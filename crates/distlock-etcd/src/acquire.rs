@@ -1,9 +1,10 @@
 //! Attempts and waiting: the lock recipe, run in the client.
 //!
-//! - The locks of key `k` are the keys under `prefix/<encoded k>/`, one per
-//!   holder or waiter, each named `<lease>-<seq>` and living on a lease
+//! - The locks of key `k` are the keys under `k/` (see the `keys` module
+//!   for the layouts), one per holder or waiter, each living on a lease
 //!   (see the `session` module). The key with the lowest create revision
-//!   owns the lock.
+//!   owns the lock. This is the recipe of etcd's `concurrency.Mutex` and
+//!   `etcdctl lock` too, so in the mutex layout they share the queue.
 //! - An attempt is one transaction: if the attempt's key does not exist,
 //!   create it on the lease and, in the same transaction, read the newest
 //!   keys under the prefix by create revision (ours, the one just older
@@ -19,13 +20,19 @@
 //!   just older than its own to go (see the `watch` module). So waiters
 //!   queue in arrival order (FIFO), a release wakes exactly one waiter, and
 //!   nobody polls.
-//! - A client reuses the `<seq>` of a key whose deletion etcd confirmed:
+//! - A client reuses the name of a key whose deletion etcd confirmed:
 //!   every distinct name under a prefix stays in etcd's index until a
 //!   compaction and each acquire's range walks them, so fresh names on
 //!   every attempt would make a much-used lock slower and slower.
-//! - The fencing token is the lock key's create revision: etcd revisions
-//!   are global and only grow, so it increases across holders, expiry and
-//!   server restarts.
+//! - The fencing token is the revision at which the lock became ours: our
+//!   key's create revision when the attempt found no older key, else the
+//!   revision of the delete (or of the read) that showed none left. Every
+//!   earlier holder's key was deleted at or before it, so it exceeds any
+//!   revision an earlier holder saw while holding, whatever recipe that
+//!   holder ran: Go's `Mutex.Header().Revision` and `etcdctl lock`'s
+//!   `ETCD_LOCK_REV` are such revisions. (The create revision alone is not
+//!   enough: a key created before a Go waiter was granted can be granted
+//!   after it.)
 //!
 //! # Why not etcd's Lock RPC
 //!
@@ -58,6 +65,7 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use crate::held::{EtcdHeld, PendingKey};
+use crate::keys::Reservation;
 use crate::rpc::{interrupted, is_lease_not_found, is_retryable, timed_out, Failure};
 use crate::session::Binding;
 use crate::{EtcdLock, NAME};
@@ -135,8 +143,23 @@ impl Predecessor {
 pub(crate) enum Position {
     /// Our key is gone (its lease expired or was revoked).
     Gone,
-    /// Our key exists; `None` means it is the oldest: the lock is ours.
-    Behind(Option<Predecessor>),
+    /// Our key is the oldest: the lock is ours, as etcd showed at this
+    /// revision (the fencing token).
+    Ours(i64),
+    /// Our key waits behind this one.
+    Behind(Predecessor),
+}
+
+impl Position {
+    /// Our position in a range of the lock's keys read at `revision`,
+    /// newest first and limited to [`QUEUE_READ_LIMIT`], whose first key
+    /// is ours.
+    fn from_range(range: &etcd_client::GetResponse, revision: i64) -> Self {
+        match Predecessor::from_range(range) {
+            Some(predecessor) => Position::Behind(predecessor),
+            None => Position::Ours(revision),
+        }
+    }
 }
 
 impl EtcdLock {
@@ -148,11 +171,15 @@ impl EtcdLock {
         options: &LockOptions,
         wait: bool,
     ) -> Result<Outcome, Failure> {
-        let binding = self.binding(key, options).await?;
         let dir = self.lock_key_prefix(key);
-        let seq = self.inner.take_seq();
-        let etcd_key = format!("{dir}{:016x}-{seq:x}", binding.lease_id());
-        let pending = Arc::new(PendingKey::new(&self.inner, key, etcd_key, seq, &binding));
+        let (binding, etcd_key, reservation) = self.reserve_key(key, &dir, options).await?;
+        let pending = Arc::new(PendingKey::new(
+            &self.inner,
+            key,
+            etcd_key,
+            reservation,
+            &binding,
+        ));
         let cleanup = CleanupOnDrop::arm("an etcd lock key", {
             let pending = pending.clone();
             move || async move {
@@ -172,14 +199,14 @@ impl EtcdLock {
         }
         let mut waited = false;
         let mut errors: u32 = 0;
-        loop {
+        let granted_at = loop {
             let predecessor = match position {
                 Position::Gone => {
                     pending.remove_now(cleanup).await;
                     return Ok(Outcome::Restart);
                 }
-                Position::Behind(None) => break,
-                Position::Behind(Some(predecessor)) => predecessor,
+                Position::Ours(revision) => break revision,
+                Position::Behind(predecessor) => predecessor,
             };
             if !wait {
                 pending.remove_now(cleanup).await;
@@ -202,13 +229,13 @@ impl EtcdLock {
                     tracing::debug!(error = %failure.error, "distlock: etcd wait failed, retrying");
                     tokio::time::sleep(options.backoff.delay(errors)).await;
                     errors += 1;
-                    position = Position::Behind(Some(predecessor));
+                    position = Position::Behind(predecessor);
                 }
                 Err(failure) => return Err(failure),
             }
-        }
+        };
         // Ours: our key is the oldest under the lock's prefix.
-        let fencing_token = my_revision as u64;
+        let fencing_token = granted_at as u64;
         let (lease, core_renewal) = match &binding {
             Binding::Session(session) => {
                 let lease = session.attach(|valid_until| {
@@ -266,7 +293,7 @@ impl EtcdLock {
             owner: self.clone(),
             key: key.to_owned(),
             etcd_key,
-            seq,
+            reservation,
             release_started: AtomicBool::new(false),
             binding,
             lease: lease.clone(),
@@ -279,6 +306,36 @@ impl EtcdLock {
             &self.inner.renewals,
             core_renewal,
         )))
+    }
+
+    /// The lease of an attempt's key and the key's name: on the session
+    /// lease when the options allow, except in the mutex layout while
+    /// another attempt of this client holds or queues for the same lock on
+    /// it (the layout has one name per lease and lock): then on a lease of
+    /// the attempt's own, with the session's TTL, kept alive while it
+    /// waits and renewed while held like any own lease.
+    async fn reserve_key(
+        &self,
+        key: &str,
+        dir: &str,
+        options: &LockOptions,
+    ) -> Result<(Binding, String, Reservation), Failure> {
+        let binding = self.binding(key, options).await?;
+        let on_session = matches!(binding, Binding::Session(_));
+        if let Some((name, reservation)) =
+            self.inner
+                .names
+                .reserve(dir, binding.lease_id(), on_session)
+        {
+            return Ok((binding, name, reservation));
+        }
+        let binding = self.own_binding(key, self.inner.session_secs).await?;
+        let (name, reservation) = self
+            .inner
+            .names
+            .reserve(dir, binding.lease_id(), false)
+            .expect("a name on a lease of the attempt's own is always free");
+        Ok((binding, name, reservation))
     }
 
     /// The one transaction of an attempt: create our key if absent and
@@ -400,7 +457,7 @@ impl EtcdLock {
             // keys: the range is newest first, so ours comes first.
             match range.kvs().first() {
                 Some(kv) if kv.key() == etcd_key.as_bytes() && kv.create_revision() == revision => {
-                    Ok((revision, Position::Behind(Predecessor::from_range(range))))
+                    Ok((revision, Position::from_range(range, revision)))
                 }
                 // Not expected; a plain read places us instead.
                 _ => Ok((revision, self.position(slot, revision).await?)),
@@ -439,10 +496,10 @@ impl EtcdLock {
                 self.inner.client.kv_client().get(dir, Some(options)).await
             })
             .await?;
-        let kvs = range.kvs();
-        match kvs.first() {
+        let revision = range.header().map_or(0, |header| header.revision());
+        match range.kvs().first() {
             Some(kv) if kv.key() == etcd_key.as_bytes() => {
-                Ok(Position::Behind(Predecessor::from_range(&range)))
+                Ok(Position::from_range(&range, revision))
             }
             _ => Ok(Position::Gone),
         }

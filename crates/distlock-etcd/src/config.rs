@@ -1,4 +1,5 @@
-//! `etcd://` URLs: endpoints, key prefix, credentials and options.
+//! `etcd://` URLs: endpoints, key prefix, key layout, credentials and
+//! options.
 
 use std::time::Duration;
 
@@ -12,8 +13,24 @@ pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The bound on connecting when the URL does not set `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The key prefix when the URL has no path.
+/// The key prefix of the [`Layout::Distlock`] layout when none is given.
 pub const DEFAULT_PREFIX: &str = "distlock";
+
+/// How the keys of a lock are laid out in etcd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Layout {
+    /// etcd's own lock recipe, shared with Go's `concurrency.Mutex` and
+    /// `etcdctl lock`: lock `name` is the keys `name/<lease id in hex>`
+    /// (`prefix/name/...` with a prefix), ordered by create revision. URL
+    /// option `layout=mutex`.
+    #[default]
+    Mutex,
+    /// distlock's earlier layout, for sharing locks with distlock clients
+    /// from before the mutex layout: `prefix/<encoded name>/<lease>-<seq>`,
+    /// prefix `distlock` when none is given. URL option `layout=distlock`.
+    Distlock,
+}
 
 /// How to reach etcd and where the locks live.
 ///
@@ -32,8 +49,10 @@ pub const DEFAULT_PREFIX: &str = "distlock";
 pub struct EtcdConfig {
     /// `host:port` of each member to use.
     pub endpoints: Vec<String>,
-    /// Key prefix of every lock (no leading or trailing `/`).
+    /// Key prefix of every lock (no leading or trailing `/`); may be empty.
     pub prefix: String,
+    /// How the keys of a lock are laid out.
+    pub layout: Layout,
     /// User name and password, if etcd has authentication on.
     pub user: Option<(String, String)>,
     /// TTL of the client's session lease, which carries every lock whose
@@ -50,6 +69,7 @@ impl std::fmt::Debug for EtcdConfig {
         f.debug_struct("EtcdConfig")
             .field("endpoints", &self.endpoints)
             .field("prefix", &self.prefix)
+            .field("layout", &self.layout)
             .field("user", &self.user.as_ref().map(|(name, _)| name))
             .field("session_ttl", &self.session_ttl)
             .field("timeout", &self.timeout)
@@ -60,12 +80,13 @@ impl std::fmt::Debug for EtcdConfig {
 
 impl EtcdConfig {
     /// A configuration for `endpoints` (`host:port`) with the defaults:
-    /// prefix `distlock`, no credentials, `session_ttl` 30 s, `timeout`
-    /// 5 s and `connect_timeout` 5 s.
+    /// no prefix, the [mutex](Layout::Mutex) layout, no credentials,
+    /// `session_ttl` 30 s, `timeout` 5 s and `connect_timeout` 5 s.
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         EtcdConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
-            prefix: DEFAULT_PREFIX.to_owned(),
+            prefix: String::new(),
+            layout: Layout::default(),
             user: None,
             session_ttl: DEFAULT_SESSION_TTL,
             timeout: DEFAULT_TIMEOUT,
@@ -76,7 +97,8 @@ impl EtcdConfig {
     /// Parses `etcd://[user:password@]host:port[,host:port...][/prefix][?options]`.
     ///
     /// Options: `session_ttl`, `timeout`, `connect_timeout`, each a duration
-    /// such as `30s` or `500ms`. User and password may be percent-encoded.
+    /// such as `30s` or `500ms`; `layout`, `mutex` (the default) or
+    /// `distlock` ([`Layout`]). User and password may be percent-encoded.
     pub fn from_url(url: &str) -> Result<Self> {
         let invalid = |reason: String| Error::invalid_url(redact_url(url), reason);
         let rest = url
@@ -107,12 +129,8 @@ impl EtcdConfig {
         for host in hosts.split(',') {
             endpoints.push(parse_endpoint(host.trim()).map_err(invalid)?);
         }
-        let prefix = path.trim_matches('/');
-        let prefix = if prefix.is_empty() {
-            DEFAULT_PREFIX.to_owned()
-        } else {
-            percent_decode(prefix).ok_or_else(|| invalid("bad prefix".into()))?
-        };
+        let prefix =
+            percent_decode(path.trim_matches('/')).ok_or_else(|| invalid("bad prefix".into()))?;
         let mut config = EtcdConfig {
             endpoints,
             prefix,
@@ -121,13 +139,25 @@ impl EtcdConfig {
         };
         for option in url::options(query) {
             let (name, value) = option.map_err(invalid)?;
+            if name == "layout" {
+                config.layout = match value {
+                    "mutex" => Layout::Mutex,
+                    "distlock" => Layout::Distlock,
+                    other => {
+                        return Err(invalid(format!(
+                            "option layout={other:?}: expected mutex or distlock"
+                        )))
+                    }
+                };
+                continue;
+            }
             let field = match name {
                 "session_ttl" => &mut config.session_ttl,
                 "timeout" => &mut config.timeout,
                 "connect_timeout" => &mut config.connect_timeout,
                 other => {
                     return Err(invalid(format!(
-                        "unknown option {other:?}; expected session_ttl, timeout or connect_timeout"
+                        "unknown option {other:?}; expected session_ttl, timeout, connect_timeout or layout"
                     )))
                 }
             };
@@ -145,7 +175,7 @@ impl EtcdConfig {
     }
 
     /// Checks the values: at least one `host:port` endpoint, a prefix
-    /// without a leading or trailing `/`, a user name if credentials are
+    /// without a leading or trailing `/` (or none), a user name if credentials are
     /// given, `session_ttl` between 1 s and a year, positive timeouts. The
     /// error names the field and its value.
     pub fn validate(&self) -> Result<()> {
@@ -160,9 +190,9 @@ impl EtcdConfig {
                 ));
             }
         }
-        if self.prefix.is_empty() || self.prefix.starts_with('/') || self.prefix.ends_with('/') {
+        if self.prefix.starts_with('/') || self.prefix.ends_with('/') {
             return invalid(format!(
-                "prefix must be non-empty, without a leading or trailing /, got {:?}",
+                "prefix must have no leading or trailing /, got {:?}",
                 self.prefix
             ));
         }
@@ -231,7 +261,8 @@ mod tests {
     fn parses_the_documented_forms() {
         let config = EtcdConfig::from_url("etcd://127.0.0.1:2379").unwrap();
         assert_eq!(config.endpoints, ["127.0.0.1:2379"]);
-        assert_eq!(config.prefix, "distlock");
+        assert_eq!(config.prefix, "");
+        assert_eq!(config.layout, Layout::Mutex);
         assert_eq!(config.user, None);
         assert_eq!(config.session_ttl, DEFAULT_SESSION_TTL);
 
@@ -249,6 +280,11 @@ mod tests {
 
         let config = EtcdConfig::from_url("etcd://[::1]:2379,[::1]/p").unwrap();
         assert_eq!(config.endpoints, ["[::1]:2379", "[::1]:2379"]);
+
+        let config = EtcdConfig::from_url("etcd://h/app?layout=distlock").unwrap();
+        assert_eq!(config.layout, Layout::Distlock);
+        assert_eq!(config.prefix, "app");
+        assert!(EtcdConfig::from_url("etcd://h?layout=zk").is_err());
     }
 
     #[test]
@@ -295,14 +331,7 @@ mod tests {
                     prefix: "/app".into(),
                     ..EtcdConfig::new(["h:2379"])
                 },
-                "prefix must be non-empty, without a leading or trailing /, got \"/app\"",
-            ),
-            (
-                EtcdConfig {
-                    prefix: String::new(),
-                    ..EtcdConfig::new(["h:2379"])
-                },
-                "prefix",
+                "prefix must have no leading or trailing /, got \"/app\"",
             ),
             (
                 EtcdConfig {

@@ -45,6 +45,7 @@ use distlock_core::{Error, LostReason, Result};
 use etcd_client::{GetOptions, TxnResponse};
 use tokio::task::JoinHandle;
 
+use crate::keys::Reservation;
 use crate::rpc::{is_interrupted, is_lease_not_found};
 use crate::session::{spawn_revoke, Binding, Session, LEASE_GONE};
 use crate::{EtcdLock, Inner, NAME};
@@ -54,10 +55,11 @@ pub(crate) struct EtcdHeld {
     pub(crate) owner: EtcdLock,
     pub(crate) key: String,
     pub(crate) etcd_key: String,
-    /// The number in `etcd_key`, given back once the key is deleted.
-    pub(crate) seq: u64,
+    /// The name `etcd_key`'s reservation, given back once the key is
+    /// deleted.
+    pub(crate) reservation: Reservation,
     /// A second release (the first one's future was dropped midway) may
-    /// race a delete still in flight: only the first gives `seq` back.
+    /// race a delete still in flight: only the first gives the name back.
     pub(crate) release_started: AtomicBool,
     pub(crate) binding: Binding,
     pub(crate) lease: Lease,
@@ -80,7 +82,7 @@ impl HeldLock for EtcdHeld {
         // Abandoned because a member left the balancer (it may have been
         // stuck there): sent once more, to the members that answer. The
         // first may have landed (on a healthy member) or may still land
-        // (when the stopped one resumes), so neither its number is given
+        // (when the stopped one resumes), so neither its name is given
         // back nor "nothing deleted" taken as the key being gone already.
         let interrupted = matches!(&deleted, Err(err) if is_interrupted(err));
         if interrupted {
@@ -91,7 +93,7 @@ impl HeldLock for EtcdHeld {
             Ok(deleted) => deleted,
             // The key may still be there, on a lease kept alive, holding up
             // every waiter: the caller learns of the failure, and the key
-            // is removed in the background. (Its number is not given
+            // is removed in the background. (Its name is not given
             // back: the delete may still land.)
             Err(source) => {
                 remove_in_background(
@@ -107,7 +109,10 @@ impl HeldLock for EtcdHeld {
         if first_release && !interrupted {
             // etcd answered the only delete sent: the key is gone and
             // nothing can create it again, so its name may be reused.
-            owner.inner.give_back_seq(self.seq);
+            owner
+                .inner
+                .names
+                .give_back(&self.etcd_key, self.reservation);
         }
         if let Some(id) = self.binding.own_lease() {
             // Nothing else lives on it; free it without waiting.
@@ -334,34 +339,38 @@ pub(crate) struct PendingKey {
     /// The lock's key, for errors.
     key: String,
     pub(crate) etcd_key: String,
-    /// The number in `etcd_key`, given back once it is removed in the
+    /// The name's reservation, given back once the key is removed in the
     /// attempt's task.
-    seq: u64,
+    reservation: Reservation,
     /// The lease the key lives on.
     lease: KeyLease,
     /// Transactions that may still create the key. The attempt holds the
     /// lock while it awaits one, and the cleanup can only run once the
     /// attempt is done or dropped.
     pub(crate) txns: tokio::sync::Mutex<Vec<TxnTask>>,
+    /// A removal was started: a later one (the first was dropped midway)
+    /// may race that one's delete, still in flight.
+    removal_started: AtomicBool,
 }
 
 impl PendingKey {
-    /// The key `etcd_key` of `key`'s lock, numbered `seq`, on `binding`'s
-    /// lease.
+    /// The key `etcd_key` of `key`'s lock, reserved by `reservation`, on
+    /// `binding`'s lease.
     pub(crate) fn new(
         inner: &Arc<Inner>,
         key: &str,
         etcd_key: String,
-        seq: u64,
+        reservation: Reservation,
         binding: &Binding,
     ) -> Self {
         PendingKey {
             inner: inner.clone(),
             key: key.to_owned(),
             etcd_key,
-            seq,
+            reservation,
             lease: KeyLease::of(binding),
             txns: tokio::sync::Mutex::new(Vec::new()),
+            removal_started: AtomicBool::new(false),
         }
     }
 
@@ -374,28 +383,31 @@ impl PendingKey {
         F: FnOnce() -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let removed = self.remove().await;
+        self.remove().await;
         cleanup.disarm();
-        if removed {
-            // Every transaction finished before the delete, which etcd
-            // confirmed. (A removal in the background, after a dropped
-            // attempt, does not give its number back: a delete dropped
-            // midway here might still be in flight.)
-            self.inner.give_back_seq(self.seq);
-        }
     }
 
     /// Deletes the key (revokes a lock's own lease) once the transactions
-    /// that may create it are done; false if that failed, and the removal
-    /// goes on in the background ([`remove_in_background`]).
-    pub(crate) async fn remove(&self) -> bool {
+    /// that may create it are done; if that fails, the removal goes on in
+    /// the background ([`remove_in_background`]).
+    pub(crate) async fn remove(&self) {
+        let first = !self.removal_started.swap(true, Ordering::AcqRel);
         let txns = std::mem::take(&mut *self.txns.lock().await);
         // The key may appear only once the transactions are done.
         for txn in txns {
             let _ = txn.await;
         }
         match remove_key(&self.inner, &self.lease, &self.etcd_key).await {
-            Ok(()) => true,
+            Ok(()) => {
+                // Every transaction finished before the delete, which etcd
+                // confirmed, and no earlier removal may still be in flight
+                // (one dropped midway): a later attempt may reuse the name.
+                // A mutex-layout name kept would send every later attempt
+                // of this client on this lock to a lease of its own.
+                if first {
+                    self.inner.names.give_back(&self.etcd_key, self.reservation);
+                }
+            }
             Err(err) => {
                 tracing::debug!(key = %self.etcd_key, error = %err, "distlock: removing an abandoned etcd lock key failed; retrying in the background");
                 remove_in_background(
@@ -405,7 +417,6 @@ impl PendingKey {
                     self.key.clone(),
                     "an abandoned etcd lock key",
                 );
-                false
             }
         }
     }

@@ -7,13 +7,24 @@
 //!   answer within 500 ms (stopped, overloaded, cut off) gets no requests
 //!   until it answers again; requests in flight then, or when a new leader
 //!   is elected, are sent again.
-//! - `/prefix`: where the locks live in etcd (default `distlock`).
+//! - `/prefix`: where the locks live in etcd: lock `name` is `prefix/name`
+//!   (with no prefix, `name` itself, as `etcdctl lock name` has it).
 //! - `user:password`: etcd authentication, percent-encoded if need be;
 //!   errors and logs show `***` for the password.
 //! - options, durations written `500ms`, `10s`, `1m`: `session_ttl`
 //!   (default `30s`), the TTL of the client's session lease; `timeout`
 //!   (`5s`), the bound on each request; `connect_timeout` (`5s`), the
-//!   bound on connecting.
+//!   bound on connecting; `layout`, `mutex` (the default) or `distlock`:
+//!   how a lock's keys are laid out (see below).
+//!
+//! **Layout:** by default a lock's keys are those of etcd's own recipe, Go's
+//! `concurrency.Mutex` and `etcdctl lock`: `name/<lease id in hex>`, the
+//! oldest create revision holding the lock, so distlock, Go programs and
+//! `etcdctl lock` exclude each other and queue in one line (docs/interop.md).
+//! `layout=distlock` keeps the keys of distlock before this layout
+//! (`prefix/<encoded name>/<lease>-<seq>`, prefix `distlock` by default),
+//! for sharing locks with older distlock clients; the two layouts do not
+//! exclude each other.
 //!
 //! In code: [`EtcdLock::connect`], or [`EtcdLock::with_config`] with an
 //! [`EtcdConfig`].
@@ -35,9 +46,13 @@
 //!   the session lease, when its key is deleted by hand (checked every
 //!   `session_ttl / 3`). A lost session is replaced on the next attempt.
 //!
-//! **Fencing tokens** are the lock key's create revision: etcd revisions
-//! are global and only grow, so tokens increase across holders, expiry and
-//! server restarts.
+//! **Fencing tokens** are the etcd revision at which the lock became ours:
+//! our key's create revision when it was free, else the revision of the
+//! delete that freed it. etcd revisions are global and only grow, so
+//! tokens increase across holders, expiry and server restarts, and a
+//! token exceeds that of every earlier holder, `etcdctl lock`'s
+//! `ETCD_LOCK_REV` and Go's `Mutex.Header().Revision` included (both are
+//! revisions read while that holder held the lock).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -65,16 +80,15 @@ mod acquire;
 mod config;
 mod health;
 mod held;
+mod keys;
 mod rpc;
 mod session;
 mod watch;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::backend::key::encode_component;
 use distlock_core::backend::{self, RenewalScheduler};
 use distlock_core::{
     BoxError, Capabilities, DistributedLock, Error, LockGuard, LockOptions, Result,
@@ -83,8 +97,9 @@ use etcd_client::{Client, ConnectOptions};
 
 use acquire::Outcome;
 use config::lease_seconds;
-pub use config::EtcdConfig;
+pub use config::{EtcdConfig, Layout};
 use health::Health;
+use keys::KeyNames;
 use rpc::{bounded, probe};
 use session::{grant_session, Session};
 
@@ -98,8 +113,6 @@ const NAME: &str = "etcd";
 /// 1 s bound closed healthy connections on a loaded machine (a release
 /// failed with a broken pipe in CI).
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// Longest encoded key component; longer keys are hashed.
-const MAX_KEY_COMPONENT: usize = 200;
 
 /// How the client connects to each member (the balancer's connections and
 /// the health probes' alike).
@@ -148,31 +161,14 @@ struct Inner {
     session: Mutex<Arc<Session>>,
     /// One new session at a time after a loss.
     new_session: tokio::sync::Mutex<()>,
-    seq: AtomicU64,
-    /// Key numbers whose key is known to be deleted, for reuse. Every new
-    /// key name under a lock's prefix stays in etcd's index (as a deleted
-    /// key) until a compaction, and each acquire's range walks them all:
-    /// fresh names per attempt made a much-used lock slower and slower.
-    free_seqs: Mutex<Vec<u64>>,
+    /// The layout's key names, reserved per attempt.
+    names: KeyNames,
     /// Starts the periodic work of a held lock when it first falls due
     /// (`ttl / 3`): a lease of its own is kept alive; a session-bound lock
     /// (kept alive by the session) checks that its key is still there.
     renewals: RenewalScheduler,
     /// Which members answer; see the `health` module.
     health: Health,
-}
-
-impl Inner {
-    fn take_seq(&self) -> u64 {
-        let free = self.free_seqs.lock().unwrap().pop();
-        free.unwrap_or_else(|| self.seq.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Only for a key whose deletion etcd confirmed, with no other request
-    /// on it left in flight: a later attempt may reuse its name.
-    fn give_back_seq(&self, seq: u64) {
-        self.free_seqs.lock().unwrap().push(seq);
-    }
 }
 
 impl Drop for Inner {
@@ -218,6 +214,7 @@ impl EtcdLock {
         .await
         .map_err(|err| fail(err.into()))?;
         tracing::debug!(endpoints = %endpoints, lease_id = session.id, ttl = ?session.ttl, "distlock: etcd session created");
+        let names = KeyNames::new(config.layout, &config.prefix);
         let inner = Arc::new(Inner {
             client,
             config,
@@ -225,8 +222,7 @@ impl EtcdLock {
             session_secs,
             session: Mutex::new(session),
             new_session: tokio::sync::Mutex::new(()),
-            seq: AtomicU64::new(0),
-            free_seqs: Mutex::new(Vec::new()),
+            names,
             renewals: RenewalScheduler::new(),
             health,
         });
@@ -245,13 +241,10 @@ impl EtcdLock {
     }
 
     /// The etcd key prefix under which the queue of `key`'s lock lives:
-    /// `prefix/<encoded key>/`. Every key under it is a holder or waiter.
+    /// `[prefix/]key/` in the mutex layout, `prefix/<encoded key>/` in the
+    /// distlock layout. Every key under it is a holder or waiter.
     pub fn lock_key_prefix(&self, key: &str) -> String {
-        format!(
-            "{}/{}/",
-            self.inner.config.prefix,
-            encode_component(key, MAX_KEY_COMPONENT)
-        )
+        self.inner.names.dir(key)
     }
 }
 

@@ -548,6 +548,11 @@ impl EtcdLock {
         if options.auto_renew && secs == self.inner.session_secs {
             return Ok(Binding::Session(self.session().await?));
         }
+        self.own_binding(key, secs).await
+    }
+
+    /// A new lease of `secs` for one attempt on `key`'s lock.
+    pub(crate) async fn own_binding(&self, key: &str, secs: i64) -> Result<Binding, Failure> {
         let sent_at = Instant::now();
         let granted = self
             .call("grant lease", key, async {

@@ -134,15 +134,17 @@ impl EtcdLock {
         };
         drop(older_watch);
         drop(watch);
-        deleted.map_err(|why| self.watch_broke(key, why))?;
+        let deleted_at = deleted.map_err(|why| self.watch_broke(key, why))?;
         // The owner is gone and nothing older than our key can appear:
         // the lock is ours without another read. Our key is still there
         // unless our lease ended, which the grant checks (the session's
         // state; a lock's own lease is refreshed before the grant), just
         // as for a held lock. A predecessor on our own lease is read
         // again: revoking that lease deletes both keys in one go.
+        // The delete's revision is the fencing token: every earlier
+        // holder's key was gone by then.
         if predecessor.owner && predecessor.lease != binding.lease_id() {
-            return Ok(Some(Position::Behind(None)));
+            return Ok(Some(Position::Ours(deleted_at)));
         }
         // The predecessor was a waiter that may have given up: an older
         // key may still hold the lock.
@@ -159,7 +161,7 @@ impl EtcdLock {
         predecessor: &Predecessor,
     ) -> Result<std::result::Result<Predecessor, Position>, Failure> {
         Ok(match self.position(slot, my_revision).await? {
-            Position::Behind(Some(now)) if now.same_key(predecessor) => Ok(now),
+            Position::Behind(now) if now.same_key(predecessor) => Ok(now),
             moved => Err(moved),
         })
     }
@@ -223,8 +225,8 @@ impl EtcdLock {
 }
 
 /// Resolves when the watch reports a delete of `watched` made after
-/// revision `created` (`Ok`), or breaks (`Err`). Progress notifications
-/// and other events are skipped.
+/// revision `created` (`Ok`, with the delete's revision), or breaks
+/// (`Err`). Progress notifications and other events are skipped.
 ///
 /// The revision matters: a client gives a released key's name to its next
 /// attempt, and a watch opened on a member that lags (one that just came
@@ -236,20 +238,22 @@ async fn wait_for_delete(
     watch: &mut WatchStream,
     watched: &[u8],
     created: i64,
-) -> Result<(), String> {
+) -> Result<i64, String> {
     loop {
         match watch.message().await {
             Ok(Some(response)) => {
                 if response.canceled() {
                     return Err(format!("watch canceled: {}", response.cancel_reason()));
                 }
-                if response.events().iter().any(|event| {
-                    event.event_type() == EventType::Delete
-                        && event
-                            .kv()
-                            .is_some_and(|kv| kv.key() == watched && kv.mod_revision() > created)
-                }) {
-                    return Ok(());
+                let delete = response.events().iter().find_map(|event| {
+                    let kv = event.kv()?;
+                    (event.event_type() == EventType::Delete
+                        && kv.key() == watched
+                        && kv.mod_revision() > created)
+                        .then(|| kv.mod_revision())
+                });
+                if let Some(revision) = delete {
+                    return Ok(revision);
                 }
             }
             Ok(None) => return Err("the watch stream ended".into()),

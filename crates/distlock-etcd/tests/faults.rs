@@ -261,27 +261,38 @@ async fn credentials_in_the_url_reach_an_etcd_with_auth_on() {
 /// both keys at one revision. The waiter sees its predecessor's delete, but
 /// its own key is gone too: it must not take the lock on the dead session
 /// (it reads again, finds its key gone, and queues on a new session).
+/// In the distlock layout one lease queues any number of times for a lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_is_revoked() {
+    waiter_behind_its_own_session("layout=distlock", "same-session", "same-session").await;
+}
+
+/// The same in the mutex layout, where a lease has one key per lock (a
+/// second attempt of a client on a held lock takes a lease of its own):
+/// the holder's key is under the waiter's prefix because its lock's name
+/// extends the waiter's, as `concurrency.Mutex` has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_behind_its_own_sessions_holder_of_a_nested_name_is_not_granted_when_the_lease_is_revoked(
+) {
+    waiter_behind_its_own_session("layout=mutex", "same-session/inner", "same-session").await;
+}
+
+async fn waiter_behind_its_own_session(layout: &str, held: &str, waited: &'static str) {
     let Some(etcd) = PrivateEtcd::start().await else {
         return;
     };
     // A long session TTL: no keep-alive will notice the revoke in time.
-    let locks = EtcdLock::connect(&etcd.url("session_ttl=60s"))
+    let locks = EtcdLock::connect(&etcd.url(&format!("session_ttl=60s&{layout}")))
         .await
         .unwrap();
     let options = LockOptions::new().ttl(Duration::from_secs(60));
-    let holder = locks
-        .try_lock("same-session", &options)
-        .await
-        .unwrap()
-        .unwrap();
+    let holder = locks.try_lock(held, &options).await.unwrap().unwrap();
     let before = etcd.grpc_counters().await;
     let waiting = tokio::spawn({
         let (locks, options) = (locks.clone(), options.clone());
         async move {
             locks
-                .lock("same-session", &options.wait(Duration::from_secs(20)))
+                .lock(waited, &options.wait(Duration::from_secs(20)))
                 .await
         }
     });
@@ -300,7 +311,7 @@ async fn a_waiter_behind_its_own_sessions_holder_is_not_granted_when_the_lease_i
     }
     assert!(queued, "the waiter did not queue");
     let mut raw = etcd.raw_client().await;
-    let prefix = locks.lock_key_prefix("same-session");
+    let prefix = locks.lock_key_prefix(waited);
     let list = etcd_client::GetOptions::new().with_prefix();
     let old_session = locks.session_lease_id();
     raw.lease_revoke(old_session).await.unwrap();

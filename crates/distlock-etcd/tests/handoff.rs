@@ -141,13 +141,18 @@ async fn the_waiter_behind_the_owner_takes_the_lock_without_a_read() {
     assert_eq!(handled(&handoff, "DeleteRange"), 1.0, "{handoff:?}");
     assert_eq!(handled(&handoff, "Range"), 0.0, "{handoff:?}");
     assert_eq!(handled(&handoff, "Txn"), 0.0, "{handoff:?}");
-    // Its fencing token is its key's create revision.
+    // Its fencing token is the revision at which the lock became its: the
+    // holder's delete, the last write on this private etcd.
     let mine = raw
         .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
         .await
         .unwrap();
     assert_eq!(mine.kvs().len(), 1);
-    assert_eq!(mine.kvs()[0].create_revision() as u64, next.fencing_token());
+    assert!((mine.kvs()[0].create_revision() as u64) < next.fencing_token());
+    assert_eq!(
+        mine.header().unwrap().revision() as u64,
+        next.fencing_token()
+    );
     next.release().await.unwrap();
 }
 
@@ -227,8 +232,10 @@ async fn a_waiter_dropped_at_the_moment_of_handoff_passes_the_lock_on() {
         assert!(next.fencing_token() > token);
         assert!(next.is_held());
         let keys = queued(&mut raw, &prefix, 1).await;
+        // Granted after its key was created, at a revision etcd has seen.
         let mine = raw.get(keys[0].as_str(), None).await.unwrap();
-        assert_eq!(mine.kvs()[0].create_revision() as u64, next.fencing_token());
+        assert!((mine.kvs()[0].create_revision() as u64) < next.fencing_token());
+        assert!(next.fencing_token() <= mine.header().unwrap().revision() as u64);
         holder = next;
     }
     holder.release().await.unwrap();

@@ -182,6 +182,24 @@ pub async fn service_ready(name: &str, addr: &str) -> bool {
     }
 }
 
+/// Whether the program `name` is on the `PATH`, for tests that run
+/// another project's tool (`etcdctl`, `javac`). When it is not: panics if
+/// [`services_required`], naming the Debian `package` and how to install
+/// it, otherwise prints a skip note and returns false.
+pub fn program_ready(name: &str, package: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| dir.join(name).is_file()) {
+        return true;
+    }
+    if services_required() {
+        panic!(
+            "{name} is required (DISTLOCK_REQUIRE_SERVICES=1) but not on the PATH; install Debian's {package} with `bash scripts/services.sh install`"
+        );
+    }
+    eprintln!("skipping: {name} is not on the PATH (Debian's {package}; `bash scripts/services.sh install`)");
+    false
+}
+
 /// Polls `condition` every 20 ms until it holds, and panics naming `what`
 /// if `within` passes first: for server-side state that has no event to
 /// await (a node deleted in the background, a watch registered).

@@ -34,7 +34,8 @@
 //! **Curator:** lock nodes are named `_c_<uuid>-lock-<seq>` and ordered by
 //! sequence, like Apache Curator's `InterProcessMutex` (protected mode), so
 //! a Curator mutex on a key's [lock directory](ZooKeeperLock::lock_directory)
-//! queues with distlock's clients.
+//! queues with distlock's clients (tested against Curator 5.4 in
+//! `tests/curator.rs`; docs/interop.md).
 //!
 //! ```no_run
 //! use std::time::Duration;
