@@ -400,36 +400,54 @@ async fn a_lease_moves_between_instances_over_redis() {
     if !distlock_testkit::service_ready("redis", "127.0.0.1:6379").await {
         return;
     }
+    lease_moves_between_instances("redis://127.0.0.1:6379").await;
+}
+
+/// The same over etcd, where the lease is an etcd lease of the lock's own.
+#[tokio::test]
+async fn a_lease_moves_between_instances_over_etcd() {
+    if !distlock_testkit::service_ready("etcd", "127.0.0.1:2379").await {
+        return;
+    }
+    lease_moves_between_instances("etcd://127.0.0.1:2379/distlock-serve-test").await;
+}
+
+async fn lease_moves_between_instances(backend: &str) {
     let (one, two) = (
-        ServeProcess::start("redis://127.0.0.1:6379", &[]),
-        ServeProcess::start("redis://127.0.0.1:6379", &[]),
+        ServeProcess::start(backend, &[]),
+        ServeProcess::start(backend, &[]),
     );
     let (api_one, api_two) = (Api::new(&one), Api::new(&two));
     let key = support::unique_key("two-instances");
     let granted = api_one
-        .post("/v1/acquire", json!({"key": key, "ttl": "1s"}))
+        .post("/v1/acquire", json!({"key": key, "ttl": "2s"}))
         .await;
     assert_eq!(granted.0, StatusCode::OK, "{}", granted.1);
     let (handle, token) = (&granted.1["handle"], &granted.1["fencing_token"]);
+    assert!(handle.as_str().unwrap().starts_with("h2."), "{handle}");
     assert_error(
         &api_two.post("/v1/acquire", json!({"key": key})).await,
         StatusCode::CONFLICT,
         "busy",
     );
 
-    let refreshed = api_two
-        .post("/v1/refresh", json!({"handle": handle, "ttl": "30s"}))
-        .await;
-    assert_eq!(refreshed.0, StatusCode::OK, "{}", refreshed.1);
-    assert_eq!(&refreshed.1["fencing_token"], token);
-    assert_eq!(refreshed.1["ttl_ms"], 30_000);
-
-    // Instance one's own view of the 1s TTL passes and it forgets the
-    // lease; the lock, refreshed through instance two, must stay.
+    // The client refreshes through instance two only, while instance
+    // one's own view of the TTL passes and it forgets the lease; the lock
+    // must stay.
+    let refresh = || async {
+        let refreshed = api_two
+            .post("/v1/refresh", json!({"handle": handle, "ttl": "2s"}))
+            .await;
+        assert_eq!(refreshed.0, StatusCode::OK, "{}", refreshed.1);
+        assert_eq!(&refreshed.1["fencing_token"], token);
+    };
     distlock_testkit::eventually(
         "instance one forgets the lease",
-        Duration::from_secs(10),
-        || async { api_one.get("/healthz").await.1["leases"] == 0 },
+        Duration::from_secs(15),
+        || async {
+            refresh().await;
+            api_one.get("/healthz").await.1["leases"] == 0
+        },
     )
     .await;
     assert_error(
@@ -437,6 +455,7 @@ async fn a_lease_moves_between_instances_over_redis() {
         StatusCode::CONFLICT,
         "busy",
     );
+    refresh().await;
 
     // A made-up handle for the same lease is refused without touching it.
     let forged = api_one
@@ -445,12 +464,7 @@ async fn a_lease_moves_between_instances_over_redis() {
             json!({"handle": forge(handle.as_str().unwrap())}),
         )
         .await;
-    assert!(
-        forged.0 == StatusCode::CONFLICT || forged.0 == StatusCode::NOT_FOUND,
-        "{} {}",
-        forged.0,
-        forged.1
-    );
+    assert_error(&forged, StatusCode::CONFLICT, "not_held");
 
     let released = api_one.post("/v1/release", json!({"handle": handle})).await;
     assert_eq!(released.0, StatusCode::OK, "{}", released.1);
@@ -476,10 +490,16 @@ fn forge(handle: &str) -> String {
     let encoded = handle.strip_prefix("h2.").expect("a resumable handle");
     let mut content: Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(encoded).unwrap()).unwrap();
-    let mut secret = content["r"].as_str().unwrap().to_owned();
-    let last = secret.pop().unwrap();
-    secret.push(if last == '0' { '1' } else { '0' });
-    content["r"] = Value::String(secret);
+    // The secret is the owner's tail on Redis, the middle part on etcd
+    // (`<lease>.<secret>.<key>`): flip a character of it in both.
+    let resume = content["r"].as_str().unwrap().to_owned();
+    let at = match resume.split('.').collect::<Vec<_>>().as_slice() {
+        [lease, _secret, ..] if resume.matches('.').count() >= 2 => lease.len() + 1,
+        _ => resume.len() - 1,
+    };
+    let mut bytes = resume.into_bytes();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    content["r"] = Value::String(String::from_utf8(bytes).unwrap());
     format!("h2.{}", URL_SAFE_NO_PAD.encode(content.to_string()))
 }
 

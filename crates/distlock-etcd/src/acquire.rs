@@ -191,7 +191,9 @@ impl EtcdLock {
             dir: &dir,
             etcd_key: &pending.etcd_key,
         };
-        let (my_revision, mut position) = self.enqueue(slot, binding.lease_id(), &pending).await?;
+        let (my_revision, mut position) = self
+            .enqueue(slot, binding.lease_id(), binding.key_value(), &pending)
+            .await?;
         if my_revision == 0 {
             if let Binding::Session(session) = &binding {
                 session.close(&self.inner.client, "etcd says the session lease is gone");
@@ -346,6 +348,7 @@ impl EtcdLock {
         &self,
         slot: Slot<'_>,
         lease_id: i64,
+        value: &str,
         pending: &PendingKey,
     ) -> Result<(i64, Position), Failure> {
         let Slot { key, dir, etcd_key } = slot;
@@ -357,7 +360,11 @@ impl EtcdLock {
         let txn = Txn::new()
             .when([Compare::create_revision(etcd_key, CompareOp::Equal, 0)])
             .and_then([
-                TxnOp::put(etcd_key, "", Some(PutOptions::new().with_lease(lease_id))),
+                TxnOp::put(
+                    etcd_key,
+                    value,
+                    Some(PutOptions::new().with_lease(lease_id)),
+                ),
                 TxnOp::get(dir, Some(newest)),
             ])
             .or_else([TxnOp::get(

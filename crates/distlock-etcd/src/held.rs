@@ -133,6 +133,14 @@ impl HeldLock for EtcdHeld {
         Ok(())
     }
 
+    fn resume_token(&self) -> Option<String> {
+        match &self.binding {
+            Binding::Own(own) => Some(crate::resume::token(own, &self.etcd_key)),
+            // The session lease lives and dies with this client.
+            Binding::Session(_) => None,
+        }
+    }
+
     async fn extend(&self, _ttl: Duration) -> Result<()> {
         let owner = &self.owner;
         match &self.binding {

@@ -81,6 +81,7 @@ mod config;
 mod health;
 mod held;
 mod keys;
+mod resume;
 mod rpc;
 mod session;
 mod watch;
@@ -261,7 +262,9 @@ impl backend::LockBackend for EtcdLock {
             ttl_expiry: true,
             strict_fencing: true,
             cross_process: true,
-            resumable: false,
+            // Locks on a lease of their own (no renewal, or a TTL other
+            // than the session's); session-bound ones give no resume token.
+            resumable: true,
         }
     }
 
@@ -279,6 +282,17 @@ impl backend::LockBackend for EtcdLock {
             key,
             "the lease was lost during the attempt twice",
         ))
+    }
+
+    async fn resume(
+        &self,
+        key: &str,
+        fencing_token: u64,
+        resume_token: &str,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        self.resume_lock(key, fencing_token, resume_token, options)
+            .await
     }
 
     async fn lock(&self, key: &str, options: &LockOptions) -> Result<LockGuard> {

@@ -378,15 +378,32 @@ fn retry_delay(retry: u32, left: Duration) -> Duration {
 pub(crate) struct OwnLease {
     pub(crate) id: i64,
     pub(crate) ttl: Duration,
+    /// 128 random bits in hex, the value of the lock's key: whoever knows
+    /// it (and the lease) may resume the lock (see the `resume` module).
+    pub(crate) secret: String,
     keep_alive: tokio::sync::Mutex<KeepAlive>,
     valid_until: Mutex<Instant>,
 }
 
 impl OwnLease {
     pub(crate) fn new(id: i64, ttl: Duration, valid_until: Instant) -> Self {
+        let mut secret = [0u8; 16];
+        getrandom::getrandom(&mut secret).expect("the OS random source failed");
+        let secret = format!("{:032x}", u128::from_le_bytes(secret));
+        Self::with_secret(id, ttl, valid_until, secret)
+    }
+
+    /// The lease of a lock resumed from its `secret`.
+    pub(crate) fn with_secret(
+        id: i64,
+        ttl: Duration,
+        valid_until: Instant,
+        secret: String,
+    ) -> Self {
         OwnLease {
             id,
             ttl,
+            secret,
             keep_alive: tokio::sync::Mutex::new(KeepAlive::new(id, ttl)),
             valid_until: Mutex::new(valid_until),
         }
@@ -463,6 +480,15 @@ impl Binding {
         match self {
             Binding::Session(session) => session.id,
             Binding::Own(own) => own.id,
+        }
+    }
+
+    /// The value of an attempt's key: a lock on a lease of its own keeps
+    /// its resume secret there; on the session lease, nothing.
+    pub(crate) fn key_value(&self) -> &str {
+        match self {
+            Binding::Own(own) => &own.secret,
+            Binding::Session(_) => "",
         }
     }
 
