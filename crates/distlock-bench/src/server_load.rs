@@ -91,15 +91,22 @@ async fn zookeeper_packets(host: &str) -> Result<u64, BoxError> {
 }
 
 /// The sum of `grpc_server_msg_received_total` over every method of one
-/// etcd member, from its `/metrics`.
+/// etcd member, from its `/metrics` (plain HTTP, as the bench's other etcd
+/// figures).
 #[cfg(feature = "etcd")]
 async fn etcd_messages(endpoint: &str) -> Result<u64, BoxError> {
-    let body = reqwest::get(format!("{endpoint}/metrics"))
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let total = body
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    if !answer.starts_with("HTTP/1.") || !answer.split(' ').nth(1).is_some_and(|s| s == "200") {
+        let status = answer.lines().next().unwrap_or_default();
+        return Err(format!("GET {endpoint}/metrics: {status}").into());
+    }
+    let total = answer
         .lines()
         .filter(|line| line.starts_with("grpc_server_msg_received_total{"))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
