@@ -64,7 +64,10 @@ impl RawServer {
 async fn redis_commands(url: &str) -> Result<u64, BoxError> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await?;
     field(&info, "total_commands_processed:")
         .ok_or_else(|| format!("no total_commands_processed in INFO from {url}").into())
 }

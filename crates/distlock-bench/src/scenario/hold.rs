@@ -5,7 +5,8 @@
 //! - the client's resident memory per held lock (the growth of `VmRSS`
 //!   over the acquisitions, divided by their number);
 //! - the requests the server receives per second while the locks are
-//!   held, less what it received per second over an idle stretch just
+//!   held (from a third of the TTL plus 500 ms after the last grant, so
+//!   that work done once per lock after its grant is not counted), less what it received per second over an idle stretch just
 //!   before, with the same client connected and nothing held (the
 //!   counters are the whole server's; see the `server_load` module);
 //! - the client's CPU time per second while holding, less its idle rate;
@@ -21,6 +22,10 @@ use super::Scenario;
 use crate::process;
 use crate::report::{HoldFigures, Report};
 use crate::runner::Bench;
+
+/// Time after the acquisitions, beyond a third of the TTL, before the hold
+/// is measured.
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// Per second of `elapsed`.
 fn rate(count: f64, elapsed: Duration) -> f64 {
@@ -85,6 +90,10 @@ impl Bench {
         let acquire = started.elapsed();
         let resident_after = process::resident_bytes();
 
+        // What a backend does once per lock a while after its grant (a
+        // watch set up at ttl / 3) is not the steady cost of holding.
+        self.progress.set_message("hold: settle");
+        tokio::time::sleep(options.ttl / 3 + SETTLE).await;
         self.progress.set_message("hold: holding");
         let requests_before = self.raw.requests_received().await.map_err(server_error)?;
         let cpu_before = process::cpu_time();
@@ -113,9 +122,8 @@ impl Bench {
 
         let tenth = (self.locks / 10).max(1);
         let mean_us = |part: &[Duration]| {
-            (!part.is_empty()).then(|| {
-                part.iter().sum::<Duration>().as_secs_f64() * 1e6 / part.len() as f64
-            })
+            (!part.is_empty())
+                .then(|| part.iter().sum::<Duration>().as_secs_f64() * 1e6 / part.len() as f64)
         };
         let idle_request_rate = idle_requests.map(|n| rate(n as f64, idle_elapsed));
         let idle_cpu_rate = idle_cpu.map(|cpu| rate(cpu.as_secs_f64() * 1e3, idle_elapsed));
