@@ -215,11 +215,11 @@ impl EtcdLock {
                     Lease::new(key, fencing_token, session.ttl, Some(valid_until))
                 });
                 match lease {
-                    // The session's keep-alive keeps it valid; the checks
-                    // every ttl / 3 (started when due) see a key deleted
-                    // behind our back, as an operator or a stray cleanup
-                    // would, and fire `lost()`.
-                    Some(lease) => (lease, true),
+                    // The session's keep-alive keeps it valid; the
+                    // client's held-key watch (from ttl / 3 on) sees a key
+                    // deleted behind our back, as an operator or a stray
+                    // cleanup would, and fires `lost()`.
+                    Some(lease) => (lease, false),
                     None => {
                         pending.remove_now(cleanup).await;
                         return Ok(Outcome::Restart);
@@ -262,6 +262,15 @@ impl EtcdLock {
             |pending| pending.etcd_key.clone(),
             |pending| pending.etcd_key,
         );
+        let watch_id = match &binding {
+            Binding::Session(session) => Some(self.inner.held_keys.insert(
+                &etcd_key,
+                my_revision,
+                &lease,
+                session,
+            )),
+            Binding::Own(_) => None,
+        };
         let held = Arc::new(EtcdHeld {
             owner: self.clone(),
             key: key.to_owned(),
@@ -270,6 +279,7 @@ impl EtcdLock {
             release_started: AtomicBool::new(false),
             binding,
             lease: lease.clone(),
+            watch_id,
         });
         tracing::debug!(fencing_token, "distlock: etcd lock granted");
         Ok(Outcome::Granted(scheduled_guard(
