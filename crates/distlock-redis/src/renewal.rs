@@ -47,8 +47,8 @@ struct State {
 
 struct Entry {
     lease: WeakLease,
-    lock_key: String,
-    owner: String,
+    lock_key: Arc<str>,
+    owner: Arc<str>,
     next_due: Instant,
     failures: u32,
 }
@@ -56,8 +56,8 @@ struct Entry {
 struct Due {
     id: u64,
     lease: Lease,
-    lock_key: String,
-    owner: String,
+    lock_key: Arc<str>,
+    owner: Arc<str>,
 }
 
 impl Renewals {
@@ -68,8 +68,8 @@ impl Renewals {
         this: &Arc<Self>,
         shared: &Arc<Shared>,
         lease: &Lease,
-        lock_key: String,
-        owner: String,
+        lock_key: Arc<str>,
+        owner: Arc<str>,
         due_now: bool,
     ) -> u64 {
         let next_due = if due_now {
@@ -261,7 +261,10 @@ async fn renew_batch(
     let mut pipe = redis::pipe();
     for &i in which {
         let mut command = EXTEND.command(1);
-        command.arg(&due[i].lock_key).arg(&due[i].owner).arg(ttls[i]);
+        command
+            .arg(&*due[i].lock_key)
+            .arg(&*due[i].owner)
+            .arg(ttls[i]);
         pipe.add_command(command);
     }
     let replies = tokio::time::timeout(bound, async {
