@@ -258,13 +258,15 @@ impl EtcdLock {
         };
         cleanup.disarm();
         // The cleanup's clone went with it.
-        let etcd_key = Arc::try_unwrap(pending).map_or_else(
-            |pending| pending.etcd_key.clone(),
-            |pending| pending.etcd_key,
-        );
+        let etcd_key: Arc<str> = Arc::try_unwrap(pending)
+            .map_or_else(
+                |pending| pending.etcd_key.clone(),
+                |pending| pending.etcd_key,
+            )
+            .into();
         let watch_id = match &binding {
             Binding::Session(session) => Some(self.inner.held_keys.insert(
-                &etcd_key,
+                etcd_key.clone(),
                 my_revision,
                 &lease,
                 session,

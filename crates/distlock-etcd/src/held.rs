@@ -55,7 +55,8 @@ use crate::{EtcdLock, Inner, NAME};
 pub(crate) struct EtcdHeld {
     pub(crate) owner: EtcdLock,
     pub(crate) key: String,
-    pub(crate) etcd_key: String,
+    /// Shared with the client's held-key watch.
+    pub(crate) etcd_key: Arc<str>,
     /// The number in `etcd_key`, given back once the key is deleted.
     pub(crate) seq: u64,
     /// A second release (the first one's future was dropped midway) may
@@ -90,7 +91,7 @@ impl HeldLock for EtcdHeld {
                 .inner
                 .client
                 .kv_client()
-                .delete(self.etcd_key.as_str(), None)
+                .delete(&*self.etcd_key, None)
                 .await
         };
         let mut deleted = owner.inner.request(delete()).await;
@@ -114,7 +115,7 @@ impl HeldLock for EtcdHeld {
                 remove_in_background(
                     &owner.inner,
                     KeyLease::of(&self.binding),
-                    self.etcd_key.clone(),
+                    self.etcd_key.to_string(),
                     self.key.clone(),
                     "a released etcd lock key",
                 );
@@ -157,7 +158,7 @@ impl HeldLock for EtcdHeld {
                             .inner
                             .client
                             .kv_client()
-                            .get(self.etcd_key.as_str(), Some(options))
+                            .get(&*self.etcd_key, Some(options))
                             .await
                     })
                     .await?;

@@ -58,7 +58,7 @@ struct State {
 }
 
 struct Held {
-    etcd_key: Vec<u8>,
+    etcd_key: Arc<str>,
     /// The key's create revision: events of an older key of that name are
     /// not ours.
     created: i64,
@@ -83,7 +83,7 @@ impl HeldKeys {
     /// [`remove`](Self::remove).
     pub(crate) fn insert(
         &self,
-        etcd_key: &str,
+        etcd_key: Arc<str>,
         created: i64,
         lease: &Lease,
         session: &Arc<Session>,
@@ -95,7 +95,7 @@ impl HeldKeys {
             state.keys.insert(
                 id,
                 Held {
-                    etcd_key: etcd_key.as_bytes().to_vec(),
+                    etcd_key,
                     created,
                     start: created + 1,
                     lease: lease.downgrade(),
@@ -178,7 +178,7 @@ pub(crate) async fn watch_held_keys(weak: Weak<Inner>, keys: Arc<HeldKeys>) {
                     held.due = None;
                     Create {
                         id,
-                        key: held.etcd_key.clone(),
+                        key: held.etcd_key.as_bytes().to_vec(),
                         start: held.start,
                         read_first: std::mem::take(&mut held.read_first),
                     }
@@ -317,7 +317,7 @@ fn handle(weak: &Weak<Inner>, keys: &Arc<HeldKeys>, response: etcd_client::Watch
             response.events().iter().any(|event| {
                 event.event_type() == EventType::Delete
                     && event.kv().is_some_and(|kv| {
-                        kv.key() == held.etcd_key.as_slice() && kv.mod_revision() > held.created
+                        kv.key() == held.etcd_key.as_bytes() && kv.mod_revision() > held.created
                     })
             })
         })
