@@ -105,7 +105,8 @@ async fn etcd_messages(endpoint: &str) -> Result<u64, BoxError> {
     stream.write_all(request.as_bytes()).await?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await?;
-    if !answer.starts_with("HTTP/1.") || !answer.split(' ').nth(1).is_some_and(|s| s == "200") {
+    let status = answer.split(' ').nth(1);
+    if !answer.starts_with("HTTP/1.") || status != Some("200") {
         let status = answer.lines().next().unwrap_or_default();
         return Err(format!("GET {endpoint}/metrics: {status}").into());
     }
