@@ -51,6 +51,9 @@ struct State {
     /// Numbers the insertions: a listing judges only the nodes inserted
     /// before it was sent (a later one may have been created after it).
     inserted: u64,
+    /// How many nodes wait for a listing: with none (the usual state once
+    /// the watch is on), the task's wake-ups do not scan the table.
+    unverified: usize,
     /// Bumped at every disconnection: events may be lost while away.
     epoch: u64,
     /// The watch is registered on the server.
@@ -73,6 +76,17 @@ struct Held {
 pub(crate) struct Mark {
     epoch: u64,
     watching: bool,
+}
+
+impl State {
+    /// Removes `path`'s entry, keeping the count of unverified ones.
+    fn take(&mut self, path: &str) -> Option<Held> {
+        let held = self.nodes.remove(path)?;
+        if held.verify_at.is_some() {
+            self.unverified -= 1;
+        }
+        Some(held)
+    }
 }
 
 impl HeldNodes {
@@ -101,7 +115,8 @@ impl HeldNodes {
         let verify_at = (!covered).then(|| Instant::now() + ttl / 3);
         let seq = state.inserted;
         state.inserted += 1;
-        state.nodes.insert(
+        state.unverified += usize::from(verify_at.is_some());
+        let replaced = state.nodes.insert(
             path,
             Held {
                 lease: lease.downgrade(),
@@ -109,6 +124,9 @@ impl HeldNodes {
                 verify_at,
             },
         );
+        if replaced.is_some_and(|old| old.verify_at.is_some()) {
+            state.unverified -= 1;
+        }
         drop(state);
         if verify_at.is_some() {
             self.wake.notify_one();
@@ -117,7 +135,7 @@ impl HeldNodes {
 
     /// Stops watching `path` (released).
     pub(crate) fn remove(&self, path: &str) {
-        self.state().nodes.remove(path);
+        self.state().take(path);
     }
 
     /// The connection dropped: events may be lost until it is back.
@@ -131,9 +149,14 @@ impl HeldNodes {
     pub(crate) fn reconnected(&self) {
         let mut state = self.state();
         let now = Instant::now();
+        let mut newly = 0;
         for held in state.nodes.values_mut() {
-            held.verify_at.get_or_insert(now);
+            if held.verify_at.is_none() {
+                held.verify_at = Some(now);
+                newly += 1;
+            }
         }
+        state.unverified += newly;
         drop(state);
         self.wake.notify_one();
     }
@@ -144,13 +167,14 @@ impl HeldNodes {
         let mut state = self.state();
         state.ended = true;
         state.nodes = HashMap::new();
+        state.unverified = 0;
         drop(state);
         self.wake.notify_one();
     }
 
     /// Marks the lease of `path` lost, if we hold it.
     fn deleted(&self, path: &str) {
-        let held = self.state().nodes.remove(path);
+        let held = self.state().take(path);
         if let Some(lease) = held.and_then(|held| held.lease.upgrade()) {
             tracing::warn!(node = %path, key = %lease.key(), "zookeeper: a held lock's node was deleted");
             lease.mark_lost(LostReason::NotHeld);
@@ -159,11 +183,11 @@ impl HeldNodes {
 
     /// The earliest verification due, or `None`.
     fn next_due(&self) -> Option<Instant> {
-        self.state()
-            .nodes
-            .values()
-            .filter_map(|held| held.verify_at)
-            .min()
+        let state = self.state();
+        if state.unverified == 0 {
+            return None;
+        }
+        state.nodes.values().filter_map(|held| held.verify_at).min()
     }
 }
 
@@ -263,10 +287,12 @@ async fn verify(session: &Session, nodes: &HeldNodes, prefix: &str) -> Result<()
         if state.epoch != epoch {
             return Ok(());
         }
+        let mut unverified = state.unverified;
         state.nodes.retain(|path, held| {
             if held.verify_at.is_none() || held.seq >= before {
                 return true;
             }
+            unverified -= 1;
             if listed.contains(&**path) {
                 held.verify_at = None;
                 true
@@ -275,6 +301,7 @@ async fn verify(session: &Session, nodes: &HeldNodes, prefix: &str) -> Result<()
                 false
             }
         });
+        state.unverified = unverified;
     }
     for (path, lease) in gone {
         if let Some(lease) = lease {
