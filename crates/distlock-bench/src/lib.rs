@@ -10,7 +10,9 @@
 //! wake-ups that cost more than a loopback round trip, to the lock and the
 //! floor alike.)
 //!
-//! The [`Scenario`]s are `uncontended`, `contended` and `spread`. The raw
+//! The [`Scenario`]s are `uncontended`, `contended` and `spread`, and
+//! `hold`, which holds [`Config::locks`] locks at once and reports what
+//! that costs the client and the server. The raw
 //! floor of each backend is the cheapest acquire + release its own client
 //! can do, with one raw read and one raw durable write round trip beside it
 //! (the `floor` module). The report is a table, or one JSON object per
@@ -35,9 +37,11 @@
 
 mod floor;
 mod measure;
+mod process;
 mod report;
 mod runner;
 mod scenario;
+mod server_load;
 mod stats;
 mod steal;
 
@@ -61,6 +65,11 @@ pub struct Config {
     /// Measured time of each scenario's lock part; the floor gets as much
     /// again, interleaved (default 5 s; at least 100 ms).
     pub duration: Duration,
+    /// Locks the `hold` scenario takes and holds at once (default
+    /// 10,000); it holds them for `duration`.
+    pub locks: usize,
+    /// The locks' TTL (default: distlock's, 30 s).
+    pub ttl: Option<Duration>,
     /// How long a contended worker holds the lock (default 1 ms).
     pub hold: Duration,
     /// How long a contended worker waits after a release before trying
@@ -95,6 +104,8 @@ impl Config {
             scenarios: Scenario::ALL.to_vec(),
             workers: 8,
             duration: Duration::from_secs(5),
+            locks: 10_000,
+            ttl: None,
             hold: Duration::from_millis(1),
             pause: Duration::from_millis(1),
             auto_renew: true,

@@ -22,7 +22,17 @@
 //! `per_worker_mean`, `per_worker_max`, `starved_workers` (fewer than a
 //! quarter of the mean); for `spread` also `single_worker_cycles_per_sec`,
 //! `spread_ratio`, `floor_single_worker_cycles_per_sec`,
-//! `floor_spread_ratio`. Lock figures are null when only the floor is
+//! `floor_spread_ratio`; for `hold` also `locks`, `ttl_ms`,
+//! `acquire_s` (all of them, one after another), `first_tenth_acquire_us`
+//! and `last_tenth_acquire_us` (mean of the first and last tenth),
+//! `release_s`, `bytes_per_lock` (growth of the client's resident
+//! memory), `holding_s`, `requests_counter` (which server counter),
+//! `idle_requests_per_sec` (the server's rate over an idle stretch before,
+//! the client connected), `holding_requests_per_sec`,
+//! `net_requests_per_sec` (the difference), `idle_cpu_ms_per_sec`,
+//! `holding_cpu_ms_per_sec` (the client process's CPU time per second),
+//! `lost` (locks found lost at the end of the hold) and
+//! `release_errors`. Lock figures are null when only the floor is
 //! measured, `rtt_us` and `write_rtt_us` without a server.
 
 use serde_json::{json, Map, Value};
@@ -43,6 +53,7 @@ pub(crate) struct Report {
     pub(crate) rtt: RoundTrips,
     pub(crate) contended: Option<ContendedFigures>,
     pub(crate) spread: Option<SpreadFigures>,
+    pub(crate) hold: Option<HoldFigures>,
     /// The share of CPU time the hypervisor took while it ran (Linux).
     pub(crate) steal_pct: Option<f64>,
 }
@@ -63,6 +74,25 @@ pub(crate) struct ContendedFigures {
     /// is free on the server.
     pub(crate) releases: Samples,
     pub(crate) per_worker: Vec<u64>,
+}
+
+/// What holding many locks cost (the `hold` scenario's module says how
+/// each is measured).
+pub(crate) struct HoldFigures {
+    pub(crate) locks: usize,
+    pub(crate) ttl: std::time::Duration,
+    pub(crate) acquire: std::time::Duration,
+    pub(crate) first_tenth_acquire_us: Option<f64>,
+    pub(crate) last_tenth_acquire_us: Option<f64>,
+    pub(crate) release: std::time::Duration,
+    pub(crate) bytes_per_lock: Option<f64>,
+    pub(crate) holding: std::time::Duration,
+    pub(crate) idle_requests_per_sec: Option<f64>,
+    pub(crate) requests_per_sec: Option<f64>,
+    pub(crate) idle_cpu_ms_per_sec: Option<f64>,
+    pub(crate) cpu_ms_per_sec: Option<f64>,
+    pub(crate) lost: usize,
+    pub(crate) release_errors: usize,
 }
 
 pub(crate) struct SpreadFigures {
@@ -231,8 +261,65 @@ impl Bench {
                 ))),
             );
         }
+        if let Some(hold) = &report.hold {
+            let opt = |value: Option<f64>, decimals| json!(value.map(|v| round(v, decimals)));
+            put("locks", json!(hold.locks));
+            put("ttl_ms", json!(hold.ttl.as_millis() as u64));
+            put("acquire_s", json!(round(hold.acquire.as_secs_f64(), 3)));
+            put(
+                "first_tenth_acquire_us",
+                opt(hold.first_tenth_acquire_us, 1),
+            );
+            put("last_tenth_acquire_us", opt(hold.last_tenth_acquire_us, 1));
+            put("release_s", json!(round(hold.release.as_secs_f64(), 3)));
+            put("bytes_per_lock", opt(hold.bytes_per_lock, 0));
+            put("holding_s", json!(round(hold.holding.as_secs_f64(), 3)));
+            put("requests_counter", json!(self.raw.requests_counter()));
+            put("idle_requests_per_sec", opt(hold.idle_requests_per_sec, 1));
+            put("holding_requests_per_sec", opt(hold.requests_per_sec, 1));
+            put(
+                "net_requests_per_sec",
+                opt(
+                    hold.requests_per_sec
+                        .zip(hold.idle_requests_per_sec)
+                        .map(|(holding, idle)| holding - idle),
+                    1,
+                ),
+            );
+            put("idle_cpu_ms_per_sec", opt(hold.idle_cpu_ms_per_sec, 2));
+            put("holding_cpu_ms_per_sec", opt(hold.cpu_ms_per_sec, 2));
+            put("lost", json!(hold.lost));
+            put("release_errors", json!(hold.release_errors));
+        }
         Value::Object(object)
     }
+}
+
+/// The `hold` scenario's line.
+fn hold_note(value: &Value) -> String {
+    let f = |key: &str| value.get(key).and_then(Value::as_f64);
+    if value.get("locks").is_none() {
+        return "hold: nothing to measure without the lock".to_owned();
+    }
+    format!(
+        "hold: {} locks (ttl {} ms) taken in {} s (mean {} µs each over the first tenth, {} µs over the last), released in {} s; {} bytes of client memory per held lock; while holding for {} s: server {} requests/s ({} idle, so {} for the locks; {}), client CPU {} ms/s ({} idle); {} lost, {} failed releases",
+        value["locks"],
+        value["ttl_ms"],
+        fmt_opt(f("acquire_s"), 2),
+        fmt_opt(f("first_tenth_acquire_us"), 0),
+        fmt_opt(f("last_tenth_acquire_us"), 0),
+        fmt_opt(f("release_s"), 2),
+        fmt_opt(f("bytes_per_lock"), 0),
+        fmt_opt(f("holding_s"), 1),
+        fmt_opt(f("holding_requests_per_sec"), 1),
+        fmt_opt(f("idle_requests_per_sec"), 1),
+        fmt_opt(f("net_requests_per_sec"), 1),
+        value["requests_counter"].as_str().unwrap_or("no server counter"),
+        fmt_opt(f("holding_cpu_ms_per_sec"), 2),
+        fmt_opt(f("idle_cpu_ms_per_sec"), 2),
+        value["lost"],
+        value["release_errors"],
+    )
 }
 
 fn round(value: f64, decimals: i32) -> f64 {
@@ -272,6 +359,10 @@ pub(crate) fn print_table(bench: &Bench, values: &[Value]) {
     let mut notes = Vec::new();
     for value in values {
         let f = |key: &str| value.get(key).and_then(Value::as_f64);
+        if value["scenario"].as_str() == Some("hold") {
+            notes.push(hold_note(value));
+            continue;
+        }
         println!(
             "{:<12} {:>7} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10}",
             value["scenario"].as_str().unwrap_or_default(),

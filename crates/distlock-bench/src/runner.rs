@@ -23,6 +23,7 @@ pub(crate) struct Bench {
     pub(crate) options: LockOptions,
     pub(crate) floor_only: bool,
     pub(crate) workers: usize,
+    pub(crate) locks: usize,
     pub(crate) duration: Duration,
     pub(crate) hold: Duration,
     pub(crate) pause: Duration,
@@ -74,9 +75,14 @@ pub(crate) async fn run(config: &Config) -> Result<(), Error> {
         raw,
         // The default options (30 s TTL), as most users run them: on etcd
         // this TTL matches the session lease, so no lease is granted per lock.
-        options: LockOptions::new().auto_renew(config.auto_renew),
+        options: match config.ttl {
+            Some(ttl) => LockOptions::new().ttl(ttl),
+            None => LockOptions::new(),
+        }
+        .auto_renew(config.auto_renew),
         floor_only: config.floor_only,
         workers: config.workers,
+        locks: config.locks.max(1),
         duration: config.duration,
         hold: config.hold,
         pause: config.pause,
@@ -139,6 +145,9 @@ fn progress_bar(scenarios: &[Scenario], duration: Duration, floor_only: bool) ->
             }
             Scenario::Spread => duration * parts,
             Scenario::Contended => duration + duration / 4,
+            // The idle stretch, the hold, and the acquisitions and
+            // releases (not counted).
+            Scenario::Hold => duration * 3 / 2,
         })
         .sum::<Duration>()
         + Duration::from_millis(500);

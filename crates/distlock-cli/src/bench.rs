@@ -17,7 +17,7 @@ pub struct Args {
     /// default].
     #[arg(long, env = "DISTLOCK_URL", hide_env_values = true)]
     url: Option<String>,
-    /// Run one scenario (default: all three).
+    /// Run one scenario (default: uncontended, contended and spread).
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
     /// Workers of the contended and spread scenarios, each with its own
@@ -28,6 +28,12 @@ pub struct Args {
     /// again, interleaved).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
+    /// Locks the hold scenario takes and holds at once (for --duration).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    locks: u32,
+    /// The locks' TTL [default: distlock's, 30s].
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
     /// How long a contended worker holds the lock.
     #[arg(long, default_value = "1ms", value_parser = parse_duration)]
     hold: Duration,
@@ -92,6 +98,9 @@ enum Scenario {
     Contended,
     /// N workers on N keys.
     Spread,
+    /// One client takes --locks locks, holds them for --duration, releases
+    /// them: memory, server requests and CPU per held lock.
+    Hold,
 }
 
 impl From<Scenario> for distlock_bench::Scenario {
@@ -100,6 +109,7 @@ impl From<Scenario> for distlock_bench::Scenario {
             Scenario::Uncontended => distlock_bench::Scenario::Uncontended,
             Scenario::Contended => distlock_bench::Scenario::Contended,
             Scenario::Spread => distlock_bench::Scenario::Spread,
+            Scenario::Hold => distlock_bench::Scenario::Hold,
         }
     }
 }
@@ -112,6 +122,8 @@ impl Args {
         }
         config.workers = usize::from(self.workers);
         config.duration = self.duration;
+        config.locks = self.locks as usize;
+        config.ttl = self.ttl;
         config.hold = self.hold;
         config.pause = self.pause;
         config.auto_renew = !self.no_auto_renew;

@@ -210,3 +210,46 @@ fn redis_measures_write_and_in_run_round_trips_and_leaves_no_key_behind() {
     let left = String::from_utf8_lossy(&scan.stdout);
     assert!(left.trim().is_empty(), "keys left behind: {left}");
 }
+
+/// `--scenario hold` takes, holds and releases `--locks` locks and reports
+/// what that cost; memory:// has no server, so no request counter.
+#[test]
+fn the_hold_scenario_reports_what_holding_costs() {
+    let output = bench(&[
+        "--url",
+        "memory://",
+        "--scenario",
+        "hold",
+        "--locks",
+        "200",
+        "--ttl",
+        "300ms",
+        "--duration",
+        "200ms",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "distlock bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["scenario"], "hold", "{line}");
+    assert_eq!(line["locks"], 200, "{line}");
+    assert_eq!(line["ttl_ms"], 300, "{line}");
+    assert_eq!(line["lost"], 0, "{line}");
+    assert_eq!(line["release_errors"], 0, "{line}");
+    for field in [
+        "acquire_s",
+        "release_s",
+        "first_tenth_acquire_us",
+        "last_tenth_acquire_us",
+    ] {
+        assert!(line[field].as_f64().unwrap() > 0.0, "{field}: {line}");
+    }
+    // Linux has /proc: the client's own figures are there.
+    assert!(line["bytes_per_lock"].as_f64().is_some(), "{line}");
+    assert!(line["holding_cpu_ms_per_sec"].as_f64().is_some(), "{line}");
+    assert!(line["holding_requests_per_sec"].is_null(), "{line}");
+}

@@ -244,11 +244,11 @@ impl EtcdLock {
                     Lease::new(key, fencing_token, session.ttl, Some(valid_until))
                 });
                 match lease {
-                    // The session's keep-alive keeps it valid; the checks
-                    // every ttl / 3 (started when due) see a key deleted
-                    // behind our back, as an operator or a stray cleanup
-                    // would, and fire `lost()`.
-                    Some(lease) => (lease, true),
+                    // The session's keep-alive keeps it valid; the
+                    // client's held-key watch (from ttl / 3 on) sees a key
+                    // deleted behind our back, as an operator or a stray
+                    // cleanup would, and fires `lost()`.
+                    Some(lease) => (lease, false),
                     None => {
                         pending.remove_now(cleanup).await;
                         return Ok(Outcome::Restart);
@@ -287,10 +287,21 @@ impl EtcdLock {
         };
         cleanup.disarm();
         // The cleanup's clone went with it.
-        let etcd_key = Arc::try_unwrap(pending).map_or_else(
-            |pending| pending.etcd_key.clone(),
-            |pending| pending.etcd_key,
-        );
+        let etcd_key: Arc<str> = Arc::try_unwrap(pending)
+            .map_or_else(
+                |pending| pending.etcd_key.clone(),
+                |pending| pending.etcd_key,
+            )
+            .into();
+        let watch_id = match &binding {
+            Binding::Session(session) => Some(self.inner.held_keys.insert(
+                etcd_key.clone(),
+                my_revision,
+                &lease,
+                session,
+            )),
+            Binding::Own(_) => None,
+        };
         let held = Arc::new(EtcdHeld {
             owner: self.clone(),
             key: key.to_owned(),
@@ -299,6 +310,7 @@ impl EtcdLock {
             release_started: AtomicBool::new(false),
             binding,
             lease: lease.clone(),
+            watch_id,
         });
         tracing::debug!(fencing_token, "distlock: etcd lock granted");
         Ok(Outcome::Granted(scheduled_guard(

@@ -6,12 +6,14 @@
 //!   lost meanwhile reports `NotHeld` even if its key was still there to
 //!   delete: it may have been someone else's in between.
 //! - A session-bound lock is kept valid by the session's keep-alive; held
-//!   longer than `session_ttl / 3`, it reads its key back every
-//!   `session_ttl / 3` (one count-only range), so that a key deleted by
-//!   hand fires `lost()` with `NotHeld` too. A lock on a lease of its own
-//!   renews by refreshing that lease (etcd leases keep the TTL they were
-//!   granted with).
-//! - A check (or a release) that finds a session-bound lock's key gone
+//!   longer than `session_ttl / 3`, its key is watched on the client's one
+//!   watch stream (the `liveness` module), so that a key deleted by hand
+//!   fires `lost()` with `NotHeld` too, with no request while it is held.
+//!   An explicit `extend()` reads the key back (one count-only range). A
+//!   lock on a lease of its own renews by refreshing that lease (etcd
+//!   leases keep the TTL they were granted with).
+//! - A watch (or a check, or a release) that finds a session-bound lock's
+//!   key gone
 //!   asks etcd whether the session lease is still there (one
 //!   `LeaseTimeToLive`, only on that path): a revoked or expired lease
 //!   takes its keys with it, and the check can run before the session's
@@ -54,7 +56,8 @@ use crate::{EtcdLock, Inner, NAME};
 pub(crate) struct EtcdHeld {
     pub(crate) owner: EtcdLock,
     pub(crate) key: String,
-    pub(crate) etcd_key: String,
+    /// Shared with the client's held-key watch.
+    pub(crate) etcd_key: Arc<str>,
     /// The name `etcd_key`'s reservation, given back once the key is
     /// deleted.
     pub(crate) reservation: Reservation,
@@ -63,19 +66,34 @@ pub(crate) struct EtcdHeld {
     pub(crate) release_started: AtomicBool,
     pub(crate) binding: Binding,
     pub(crate) lease: Lease,
+    /// Its watch in the client's held-key watch (`liveness` module), for a
+    /// session-bound lock.
+    pub(crate) watch_id: Option<i64>,
+}
+
+impl Drop for EtcdHeld {
+    fn drop(&mut self) {
+        if let Some(id) = self.watch_id {
+            self.owner.inner.held_keys.remove(id);
+        }
+    }
 }
 
 #[async_trait]
 impl HeldLock for EtcdHeld {
     async fn release(&self) -> Result<()> {
         let owner = &self.owner;
+        // Our own delete is no loss to report.
+        if let Some(id) = self.watch_id {
+            owner.inner.held_keys.remove(id);
+        }
         let first_release = !self.release_started.swap(true, Ordering::AcqRel);
         let delete = || async {
             owner
                 .inner
                 .client
                 .kv_client()
-                .delete(self.etcd_key.as_str(), None)
+                .delete(&*self.etcd_key, None)
                 .await
         };
         let mut deleted = owner.inner.request(delete()).await;
@@ -99,7 +117,7 @@ impl HeldLock for EtcdHeld {
                 remove_in_background(
                     &owner.inner,
                     KeyLease::of(&self.binding),
-                    self.etcd_key.clone(),
+                    self.etcd_key.to_string(),
                     self.key.clone(),
                     "a released etcd lock key",
                 );
@@ -153,7 +171,7 @@ impl HeldLock for EtcdHeld {
                             .inner
                             .client
                             .kv_client()
-                            .get(self.etcd_key.as_str(), Some(options))
+                            .get(&*self.etcd_key, Some(options))
                             .await
                     })
                     .await?;
@@ -188,41 +206,50 @@ impl HeldLock for EtcdHeld {
 }
 
 impl EtcdHeld {
-    /// Our key is gone. On a session lease, asks etcd whether the lease
-    /// went with it (revoked or expired before the session's keep-alive
-    /// learnt of it) and if so ends the session first, so that every lock
-    /// on it is lost with `SessionLost` (the first reason wins) rather than
-    /// with the `NotHeld` the caller reports next. A key deleted by hand
-    /// leaves a live lease, and the session carries on.
+    /// Our key is gone: see [`check_session_lease`].
     async fn key_gone(&self) {
-        let Binding::Session(session) = &self.binding else {
-            return;
-        };
-        if session.is_lost() {
-            return;
+        if let Binding::Session(session) = &self.binding {
+            check_session_lease(&self.owner.inner, session, &self.key).await;
         }
-        let inner = &self.owner.inner;
-        let answer = inner
-            .request(async {
-                inner
-                    .client
-                    .lease_client()
-                    .time_to_live(session.id, None)
-                    .await
-            })
-            .await;
-        match answer {
-            // etcd answers -1 for a lease it does not know; an error
-            // saying "lease not found" means the same.
-            Ok(answer) if answer.ttl() < 0 => lease_gone(session, &self.key),
-            Err(err) if is_lease_not_found(&err) => lease_gone(session, &self.key),
-            Ok(_) => {}
-            Err(err) => {
-                // The key is gone either way: NotHeld stands, and the
-                // keep-alive will tell about the lease.
-                let error = self.owner.error("check the session lease", &self.key, err);
-                tracing::debug!(lease_id = session.id, %error, "distlock: etcd could not check the session lease of a lock whose key is gone");
-            }
+    }
+}
+
+/// The key of `key`'s lock on `session`'s lease is gone. Asks etcd whether
+/// the lease went with it (revoked or expired before the session's
+/// keep-alive learnt of it) and if so ends the session first, so that
+/// every lock on it is lost with `SessionLost` (the first reason wins)
+/// rather than with the `NotHeld` the caller reports next. A key deleted
+/// by hand leaves a live lease, and the session carries on.
+pub(crate) async fn check_session_lease(inner: &Inner, session: &Session, key: &str) {
+    if session.is_lost() {
+        return;
+    }
+    let answer = inner
+        .request(async {
+            inner
+                .client
+                .lease_client()
+                .time_to_live(session.id, None)
+                .await
+        })
+        .await;
+    match answer {
+        // etcd answers -1 for a lease it does not know; an error
+        // saying "lease not found" means the same.
+        Ok(answer) if answer.ttl() < 0 => lease_gone(session, key),
+        Err(err) if is_lease_not_found(&err) => lease_gone(session, key),
+        Ok(_) => {}
+        Err(err) => {
+            // The key is gone either way: NotHeld stands, and the
+            // keep-alive will tell about the lease.
+            let error = Error::backend(
+                NAME,
+                inner.endpoints.clone(),
+                "check the session lease",
+                key,
+                err,
+            );
+            tracing::debug!(lease_id = session.id, %error, "distlock: etcd could not check the session lease of a lock whose key is gone");
         }
     }
 }

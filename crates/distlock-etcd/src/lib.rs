@@ -31,10 +31,11 @@
 //!
 //! **What it promises:**
 //! - A lock lives on the client's session lease, kept alive every
-//!   `session_ttl / 3` by one stream for all of its locks; a lock whose
-//!   `ttl` is not the session's (in whole seconds), or without
-//!   `auto_renew`, gets a lease of its own, which etcd expires after its
-//!   TTL. A crashed client's locks go when their lease expires.
+//!   `session_ttl / 3` by one stream for all of its locks; renewed locks
+//!   whose `ttl` is not the session's (in whole seconds) share one lease
+//!   per TTL, kept alive the same way; a lock without `auto_renew` gets a
+//!   lease of its own, which etcd expires after its TTL. A crashed
+//!   client's locks go when their lease expires.
 //! - Fair: waiters get the lock in arrival order, each watching only the
 //!   key ahead of it; a release wakes one waiter and nobody polls. A
 //!   dropped or timed-out `lock` leaves no key behind.
@@ -43,7 +44,8 @@
 //!   `sent_at + TTL - drift` of its lease's last successful keep-alive
 //!   (`sent_at`: when that keep-alive was sent). `lost()` fires when etcd says the lease is gone (revoked or expired),
 //!   when no keep-alive succeeds before that deadline, or, for a lock on
-//!   the session lease, when its key is deleted by hand (checked every
+//!   the session lease, when its key is deleted by hand (seen by a watch
+//!   on the client's one watch stream, set once the lock is held for
 //!   `session_ttl / 3`). A lost session is replaced on the next attempt.
 //!
 //! **Fencing tokens** are the etcd revision at which the lock became ours:
@@ -81,11 +83,13 @@ mod config;
 mod health;
 mod held;
 mod keys;
+mod liveness;
 mod resume;
 mod rpc;
 mod session;
 mod watch;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,6 +105,7 @@ use config::lease_seconds;
 pub use config::{EtcdConfig, Layout};
 use health::Health;
 use keys::KeyNames;
+use liveness::{watch_held_keys, HeldKeys};
 use rpc::{bounded, probe};
 use session::{grant_session, Session};
 
@@ -164,19 +169,27 @@ struct Inner {
     new_session: tokio::sync::Mutex<()>,
     /// The layout's key names, reserved per attempt.
     names: KeyNames,
-    /// Starts the periodic work of a held lock when it first falls due
-    /// (`ttl / 3`): a lease of its own is kept alive; a session-bound lock
-    /// (kept alive by the session) checks that its key is still there.
+    /// Starts the keep-alive of a lock on a lease of its own when it first
+    /// falls due (`ttl / 3`).
     renewals: RenewalScheduler,
     /// Which members answer; see the `health` module.
     health: Health,
+    /// The held session-bound keys, watched for deletion (`liveness`).
+    held_keys: Arc<HeldKeys>,
+    /// Session leases for locks whose TTL is not the session's, one per
+    /// TTL in whole seconds, shared by every lock of that TTL.
+    ttl_sessions: Mutex<HashMap<i64, Arc<Session>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.health.stop();
+        self.held_keys.end();
         let session = self.session.lock().unwrap().clone();
         session.close(&self.client, "the client was dropped");
+        for (_, session) in self.ttl_sessions.lock().unwrap().drain() {
+            session.close(&self.client, "the client was dropped");
+        }
     }
 }
 
@@ -226,8 +239,14 @@ impl EtcdLock {
             names,
             renewals: RenewalScheduler::new(),
             health,
+            held_keys: Arc::new(HeldKeys::default()),
+            ttl_sessions: Mutex::new(HashMap::new()),
         });
         Health::start(&inner, options);
+        tokio::spawn(watch_held_keys(
+            Arc::downgrade(&inner),
+            inner.held_keys.clone(),
+        ));
         Ok(EtcdLock { inner })
     }
 

@@ -91,12 +91,15 @@ impl EtcdLock {
         let held = Arc::new(EtcdHeld {
             owner: self.clone(),
             key: key.to_owned(),
-            etcd_key: etcd_key.to_owned(),
+            etcd_key: etcd_key.into(),
             // The name belongs to the lease, not to this client's names.
             reservation: Reservation::OwnLease,
             release_started: AtomicBool::new(false),
             binding: Binding::Own(Arc::new(own)),
             lease: lease.clone(),
+            // Only session-bound keys are watched; this lease's keep-alive
+            // says when it ends.
+            watch_id: None,
         });
         tracing::debug!(lease_id, fencing_token, "distlock: etcd lock resumed");
         Ok(scheduled_guard(

@@ -3,11 +3,11 @@
 //!
 //! - Each client grants one session lease at connect and keeps it alive
 //!   with one keep-alive stream (every `session_ttl / 3`) shared by all of
-//!   its locks. A lock whose `LockOptions::ttl` differs from the session
-//!   TTL (in whole seconds), or whose `auto_renew` is off, gets a lease of
-//!   its own ([`Binding::Own`]), granted in the acquire path (one more
-//!   round trip); without renewal that lease expires on the server after
-//!   its TTL.
+//!   its locks. Renewed locks whose `LockOptions::ttl` differs from the
+//!   session TTL (in whole seconds) share one more such lease per TTL,
+//!   granted on first use. A lock whose `auto_renew` is off gets a lease
+//!   of its own ([`Binding::Own`]), granted in the acquire path (one more
+//!   round trip), which expires on the server after its TTL.
 //! - A guard is vouched for until `sent_at + TTL - drift` of the last
 //!   successful keep-alive of its lease (`sent_at` is when that keep-alive
 //!   was sent, the TTL is what etcd answered). `lost()` fires when etcd
@@ -564,7 +564,49 @@ impl EtcdLock {
         Ok(session)
     }
 
-    /// The lease a new attempt uses: the session's, or its own.
+    /// The session lease shared by the renewed locks whose TTL is `secs`
+    /// (not the session's), granted on first use and replaced once lost,
+    /// like the session. One lease per TTL rather than per lock: no grant
+    /// or revoke per lock, and one keep-alive stream for them all.
+    async fn ttl_session(&self, secs: i64) -> Result<Arc<Session>, Failure> {
+        let current = self.inner.ttl_sessions.lock().unwrap().get(&secs).cloned();
+        if let Some(current) = current.as_ref().filter(|session| !session.is_lost()) {
+            return Ok(current.clone());
+        }
+        let _one_at_a_time = self.inner.new_session.lock().await;
+        let current = self.inner.ttl_sessions.lock().unwrap().get(&secs).cloned();
+        if let Some(current) = current {
+            if !current.is_lost() {
+                return Ok(current);
+            }
+            current.close(
+                &self.inner.client,
+                "no keep-alive succeeded before the lease's deadline",
+            );
+        }
+        let session = grant_session(
+            &self.inner.client,
+            &self.inner.health,
+            secs,
+            self.inner.config.timeout,
+            self.inner.config.timeout,
+        )
+        .await
+        .map_err(|source| Failure {
+            error: self.error("create session", "", source),
+            retry: true,
+        })?;
+        tracing::debug!(lease_id = session.id, ttl = ?session.ttl, "distlock: new etcd lease for locks of this TTL");
+        self.inner
+            .ttl_sessions
+            .lock()
+            .unwrap()
+            .insert(secs, session.clone());
+        Ok(session)
+    }
+
+    /// The lease a new attempt uses: the session's, one shared by the
+    /// locks of its TTL, or (without renewal) its own.
     pub(crate) async fn binding(
         &self,
         key: &str,
@@ -573,6 +615,9 @@ impl EtcdLock {
         let secs = lease_seconds(options.ttl);
         if options.auto_renew && secs == self.inner.session_secs {
             return Ok(Binding::Session(self.session().await?));
+        }
+        if options.auto_renew {
+            return Ok(Binding::Session(self.ttl_session(secs).await?));
         }
         self.own_binding(key, secs).await
     }

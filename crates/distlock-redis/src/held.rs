@@ -31,12 +31,14 @@ use crate::keys::LockKeys;
 use crate::renewal::Renewals;
 use crate::scripts::{EXTEND, RESUME};
 
-/// One granted lock.
+/// One granted lock. Its Redis names are made again from the key when
+/// needed rather than kept: a client holding many locks keeps a few
+/// hundred bytes less per lock, for a few hundred nanoseconds per release.
 struct RedisHeld {
     shared: Arc<Shared>,
     key: String,
-    keys: LockKeys,
-    owner: String,
+    /// Shared with the renewal's entry.
+    owner: Arc<str>,
     lease: WeakLease,
     renewal_id: Option<u64>,
 }
@@ -53,19 +55,21 @@ impl HeldLock for RedisHeld {
             .lease
             .upgrade()
             .map_or(self.shared.timeout * 100, |lease| lease.ttl());
+        let keys = LockKeys::new(&self.shared.prefix, &self.key);
         self.shared
-            .release(&self.key, &self.keys, &self.owner, ttl)
+            .release(&self.key, &keys, &self.owner, ttl)
             .await
     }
 
     async fn extend(&self, ttl: Duration) -> Result<()> {
+        let keys = LockKeys::new(&self.shared.prefix, &self.key);
         self.shared
-            .extend(&self.key, &self.keys, &self.owner, ttl, &self.lease)
+            .extend(&self.key, &keys, &self.owner, ttl, &self.lease)
             .await
     }
 
     fn resume_token(&self) -> Option<String> {
-        Some(self.owner.clone())
+        Some(self.owner.to_string())
     }
 }
 
@@ -84,23 +88,23 @@ impl Shared {
     ) -> LockGuard {
         let lease = Lease::new(key, granted.token, options.ttl, Some(granted.valid_until));
         let claimed = granted.granted_for < options.ttl;
+        if claimed && !options.auto_renew {
+            self.extend_once(key, &keys, &owner, &lease);
+        }
+        let owner: Arc<str> = owner.into();
         let renewal_id = options.auto_renew.then(|| {
             Renewals::register(
                 &self.renewals,
                 self,
                 &lease,
-                keys.lock.clone(),
+                keys.lock.into(),
                 owner.clone(),
                 claimed,
             )
         });
-        if claimed && !options.auto_renew {
-            self.extend_once(key, &keys, &owner, &lease);
-        }
         let held = Arc::new(RedisHeld {
             shared: self.clone(),
             key: key.to_owned(),
-            keys,
             owner,
             lease: lease.downgrade(),
             renewal_id,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use distlock_core::backend::{validity_deadline, Lease, WeakLease};
 use distlock_core::{Backoff, LostReason};
 use futures::future::join_all;
+use redis::{ErrorKind, ServerErrorKind};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -46,8 +47,8 @@ struct State {
 
 struct Entry {
     lease: WeakLease,
-    lock_key: String,
-    owner: String,
+    lock_key: Arc<str>,
+    owner: Arc<str>,
     next_due: Instant,
     failures: u32,
 }
@@ -55,8 +56,8 @@ struct Entry {
 struct Due {
     id: u64,
     lease: Lease,
-    lock_key: String,
-    owner: String,
+    lock_key: Arc<str>,
+    owner: Arc<str>,
 }
 
 impl Renewals {
@@ -67,8 +68,8 @@ impl Renewals {
         this: &Arc<Self>,
         shared: &Arc<Shared>,
         lease: &Lease,
-        lock_key: String,
-        owner: String,
+        lock_key: Arc<str>,
+        owner: Arc<str>,
         due_now: bool,
     ) -> u64 {
         let next_due = if due_now {
@@ -170,8 +171,8 @@ async fn run(renewals: Arc<Renewals>, shared: Weak<Shared>) {
 }
 
 /// One pipeline per server (on a Redis Cluster: per slot, see
-/// [`cluster`](crate::cluster)): the script is loaded first (a restarted
-/// server forgot it), then one owner-checked PEXPIRE per lock.
+/// [`cluster`](crate::cluster)): one owner-checked PEXPIRE script per
+/// lock, the script loaded only when a server says it lacks it.
 async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
     let ttls: Vec<u64> = due
         .iter()
@@ -245,8 +246,11 @@ async fn renew(shared: &Shared, renewals: &Renewals, due: Vec<Due>) {
     }
 }
 
-/// Renews the locks `which` (indexes into `due`) with one pipeline on
-/// `conn`; one result per lock of `due` (the others: an error, unused).
+/// Renews the locks `which` (indexes into `due`) with one pipeline of
+/// `EVALSHA`s on `conn`; one result per lock of `due` (the others: an
+/// error, unused). A server without the script (restarted, `SCRIPT
+/// FLUSH`) answers `NOSCRIPT`: the script is loaded then and the pipeline
+/// sent again, so the usual tick is one round trip with no `SCRIPT LOAD`.
 async fn renew_batch(
     mut conn: Conn,
     due: &[Due],
@@ -255,17 +259,25 @@ async fn renew_batch(
     bound: Duration,
 ) -> Vec<redis::RedisResult<i64>> {
     let mut pipe = redis::pipe();
-    pipe.load_script(EXTEND.script()).ignore();
     for &i in which {
-        pipe.invoke_script(
-            EXTEND
-                .script()
-                .key(&due[i].lock_key)
-                .arg(&due[i].owner)
-                .arg(ttls[i]),
-        );
+        let mut command = EXTEND.command(1);
+        command
+            .arg(&*due[i].lock_key)
+            .arg(&*due[i].owner)
+            .arg(ttls[i]);
+        pipe.add_command(command);
     }
-    let replies = match tokio::time::timeout(bound, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+    let replies = tokio::time::timeout(bound, async {
+        match pipe.query_async::<Vec<i64>>(&mut conn).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                EXTEND.script().load_async(&mut conn).await?;
+                pipe.query_async::<Vec<i64>>(&mut conn).await
+            }
+            replies => replies,
+        }
+    })
+    .await;
+    let replies = match replies {
         Ok(Ok(values)) if values.len() == which.len() => Ok(values),
         Ok(Ok(_)) => Err(timed_out(
             "renewal pipeline answered the wrong number of replies",

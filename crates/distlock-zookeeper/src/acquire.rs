@@ -41,11 +41,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use distlock_core::backend::{scheduled_guard, CleanupOnDrop};
+use distlock_core::backend::{self_renewed_guard, CleanupOnDrop};
 use distlock_core::{Error, LockGuard, LockOptions, Result};
 use zookeeper_client as zk;
 
 use crate::held::{delete_abandoned, delete_unnamed, ZooKeeperHeld};
+use crate::liveness::Mark;
 use crate::node::{self, sequence_of, Created};
 use crate::session::{is_connection_loss, loss_backoff, op_error, retry_on_loss, Session};
 use crate::{ZooKeeperLock, BACKEND};
@@ -67,6 +68,8 @@ struct Enqueued<F: FnOnce() -> Cleanup> {
     path: String,
     /// Deletes the node unless disarmed.
     pending: CleanupOnDrop<F, Cleanup>,
+    /// Whether the session's watch covers this attempt's node.
+    mark: Mark,
 }
 
 impl ZooKeeperLock {
@@ -75,6 +78,8 @@ impl ZooKeeperLock {
     /// deletes the node, one whose create answer was lost included.
     async fn enqueue(&self, key: &str) -> Result<Enqueued<impl FnOnce() -> Cleanup + Send>> {
         let session = self.inner.sessions.live(&self.inner.config).await?;
+        // Before any request of the attempt (see the `liveness` module).
+        let mark = session.held.mark();
         let dir = self.lock_directory(key);
         let protected = node::protected_prefix();
         let creating = CleanupOnDrop::arm(ABANDONED_NODE, {
@@ -102,6 +107,7 @@ impl ZooKeeperLock {
             created,
             path,
             pending,
+            mark,
         })
     }
 
@@ -117,12 +123,13 @@ impl ZooKeeperLock {
             created,
             path,
             pending,
+            mark,
         } = self.enqueue(key).await?;
         match position(&session, &dir, &created, key).await {
             Ok(Position::First) => {
                 pending.disarm();
                 Ok(Some(
-                    self.grant(session, key, &created, path, options, None),
+                    self.grant(session, key, &created, path, options, None, mark),
                 ))
             }
             Ok(Position::Behind { .. }) => {
@@ -144,6 +151,7 @@ impl ZooKeeperLock {
             created,
             path,
             pending,
+            mark,
         } = self.enqueue(key).await?;
         let own_watch = match wait_turn(&session, &dir, &created, key).await {
             Ok(own_watch) => own_watch,
@@ -155,9 +163,12 @@ impl ZooKeeperLock {
         // No await between here and the grant: a drop of this future
         // either deletes our node (the pending cleanup) or hands it over.
         pending.disarm();
-        Ok(self.grant(session, key, &created, path, options, own_watch))
+        Ok(self.grant(session, key, &created, path, options, own_watch, mark))
     }
 
+    /// The guard of a granted lock. Nothing renews it (the session keeps
+    /// it); the session's watch notices its node's deletion (`liveness`).
+    #[allow(clippy::too_many_arguments)]
     fn grant(
         &self,
         session: Arc<Session>,
@@ -166,10 +177,13 @@ impl ZooKeeperLock {
         path: String,
         options: &LockOptions,
         own_watch: Option<OwnWatch>,
+        mark: Mark,
     ) -> LockGuard {
         // czxid is a positive zxid: (epoch << 32) | counter.
         let fencing_token = created.czxid as u64;
         let lease = session.new_lease(key, fencing_token, options.ttl);
+        let path: Arc<str> = path.into();
+        session.held.insert(path.clone(), &lease, mark, options.ttl);
         let held = Arc::new(ZooKeeperHeld {
             path,
             key: key.to_owned(),
@@ -177,13 +191,7 @@ impl ZooKeeperLock {
             _own_watch: own_watch,
         });
         tracing::debug!(fencing_token, node = %held.path, "acquired");
-        scheduled_guard(
-            BACKEND,
-            lease,
-            held,
-            &self.inner.renewals,
-            options.auto_renew,
-        )
+        self_renewed_guard(BACKEND, lease, held)
     }
 }
 

@@ -16,11 +16,11 @@
 //!   behind our live session, and every waiter, this client's next
 //!   attempt included, waited until a later fault ended the session
 //!   (issue 12: stalls of 19 to 43 s).
-//! - The session, not a TTL, keeps the lock, so nothing is extended: with
-//!   `auto_renew`, the core calls [`HeldLock::extend`] every `ttl / 3`,
-//!   which checks with one `exists` that our node still exists and belongs
-//!   to our session. That is how a node deleted by an operator fires
-//!   `lost()`.
+//! - The session, not a TTL, keeps the lock, so nothing is renewed. A
+//!   node deleted by an operator fires `lost()` through the session's one
+//!   watch (the `liveness` module), with no request per lock.
+//!   [`HeldLock::extend`] (a caller's explicit `extend`) checks with one
+//!   `exists` that our node still exists and belongs to our session.
 //! - An attempt arms a [`CleanupOnDrop`](distlock_core::backend::CleanupOnDrop)
 //!   before it creates its node: a dropped or timed-out `lock`, a failed
 //!   one, and a `try_lock` that finds the lock held delete their node, so
@@ -161,7 +161,8 @@ async fn delete_once(session: &Weak<Session>, node: &Leftover, key: &str) -> Ret
 /// A granted lock: our node's path in the session that made it.
 pub(crate) struct ZooKeeperHeld {
     pub(crate) session: Arc<Session>,
-    pub(crate) path: String,
+    /// Shared with the session's watch of held nodes.
+    pub(crate) path: Arc<str>,
     pub(crate) key: String,
     /// Fires when our release deletes the node; dropped afterwards.
     pub(crate) _own_watch: Option<OwnWatch>,
@@ -172,6 +173,8 @@ impl HeldLock for ZooKeeperHeld {
     /// One `delete` of our own node. The path holds our random protected
     /// prefix, so it can never name another owner's node.
     async fn release(&self) -> Result<()> {
+        // Our own delete is no loss to report.
+        self.session.held.remove(&self.path);
         let mut losses = 0u32;
         loop {
             match self.session.client.delete(&self.path, None).await {
@@ -193,7 +196,7 @@ impl HeldLock for ZooKeeperHeld {
                 Err(err) => {
                     delete_in_background(
                         &self.session,
-                        Leftover::Path(self.path.clone()),
+                        Leftover::Path(self.path.to_string()),
                         self.key.clone(),
                         "a released zookeeper lock node",
                     );
@@ -205,7 +208,7 @@ impl HeldLock for ZooKeeperHeld {
 
     /// Checks that our node still exists and belongs to our session (one
     /// `exists`). The session, not a TTL, keeps the lock, so nothing is
-    /// extended; this is how a deleted node is noticed.
+    /// extended.
     async fn extend(&self, ttl: Duration) -> Result<()> {
         if self.session.ended() {
             return Err(Error::not_held(&self.key));
@@ -239,5 +242,11 @@ impl HeldLock for ZooKeeperHeld {
                 format!("no answer within {budget:?}"),
             )),
         }
+    }
+}
+
+impl Drop for ZooKeeperHeld {
+    fn drop(&mut self) {
+        self.session.held.remove(&self.path);
     }
 }

@@ -23,8 +23,11 @@
 //! guard vouches for its lock for a third of the session TTL, then fires
 //! `lost()` unless the session reconnected in time; an expired or closed
 //! session fires `lost()` on every guard at once, and the next acquisition
-//! opens a new session. A node deleted by an operator fires `lost()` at
-//! the next ownership check (`ttl / 3`). A dropped, timed-out or failed
+//! opens a new session. A node deleted by an operator fires `lost()`
+//! through one persistent recursive watch per session on the prefix (set
+//! when a lock is first held for `ttl / 3`; ZooKeeper 3.6+), without a
+//! request per held lock: at once while the watch is set, else within
+//! `ttl / 3` of the grant. A dropped, timed-out or failed
 //! attempt deletes its node: no orphan nodes, no ghost waiters.
 //!
 //! **Fencing tokens** are the lock node's `czxid`, the zxid of the
@@ -62,6 +65,7 @@
 mod acquire;
 pub mod config;
 mod held;
+mod liveness;
 mod node;
 mod session;
 
@@ -69,7 +73,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use distlock_core::backend::{self, RenewalScheduler};
+use distlock_core::backend;
 use distlock_core::{Capabilities, DistributedLock, LockGuard, LockOptions, Result};
 
 pub use config::ZooKeeperConfig;
@@ -96,9 +100,6 @@ pub struct ZooKeeperLock {
 struct Inner {
     config: ZooKeeperConfig,
     sessions: SessionSlot,
-    /// Starts a held lock's checks when the first falls due (`ttl / 3`):
-    /// a lock released before then costs no task.
-    renewals: RenewalScheduler,
 }
 
 impl std::fmt::Debug for ZooKeeperLock {
@@ -123,11 +124,7 @@ impl ZooKeeperLock {
         config.validate()?;
         let sessions = SessionSlot::connect(&config).await?;
         Ok(ZooKeeperLock {
-            inner: Arc::new(Inner {
-                config,
-                sessions,
-                renewals: RenewalScheduler::new(),
-            }),
+            inner: Arc::new(Inner { config, sessions }),
         })
     }
 

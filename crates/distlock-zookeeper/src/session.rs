@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use zookeeper_client as zk;
 
 use crate::config::ZooKeeperConfig;
+use crate::liveness::{watch_held_nodes, HeldNodes};
 use crate::BACKEND;
 
 /// Share of the session timeout for which a suspended (disconnected)
@@ -111,6 +112,8 @@ pub(crate) struct Session {
     tasks: Mutex<Vec<AbortHandle>>,
     /// Asks the heartbeat for an answer now (after a reconnection).
     beat_now: Arc<tokio::sync::Notify>,
+    /// The held locks' nodes, watched for deletion (`liveness` module).
+    pub(crate) held: Arc<HeldNodes>,
 }
 
 /// The session's leases, and the validity a new one starts with.
@@ -193,6 +196,7 @@ impl Session {
             }),
             tasks: Mutex::new(Vec::new()),
             beat_now: Arc::new(tokio::sync::Notify::new()),
+            held: Arc::new(HeldNodes::default()),
             client,
         });
         tracing::debug!(session = format_args!("{:#x}", session.id), ttl = ?session.ttl, endpoint = %session.endpoint, "zookeeper session established");
@@ -204,11 +208,16 @@ impl Session {
             session.beat_now.clone(),
             session.ttl / 3,
         ));
-        session
-            .tasks
-            .lock()
-            .unwrap()
-            .extend([watcher.abort_handle(), heartbeat.abort_handle()]);
+        let liveness = tokio::spawn(watch_held_nodes(
+            Arc::downgrade(&session),
+            session.held.clone(),
+            config.prefix.clone(),
+        ));
+        session.tasks.lock().unwrap().extend([
+            watcher.abort_handle(),
+            heartbeat.abort_handle(),
+            liveness.abort_handle(),
+        ]);
         Ok(session)
     }
 
@@ -308,6 +317,7 @@ impl Session {
         match state {
             SyncConnected => {
                 if registry.suspended_until.take().is_some() {
+                    self.held.reconnected();
                     tracing::info!(
                         session = format_args!("{:#x}", self.id),
                         "zookeeper session reconnected; its locks are vouched for again"
@@ -324,6 +334,7 @@ impl Session {
             }
             Disconnected | ConnectedReadOnly => {
                 if registry.suspended_until.is_none() {
+                    self.held.disconnected();
                     let grace = self.ttl * SUSPENDED_VALIDITY_NUM / SUSPENDED_VALIDITY_DEN;
                     tracing::warn!(session = format_args!("{:#x}", self.id), ?grace, "zookeeper session suspended; its locks are vouched for only until the grace ends");
                     registry.suspended_until = Some(Instant::now() + grace);
@@ -340,6 +351,7 @@ impl Session {
                 // Both the watcher task and `kill` report the end: the
                 // first reason stays.
                 registry.leases.end(why);
+                self.held.end();
             }
         }
     }

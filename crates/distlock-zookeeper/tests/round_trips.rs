@@ -248,3 +248,102 @@ async fn a_data_change_on_the_holders_node_is_not_taken_for_its_deletion() {
     assert!(next.fencing_token() > token);
     next.release().await.unwrap();
 }
+
+/// Held locks cost no request while the session is healthy: once a lock
+/// has been held for a third of its TTL, the session sets one persistent
+/// recursive watch on the prefix and verifies its nodes with one listing;
+/// after that, holding is free however many locks there are, and a node
+/// deleted behind our back still fires `lost()`, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_locks_cost_no_request_and_a_deleted_node_fires_lost_at_once() {
+    const LOCKS: usize = 40;
+    let Some((server, [a])) = server_with_clients().await else {
+        return;
+    };
+    // Checks used to fall due every 200 ms per lock.
+    let options = LockOptions::new().ttl(Duration::from_millis(600));
+    let mut guards = Vec::new();
+    for i in 0..LOCKS {
+        guards.push(
+            a.try_lock(&format!("held/{i}"), &options)
+                .await
+                .unwrap()
+                .expect("free"),
+        );
+    }
+    distlock_testkit::eventually("the held-node watch is set", Duration::from_secs(5), || {
+        let server = &server;
+        async move { server.watch_count().await == 1 }
+    })
+    .await;
+    // Then the listing that verifies the locks taken before the watch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let before = server.mntr("zk_packets_received").await;
+    // Five of the old check periods: 40 locks would have sent 200 requests.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(requests_since(&server, before).await, 0);
+    assert!(guards.iter().all(|guard| guard.is_held()));
+
+    // A lock taken now is covered by the watch from its grant.
+    let late = a
+        .try_lock("held/late", &options)
+        .await
+        .unwrap()
+        .expect("free");
+    // An operator deletes two nodes; each lock is lost, the others not.
+    let admin = zookeeper_client::Client::connect(&server.address())
+        .await
+        .unwrap();
+    for key in ["held/7", "held/late"] {
+        let dir = a.lock_directory(key);
+        let children = admin.list_children(&dir).await.unwrap();
+        assert_eq!(children.len(), 1, "{children:?}");
+        admin
+            .delete(&format!("{dir}/{}", children[0]), None)
+            .await
+            .unwrap();
+    }
+    for guard in [&guards[7], &late] {
+        let reason = tokio::time::timeout(Duration::from_secs(2), guard.lost())
+            .await
+            .expect("lost() fired");
+        assert_eq!(reason, distlock_core::LostReason::NotHeld);
+    }
+    assert_eq!(
+        guards.iter().filter(|guard| guard.is_held()).count(),
+        LOCKS - 1
+    );
+    for guard in guards.into_iter().filter(|guard| guard.is_held()) {
+        guard.release().await.unwrap();
+    }
+}
+
+/// A node deleted before the watch is set is found by the listing that
+/// follows it, a third of the TTL after the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_before_the_watch_is_found_by_the_listing() {
+    let Some((server, [a])) = server_with_clients().await else {
+        return;
+    };
+    let options = LockOptions::new().ttl(Duration::from_millis(900));
+    let guard = a
+        .try_lock("early-delete", &options)
+        .await
+        .unwrap()
+        .expect("free");
+    let admin = zookeeper_client::Client::connect(&server.address())
+        .await
+        .unwrap();
+    let dir = a.lock_directory("early-delete");
+    let children = admin.list_children(&dir).await.unwrap();
+    admin
+        .delete(&format!("{dir}/{}", children[0]), None)
+        .await
+        .unwrap();
+    assert_eq!(server.watch_count().await, 0, "the watch is not set yet");
+    let reason = tokio::time::timeout(Duration::from_secs(3), guard.lost())
+        .await
+        .expect("lost() fired");
+    assert_eq!(reason, distlock_core::LostReason::NotHeld);
+}

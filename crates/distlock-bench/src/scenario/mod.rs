@@ -3,7 +3,9 @@
 //! - `contended`: N workers on ONE key, measured as hand-offs (its
 //!   `handoff` module decomposes them);
 //! - `spread`: N workers on N distinct keys, against the single-worker
-//!   rate.
+//!   rate;
+//! - `hold`: one client holding many locks at once (not in a default
+//!   run).
 //!
 //! They share this run's single-worker figures: whichever scenario
 //! measures them first (uncontended, or a shorter run of its own) keeps
@@ -11,6 +13,7 @@
 
 mod contended;
 mod handoff;
+mod hold;
 mod spread;
 mod uncontended;
 
@@ -29,10 +32,13 @@ pub enum Scenario {
     Contended,
     /// N workers on N keys.
     Spread,
+    /// One client takes many locks, holds them all, then releases them.
+    Hold,
 }
 
 impl Scenario {
-    /// All three, in the order a full run takes them.
+    /// The cycle scenarios, in the order a full run takes them (`hold` is
+    /// run on its own).
     pub const ALL: [Scenario; 3] = [Scenario::Uncontended, Scenario::Contended, Scenario::Spread];
 
     /// Its name in the report.
@@ -41,6 +47,7 @@ impl Scenario {
             Scenario::Uncontended => "uncontended",
             Scenario::Contended => "contended",
             Scenario::Spread => "spread",
+            Scenario::Hold => "hold",
         }
     }
 }
@@ -52,6 +59,7 @@ impl Bench {
             Scenario::Uncontended => self.uncontended().await,
             Scenario::Contended => self.contended().await,
             Scenario::Spread => self.spread().await,
+            Scenario::Hold => self.hold().await,
         }
     }
 
