@@ -286,6 +286,24 @@ impl EtcdLock {
             }
         };
         cleanup.disarm();
+        // Copies of our transaction still in flight (sent again when a
+        // member left the balancer: the first may be stuck on it) could
+        // create the key again after its release, when that member
+        // resumes: a key nobody holds, on our lease, which would take the
+        // lock until the lease ends. Such a key is deleted when its
+        // transaction finishes, and the name is not reused on this lease.
+        let stale_txns = std::mem::take(&mut *pending.txns.lock().await);
+        let reservation = if stale_txns.is_empty() {
+            reservation
+        } else {
+            crate::held::delete_stale_creates(
+                &self.inner,
+                pending.etcd_key.clone(),
+                my_revision,
+                stale_txns,
+            );
+            Reservation::OwnLease
+        };
         // The cleanup's clone went with it.
         let etcd_key: Arc<str> = Arc::try_unwrap(pending)
             .map_or_else(

@@ -44,7 +44,7 @@ use distlock_core::backend::{
     removal_backoff, retry_in_background, CleanupOnDrop, HeldLock, Lease, Retry,
 };
 use distlock_core::{Error, LostReason, Result};
-use etcd_client::{GetOptions, TxnResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnResponse};
 use tokio::task::JoinHandle;
 
 use crate::keys::Reservation;
@@ -364,6 +364,49 @@ pub(crate) fn remove_in_background(
 /// A transaction of an attempt, spawned so that it finishes even if the
 /// attempt is dropped.
 pub(crate) type TxnTask = JoinHandle<Result<TxnResponse, etcd_client::Error>>;
+
+/// Waits in the background for copies of a granted attempt's transaction
+/// that were still in flight, and deletes a key one of them created that
+/// is not the granted one (`granted_revision`): it landed after the
+/// release, and nobody holds it. The compare on its create revision
+/// leaves any other key alone.
+pub(crate) fn delete_stale_creates(
+    inner: &Arc<Inner>,
+    etcd_key: String,
+    granted_revision: i64,
+    txns: Vec<TxnTask>,
+) {
+    let inner = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        for txn in txns {
+            let Ok(Ok(response)) = txn.await else {
+                continue;
+            };
+            let created_at = response.header().map_or(0, |header| header.revision());
+            if !response.succeeded() || created_at == granted_revision {
+                continue;
+            }
+            // The client is gone: its lease, and the key with it, go too.
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            tracing::debug!(key = %etcd_key, created_at, "distlock: deleting an etcd lock key a late copy of a granted attempt created");
+            let delete = Txn::new()
+                .when([Compare::create_revision(
+                    etcd_key.as_str(),
+                    CompareOp::Equal,
+                    created_at,
+                )])
+                .and_then([TxnOp::delete(etcd_key.as_str(), None)]);
+            let deleted = inner
+                .request(async { inner.client.kv_client().txn(delete).await })
+                .await;
+            if let Err(err) = deleted {
+                tracing::warn!(key = %etcd_key, error = %err, "distlock: could not delete an etcd lock key a late transaction created; it ends with its lease");
+            }
+        }
+    });
+}
 
 /// An attempt's key until the lock is granted. The attempt arms a
 /// [`CleanupOnDrop`] with [`PendingKey::remove`]: dropped or failed, it
