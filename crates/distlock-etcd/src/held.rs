@@ -194,6 +194,24 @@ impl HeldLock for EtcdHeld {
                     // A refresh that lands after the local deadline does not
                     // bring the lock back: it may have been lost in between.
                     Ok(Some(deadline)) if self.lease.is_held() => {
+                        // The lease lives, but the key may be gone: released
+                        // by another client that resumed the lock (whose
+                        // revoke of the lease runs in the background), or
+                        // deleted by hand. Only the key says the lock is ours.
+                        let found = owner
+                            .call("extend", &self.key, async {
+                                let options = GetOptions::new().with_count_only();
+                                owner
+                                    .inner
+                                    .client
+                                    .kv_client()
+                                    .get(&*self.etcd_key, Some(options))
+                                    .await
+                            })
+                            .await?;
+                        if found.count() == 0 {
+                            return Err(Error::not_held(&self.key));
+                        }
                         self.lease.set_valid_until(Some(deadline));
                         Ok(())
                     }
