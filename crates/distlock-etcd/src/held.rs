@@ -164,18 +164,7 @@ impl HeldLock for EtcdHeld {
         match &self.binding {
             // The session's keep-alive keeps the validity; check ownership.
             Binding::Session(session) => {
-                let found = owner
-                    .call("extend", &self.key, async {
-                        let options = GetOptions::new().with_count_only();
-                        owner
-                            .inner
-                            .client
-                            .kv_client()
-                            .get(&*self.etcd_key, Some(options))
-                            .await
-                    })
-                    .await?;
-                if found.count() == 0 {
+                if !self.key_exists().await? {
                     self.key_gone().await;
                     return Err(Error::not_held(&self.key));
                 }
@@ -198,18 +187,7 @@ impl HeldLock for EtcdHeld {
                         // by another client that resumed the lock (whose
                         // revoke of the lease runs in the background), or
                         // deleted by hand. Only the key says the lock is ours.
-                        let found = owner
-                            .call("extend", &self.key, async {
-                                let options = GetOptions::new().with_count_only();
-                                owner
-                                    .inner
-                                    .client
-                                    .kv_client()
-                                    .get(&*self.etcd_key, Some(options))
-                                    .await
-                            })
-                            .await?;
-                        if found.count() == 0 {
+                        if !self.key_exists().await? {
                             return Err(Error::not_held(&self.key));
                         }
                         self.lease.set_valid_until(Some(deadline));
@@ -224,6 +202,23 @@ impl HeldLock for EtcdHeld {
 }
 
 impl EtcdHeld {
+    /// Whether our key is still there (one count-only range).
+    async fn key_exists(&self) -> Result<bool> {
+        let owner = &self.owner;
+        let found = owner
+            .call("extend", &self.key, async {
+                let options = GetOptions::new().with_count_only();
+                owner
+                    .inner
+                    .client
+                    .kv_client()
+                    .get(&*self.etcd_key, Some(options))
+                    .await
+            })
+            .await?;
+        Ok(found.count() > 0)
+    }
+
     /// Our key is gone: see [`check_session_lease`].
     async fn key_gone(&self) {
         if let Binding::Session(session) = &self.binding {
