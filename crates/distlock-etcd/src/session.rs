@@ -547,10 +547,19 @@ impl EtcdLock {
             &self.inner.client,
             "no keep-alive succeeded before the lease's deadline",
         );
-        let session = grant_session(
+        let session = self.grant_shared_lease(self.inner.session_secs).await?;
+        tracing::info!(lease_id = session.id, "distlock: new etcd session");
+        *self.inner.session.lock().unwrap() = session.clone();
+        Ok(session)
+    }
+
+    /// A new lease of `secs` kept alive for the locks that share it (the
+    /// session's, or one TTL's).
+    async fn grant_shared_lease(&self, secs: i64) -> Result<Arc<Session>, Failure> {
+        grant_session(
             &self.inner.client,
             &self.inner.health,
-            self.inner.session_secs,
+            secs,
             self.inner.config.timeout,
             self.inner.config.timeout,
         )
@@ -558,10 +567,7 @@ impl EtcdLock {
         .map_err(|source| Failure {
             error: self.error("create session", "", source),
             retry: true,
-        })?;
-        tracing::info!(lease_id = session.id, "distlock: new etcd session");
-        *self.inner.session.lock().unwrap() = session.clone();
-        Ok(session)
+        })
     }
 
     /// The session lease shared by the renewed locks whose TTL is `secs`
@@ -584,18 +590,7 @@ impl EtcdLock {
                 "no keep-alive succeeded before the lease's deadline",
             );
         }
-        let session = grant_session(
-            &self.inner.client,
-            &self.inner.health,
-            secs,
-            self.inner.config.timeout,
-            self.inner.config.timeout,
-        )
-        .await
-        .map_err(|source| Failure {
-            error: self.error("create session", "", source),
-            retry: true,
-        })?;
+        let session = self.grant_shared_lease(secs).await?;
         tracing::debug!(lease_id = session.id, ttl = ?session.ttl, "distlock: new etcd lease for locks of this TTL");
         self.inner
             .ttl_sessions

@@ -38,7 +38,7 @@ pub struct KeyStatus {
 
 /// `key` as one path segment: everything but unreserved characters
 /// percent-encoded (a `/` too, which the service's route accepts either way).
-pub(crate) fn path_segment(key: &str) -> String {
+pub fn path_segment(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     for byte in key.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

@@ -44,8 +44,8 @@ use distlock_core::{
 use tokio::time::Instant;
 
 use acquire::InFlightAcquire;
-pub use api::KeyStatus;
 use api::{duration, AcquireRequest, Answer, Api, Health};
+pub use api::{path_segment, KeyStatus};
 pub use config::{HttpConfig, RetryPolicy, Token, TOKEN_ENV};
 
 /// The backend's name in errors and spans.

@@ -34,18 +34,13 @@ impl HttpRaw {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(1)
             .build()?;
-        let encoded: String = key
-            .bytes()
-            .map(|byte| match byte {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                    (byte as char).to_string()
-                }
-                other => format!("%{other:02X}"),
-            })
-            .collect();
         Ok(HttpRaw {
             http,
-            status_url: format!("{}/v1/locks/{encoded}", base.trim_end_matches('/')),
+            status_url: format!(
+                "{}/v1/locks/{}",
+                base.trim_end_matches('/'),
+                distlock_http::path_segment(key)
+            ),
             key: key.to_owned(),
             behind: distlock::connect(behind_url).await?,
             raw_behind: Box::pin(behind.client(key)).await?,
